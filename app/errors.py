@@ -1,0 +1,94 @@
+"""Domain errors. Each carries the HTTP status and a stable code; `app.main` maps them once."""
+
+from __future__ import annotations
+
+
+class PneumoscanError(Exception):
+    """Base class: a failure the caller can act on."""
+
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InputError(PneumoscanError):
+    """The uploaded file cannot be turned into a model input (the one decoder error type)."""
+
+    status_code = 422
+    code = "invalid_image"
+
+
+class UnsupportedMediaError(InputError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class UndecodableImageError(InputError):
+    status_code = 422
+    code = "undecodable_image"
+
+
+class ImageTooLargeError(InputError):
+    status_code = 422
+    code = "image_too_large"
+
+
+class ImageTooSmallError(InputError):
+    status_code = 422
+    code = "image_too_small"
+
+
+class UnsupportedDicomError(InputError):
+    status_code = 422
+    code = "unsupported_dicom"
+
+
+class PayloadTooLargeError(PneumoscanError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class MissingFileError(PneumoscanError):
+    status_code = 422
+    code = "missing_file"
+
+
+class NotFoundError(PneumoscanError):
+    status_code = 404
+    code = "not_found"
+
+
+class GoneError(PneumoscanError):
+    status_code = 410
+    code = "expired"
+
+
+class UnauthorizedError(PneumoscanError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class NotAcceptableError(PneumoscanError):
+    status_code = 406
+    code = "not_acceptable"
+
+
+class ModelUnavailableError(PneumoscanError):
+    status_code = 503
+    code = "model_unavailable"
+
+
+class OverloadedError(PneumoscanError):
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelStoreError(Exception):
+    """A model version on disk is invalid (incomplete, checksum mismatch, bad metadata)."""

@@ -1,0 +1,149 @@
+"""The one preprocessing implementation, shared by the service and `training/`.
+
+Input contract of every model in the store: one 8-bit grayscale channel, 224 x 224, made by a
+plain stretch resize (aspect ratio not kept) with Pillow's bilinear filter -- the way the
+shared 224 x 224 training copies were made. Any pixel scaling lives inside the exported model.
+
+Accepted containers: JPEG, PNG and DICOM Part 10 (see `app.dicom`). The format is sniffed
+from the bytes, never taken from a file name or a content type.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from app.errors import (
+    ImageTooLargeError,
+    ImageTooSmallError,
+    UndecodableImageError,
+    UnsupportedMediaError,
+)
+
+TARGET_SIZE = 224
+# Decode large JPEGs at a reduced scale (libjpeg DCT scaling) but never below twice the
+# target, so the bilinear downscale that follows sees the same detail (parity is tested).
+DRAFT_MIN_SIDE = 2 * TARGET_SIZE
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MIN_SIDE = 64
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A radiograph reduced to the model's input contract plus facts about the original."""
+
+    pixels: np.ndarray  # uint8, shape (224, 224)
+    format: str  # "JPEG" | "PNG" | "DICOM"
+    width: int
+    height: int
+    dicom: dict[str, str] = field(default_factory=dict)
+
+
+def sniff_format(data: bytes) -> str:
+    """Name the container from its magic bytes."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "DICOM"
+    raise UnsupportedMediaError(
+        "Unsupported file type: send a JPEG, a PNG or a DICOM Part 10 file "
+        "(with the 128-byte preamble and 'DICM' prefix)."
+    )
+
+
+def check_dimensions(width: int, height: int, max_pixels: int, min_side: int) -> None:
+    """Refuse decompression bombs and thumbnails before any pixel is decoded."""
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"Image is {width} x {height} = {width * height} pixels; the limit is {max_pixels}."
+        )
+    if min(width, height) < min_side:
+        raise ImageTooSmallError(
+            f"Image is {width} x {height}; a radiograph needs at least {min_side} px per side."
+        )
+
+
+def to_grayscale_u8(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to one 8-bit channel ('L')."""
+    mode = image.mode
+    if mode == "L":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        # 16-bit PNGs use the full 0..65535 range: scale linearly to 0..255.
+        scaled = np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    if mode == "CMYK":
+        image = image.convert("RGB")
+    return image.convert("L")
+
+
+def resize_to_model(image: Image.Image) -> np.ndarray:
+    """Stretch-resize an 8-bit grayscale image to the model input, as the training copies were."""
+    if image.mode != "L":
+        raise ValueError(f"expected mode 'L', got {image.mode!r}")
+    if image.size != (TARGET_SIZE, TARGET_SIZE):
+        image = image.resize((TARGET_SIZE, TARGET_SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def decode_raster(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE
+) -> DecodedImage:
+    """Decode a JPEG or PNG to the model input."""
+    fmt = sniff_format(data)
+    if fmt == "DICOM":
+        raise UnsupportedMediaError("DICOM must go through app.dicom.decode_dicom.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+            width, height = image.size
+            check_dimensions(width, height, max_pixels, min_side)
+            if getattr(image, "n_frames", 1) > 1:
+                raise UnsupportedMediaError("Animated or multi-frame images are not accepted.")
+            if fmt == "JPEG":
+                draft_mode = "L" if image.mode in ("L", "RGB", "YCbCr") else None
+                image.draft(draft_mode, (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))
+            image.load()
+            gray = to_grayscale_u8(image)
+    except (ImageTooLargeError, ImageTooSmallError, UnsupportedMediaError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"Image refused as a decompression bomb: {exc}") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, KeyError) as exc:
+        raise UndecodableImageError(
+            f"The {fmt} file could not be decoded (truncated or corrupt): {type(exc).__name__}."
+        ) from exc
+    return DecodedImage(pixels=resize_to_model(gray), format=fmt, width=width, height=height)
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE
+) -> DecodedImage:
+    """Decode any accepted upload (JPEG, PNG, DICOM) to the model input."""
+    if not data:
+        raise UndecodableImageError("The uploaded file is empty.")
+    if sniff_format(data) == "DICOM":
+        from app.dicom import decode_dicom  # pydicom is only imported when DICOM arrives
+
+        return decode_dicom(data, max_pixels=max_pixels, min_side=min_side)
+    return decode_raster(data, max_pixels=max_pixels, min_side=min_side)
+
+
+def load_path(path: str) -> np.ndarray:
+    """Read a file from disk through the same path the service uses (training entry point)."""
+    with open(path, "rb") as handle:
+        return decode_image(handle.read()).pixels

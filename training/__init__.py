@@ -1,0 +1,1 @@
+"""Training package: data splits, architectures, calibration, export to the model store."""

@@ -1,0 +1,147 @@
+"""Training-time augmentation (random, in TensorFlow) and the fixed acquisition perturbations
+(seeded, in Pillow/NumPy) that model selection and the robustness report use."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageFilter
+
+from app.imaging import TARGET_SIZE
+
+
+def geometric_layers(seed: int) -> keras.Sequential:
+    """Small rotations, shifts, zoom and aspect changes, like other machines' positioning."""
+    return keras.Sequential(
+        [
+            layers_random_rotation(seed),
+            keras.layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 1),
+            keras.layers.RandomZoom(
+                (-0.15, 0.12), (-0.15, 0.12), fill_mode="constant", seed=seed + 2
+            ),
+        ],
+        name="geometric",
+    )
+
+
+def layers_random_rotation(seed: int) -> keras.layers.Layer:
+    return keras.layers.RandomRotation(8 / 360, fill_mode="constant", seed=seed)
+
+
+def photometric(images: tf.Tensor, seed: int) -> tf.Tensor:
+    """Exposure differences: gamma, contrast, brightness, blur and noise on 0..255 floats."""
+    n = tf.shape(images)[0]
+    x = images / 255.0
+    gamma = tf.exp(tf.random.uniform([n, 1, 1, 1], -0.45, 0.45))
+    x = tf.pow(tf.clip_by_value(x, 1e-4, 1.0), gamma)
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    contrast = tf.random.uniform([n, 1, 1, 1], 0.65, 1.35)
+    x = (x - mean) * contrast + mean + tf.random.uniform([n, 1, 1, 1], -0.1, 0.1)
+    blurred = tf.nn.avg_pool2d(x, 3, 1, "SAME")
+    blur_mix = tf.cast(tf.random.uniform([n, 1, 1, 1]) < 0.25, tf.float32)
+    x = blur_mix * blurred + (1.0 - blur_mix) * x
+    sigma = tf.random.uniform([n, 1, 1, 1], 0.0, 0.03)
+    x = x + tf.random.normal(tf.shape(x)) * sigma
+    return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+
+
+def augment_fn(seed: int) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+    geometric = geometric_layers(seed)
+
+    def augment(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images = tf.cast(images, tf.float32)
+        images = geometric(images, training=True)
+        return photometric(images, seed), labels
+
+    return augment
+
+
+# ---- fixed, seeded acquisition perturbations (uint8 (224, 224) -> uint8 (224, 224)) ----
+
+
+def _lut(pixels: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    return np.clip(np.rint(fn(pixels.astype(np.float64))), 0, 255).astype(np.uint8)
+
+
+def _resize(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.resize((TARGET_SIZE, TARGET_SIZE), Image.Resampling.BILINEAR))
+
+
+def gamma(value: float) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    return lambda p, rng: _lut(p, lambda x: 255.0 * (x / 255.0) ** value)
+
+
+def contrast(value: float) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    return lambda p, rng: _lut(p, lambda x: (x - x.mean()) * value + x.mean())
+
+
+def window(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    low, high = np.percentile(p, (8, 92))
+    return _lut(p, lambda x: (x - low) * 255.0 / max(high - low, 1.0))
+
+
+def blur(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.asarray(Image.fromarray(p).filter(ImageFilter.GaussianBlur(1.5)))
+
+
+def noise(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return _lut(p, lambda x: x + rng.normal(0.0, 10.0, x.shape))
+
+
+def zoom_in(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    m = int(TARGET_SIZE * 0.08)
+    return _resize(Image.fromarray(p).crop((m, m, TARGET_SIZE - m, TARGET_SIZE - m)))
+
+
+def border(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    m = int(TARGET_SIZE * 0.1)
+    canvas = Image.new("L", (TARGET_SIZE + 2 * m, TARGET_SIZE + 2 * m), 0)
+    canvas.paste(Image.fromarray(p), (m, m))
+    return _resize(canvas)
+
+
+def aspect(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    m = int(TARGET_SIZE * 0.1)
+    return _resize(Image.fromarray(p).crop((m, 0, TARGET_SIZE - m, TARGET_SIZE)))
+
+
+def jpeg(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(p).save(buffer, format="JPEG", quality=30)
+    return np.asarray(Image.open(buffer).convert("L"))
+
+
+PERTURBATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "gamma_0.6": gamma(0.6),
+    "gamma_1.6": gamma(1.6),
+    "contrast_0.6": contrast(0.6),
+    "window_8_92": window,
+    "blur_1.5": blur,
+    "noise_10": noise,
+    "zoom_in_16pct": zoom_in,
+    "border_10pct": border,
+    "aspect_80pct": aspect,
+    "jpeg_q30": jpeg,
+}
+
+
+def perturb(images: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
+    """Apply one named perturbation to a batch (N, 224, 224, 1) of uint8 images."""
+    rng = np.random.default_rng(seed)
+    fn = PERTURBATIONS[name]
+    return np.stack([fn(image[:, :, 0], rng) for image in images])[..., None]
+
+
+def shifted_copy(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """One seeded random perturbation per image: the 'shift-like' half of model selection data."""
+    rng = np.random.default_rng(seed)
+    names = list(PERTURBATIONS)
+    out = np.empty_like(images)
+    for index, image in enumerate(images):
+        name = names[rng.integers(len(names))]
+        out[index, :, :, 0] = PERTURBATIONS[name](image[:, :, 0], rng)
+    return out

@@ -1,0 +1,89 @@
+"""`python -m training evaluate`: score a model-store version on a Kaggle-layout folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from training.augmentation import PERTURBATIONS, perturb
+from training.data import DataError, load_arrays, scan
+from training.metrics import classification_report
+
+log = logging.getLogger("training")
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def load_savedmodel(version_dir: Path) -> tuple[Predict, dict]:
+    """Load a store version with plain `tf.saved_model.load`; returns (predict, card)."""
+    import tensorflow as tf
+
+    from app.model_store import verify_version
+
+    card = verify_version(version_dir)
+    loaded = tf.saved_model.load(str(version_dir))
+    serve = loaded.signatures["serving_default"]
+
+    def predict(images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        out = [
+            serve(pixels=tf.constant(images[i : i + batch_size]))["probabilities"].numpy()[:, 1]
+            for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    return predict, card
+
+
+def robustness_report(
+    predict: Predict, images: np.ndarray, labels: np.ndarray, threshold: float, seed: int = 0
+) -> dict[str, dict]:
+    """Metrics under each fixed acquisition perturbation, plus the worst case over them."""
+    report = {"clean": _short(classification_report(labels, predict(images), threshold))}
+    for name in PERTURBATIONS:
+        scored = classification_report(labels, predict(perturb(images, name, seed)), threshold)
+        report[name] = _short(scored)
+    perturbed = [v for k, v in report.items() if k != "clean"]
+    report["worst"] = {
+        key: min(v[key] for v in perturbed) for key in ("auc", "accuracy", "sensitivity",
+                                                         "specificity")
+    }
+    return report
+
+
+def _short(report: dict) -> dict:
+    return {k: report[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")}
+
+
+def evaluate(
+    model: Path, data: Path, split: str | None = "test", plots: Path | None = None,
+    robustness: bool = False,
+) -> dict:
+    predict, card = load_savedmodel(model)
+    samples = scan(data, split)
+    images, labels = load_arrays(samples)
+    threshold = float(card["threshold"])
+    p = predict(images)
+    result = {"model": {"name": card.get("name"), "version": card.get("version")},
+              "data": str(data), **classification_report(labels, p, threshold)}
+    if robustness:
+        result["robustness"] = robustness_report(predict, images, labels, threshold)
+    if plots:
+        from training.plots import write_plots
+
+        plots.mkdir(parents=True, exist_ok=True)
+        write_plots(plots, {"labels": labels, "p_pneumonia": p, "threshold": threshold,
+                            "title": f"({data.name})"})
+    return result
+
+
+def main_evaluate(args) -> int:
+    try:
+        result = evaluate(Path(args.model), Path(args.data), args.split, 
+                          Path(args.plots) if args.plots else None, args.robustness)
+    except DataError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,77 @@
+"""Export a trained Keras model as a SavedModel version with its card, plots and checksums."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from app.imaging import TARGET_SIZE
+from app.model_store import CARD, publish_version
+
+SIGNATURE = "serving_default"
+INPUT_SPEC = {
+    "name": "pixels",
+    "dtype": "uint8",
+    "shape": [None, TARGET_SIZE, TARGET_SIZE, 1],
+    "channels": "grayscale",
+    "value_range": [0, 255],
+    "resize": "stretch, Pillow bilinear, from one 8-bit grayscale channel",
+}
+OUTPUT_SPEC = {"name": "probabilities", "dtype": "float32", "shape": [None, 2]}
+
+
+def save_savedmodel(model: keras.Model, temperature: float, folder: Path) -> None:
+    """SavedModel whose `serving_default` takes uint8 [N,224,224,1] and returns calibrated
+    probabilities [N,2] ordered (NORMAL, PNEUMONIA); the temperature is baked in."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    inv_t = tf.constant(1.0 / temperature, tf.float32)
+
+    def serve(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        logit = model(tf.cast(pixels, tf.float32), training=False)[:, 0] * inv_t
+        p = tf.sigmoid(logit)
+        return {"probabilities": tf.stack([1.0 - p, p], axis=1)}
+
+    archive.add_endpoint(
+        name=SIGNATURE,
+        fn=serve,
+        input_signature=[tf.TensorSpec([None, TARGET_SIZE, TARGET_SIZE, 1], tf.uint8, "pixels")],
+    )
+    archive.write_out(str(folder), verbose=False)
+
+
+def export_version(
+    model_dir: Path,
+    model: keras.Model,
+    temperature: float,
+    card: dict,
+    plots: dict[str, object] | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> tuple[int, Path]:
+    """Publish the model as the next version of `model_dir`; returns (version, folder)."""
+
+    def write(folder: Path, version: int) -> None:
+        save_savedmodel(model, temperature, folder)
+        full = {**card, "version": version, "input": INPUT_SPEC, "output": OUTPUT_SPEC,
+                "signature": SIGNATURE}
+        (folder / CARD).write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
+        for name, text in (extra_files or {}).items():
+            (folder / name).write_text(text)
+        if plots:
+            from training.plots import write_plots
+
+            write_plots(folder, plots)
+
+    return publish_version(model_dir, write)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,274 @@
+"""`python -m training train`: split by patient, train, calibrate on validation, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from training import architectures
+from training.augmentation import augment_fn, shifted_copy
+from training.data import CLASS_NAMES, load_arrays, manifest, patient_split, scan
+from training.evaluate import robustness_report
+from training.export import export_version
+from training.metrics import (
+    classification_report,
+    ece,
+    fit_temperature,
+    screening_threshold,
+    sigmoid,
+)
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class TrainConfig:
+    data: Path
+    model_store: Path
+    model_name: str = "pneumonia"
+    arch: str = "sepcnn"
+    epochs: int = 40
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 8
+    seed: int = 42
+    max_minutes: float = 50.0
+    min_sensitivity: float = 0.97
+    strategy: str = "default"
+    limit: int = 0  # use at most this many images per class (tests and smoke runs)
+    augment: bool = True
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stop before the wall-clock budget runs out (the best weights are still restored)."""
+
+    def __init__(self, minutes: float) -> None:
+        super().__init__()
+        self.deadline = time.monotonic() + minutes * 60
+        self.epoch_seconds = 0.0
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self._start = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        self.epoch_seconds = max(self.epoch_seconds, time.monotonic() - self._start)
+        if time.monotonic() + self.epoch_seconds > self.deadline:
+            log.info("time budget reached after epoch %d: stopping", epoch + 1)
+            self.model.stop_training = True
+
+
+class RestoreBest(keras.callbacks.Callback):
+    """Keep the weights of the epoch with the lowest monitored value, whatever stops training."""
+
+    def __init__(self, monitor: str = "val_loss") -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.best = np.inf
+        self.best_epoch = -1
+        self.weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is not None and value < self.best:
+            self.best, self.best_epoch = value, epoch
+            self.weights = self.model.get_weights()
+
+    def on_train_end(self, logs=None) -> None:
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """TensorFlow's own scale-out: one device, all local GPUs, or workers from TF_CONFIG."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi-worker":
+        if "TF_CONFIG" not in os.environ:
+            raise SystemExit("--strategy multi-worker needs TF_CONFIG (cluster and task) set")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise SystemExit(f"unknown --strategy {name!r}: default, mirrored or multi-worker")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def predict_logits(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)[:, 0]
+
+
+def _limit(samples, limit: int):
+    if not limit:
+        return samples
+    out = []
+    for label in range(len(CLASS_NAMES)):
+        out.extend([s for s in samples if s.label == label][:limit])
+    return out
+
+
+def train(config: TrainConfig) -> tuple[int, Path]:
+    started = time.monotonic()
+    keras.utils.set_random_seed(config.seed)
+    samples = _limit(scan(config.data, "train"), config.limit)
+    parts = patient_split(samples, seed=config.seed)
+    data_manifest = manifest(parts)
+    log.info("patient-level split: %s", data_manifest["counts"])
+    log.info("decoding %d images through the service's preprocessing", len(samples))
+    x_train, y_train = load_arrays(parts["train"])
+    x_val, y_val = load_arrays(parts["validation"])
+    x_test, y_test = load_arrays(parts["internal_test"])
+
+    # Model selection, temperature and threshold use validation plus a seeded shifted copy of
+    # it: the acquisition shift a new hospital brings is what the choices must survive.
+    shift_like = config.arch != "seed"
+    if shift_like:
+        x_sel = np.concatenate([x_val, shifted_copy(x_val, seed=config.seed)])
+        y_sel = np.concatenate([y_val, y_val])
+    else:
+        x_sel, y_sel = x_val, y_val
+
+    counts = np.bincount(y_train, minlength=2)
+    class_weight = {i: float(len(y_train) / (2 * max(c, 1))) for i, c in enumerate(counts)}
+
+    strategy = make_strategy(config.strategy)
+    steps = max(1, int(np.ceil(len(x_train) / config.batch_size)))
+    with strategy.scope():
+        model = architectures.build(config.arch)
+        if config.arch == "seed":
+            optimizer = keras.optimizers.RMSprop()
+        else:
+            schedule = keras.optimizers.schedules.CosineDecay(
+                config.learning_rate, decay_steps=steps * config.epochs, alpha=0.02,
+                warmup_target=None,
+            )
+            optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.BinaryCrossentropy(from_logits=True),
+            metrics=[keras.metrics.AUC(name="auc", from_logits=True)],
+        )
+    log.info("%s: %d parameters, %.1f MFLOPs per image", config.arch, model.count_params(),
+             architectures.flops_per_image(model) / 1e6)
+
+    train_ds = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32)))
+    train_ds = train_ds.shuffle(len(x_train), seed=config.seed, reshuffle_each_iteration=True)
+    train_ds = train_ds.batch(config.batch_size)
+    if config.augment and config.arch != "seed":
+        train_ds = train_ds.map(augment_fn(config.seed), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        train_ds = train_ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
+    val_ds = tf.data.Dataset.from_tensor_slices(
+        (x_sel.astype(np.float32), y_sel.astype(np.float32))
+    ).batch(64)
+
+    restore = RestoreBest("val_loss")
+    callbacks = [
+        restore,
+        keras.callbacks.EarlyStopping("val_loss", patience=config.patience),
+        TimeBudget(config.max_minutes),
+    ]
+    log.info("training %s for up to %d epochs / %.0f min", config.arch, config.epochs,
+             config.max_minutes)
+    fit_started = time.monotonic()
+    history = model.fit(
+        train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weight,
+        callbacks=callbacks, verbose=2,
+    )
+    fit_seconds = time.monotonic() - fit_started
+    log.info("best epoch %d (val_loss %.4f); calibrating", restore.best_epoch + 1, restore.best)
+
+    sel_logits = predict_logits(model, x_sel)
+    temperature = fit_temperature(y_sel, sel_logits)
+    p_sel = sigmoid(sel_logits / temperature)
+    threshold = screening_threshold(y_sel, p_sel, config.min_sensitivity)
+    val_logits = predict_logits(model, x_val)
+    test_logits = predict_logits(model, x_test)
+    p_test = sigmoid(test_logits / temperature)
+
+    metrics = {
+        "validation": classification_report(y_val, sigmoid(val_logits / temperature), threshold),
+        "selection_set": classification_report(y_sel, p_sel, threshold),
+        "internal_test": classification_report(y_test, p_test, threshold),
+        "internal_test_at_0.5": classification_report(y_test, p_test, 0.5),
+        "ece_before_calibration": {
+            "selection_set": round(ece(y_sel, sigmoid(sel_logits)), 4),
+            "internal_test": round(ece(y_test, sigmoid(test_logits)), 4),
+        },
+    }
+
+    def keras_predict(images: np.ndarray) -> np.ndarray:
+        return sigmoid(predict_logits(model, images) / temperature)
+
+    log.info("robustness report on the internal test split")
+    metrics["robustness_internal_test"] = robustness_report(
+        keras_predict, x_test, y_test, threshold, seed=config.seed
+    )
+    log.info("internal test: %s", {k: metrics["internal_test"][k]
+                                   for k in ("auc", "accuracy", "sensitivity", "specificity")})
+
+    card = {
+        "name": config.model_name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "intended_use": "Screening assistance only: a clinician reads every image. "
+        "Not a diagnosis and not a medical device.",
+        "architecture": config.arch,
+        "parameters": int(model.count_params()),
+        "flops_per_image": architectures.flops_per_image(model),
+        "class_names": list(CLASS_NAMES),
+        "threshold": round(float(threshold), 6),
+        "threshold_rule": f"highest threshold with pneumonia sensitivity >= "
+        f"{config.min_sensitivity} on the selection set (validation + seeded shifted copy)",
+        "temperature": round(float(temperature), 6),
+        "metrics": metrics,
+        "training": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+            "class_weight": class_weight,
+            "epochs_run": len(history.history["loss"]),
+            "best_epoch": restore.best_epoch + 1,
+            "fit_seconds": round(fit_seconds, 1),
+            "total_seconds": round(time.monotonic() - started, 1),
+            "history": {k: [round(float(v), 5) for v in vals]
+                        for k, vals in history.history.items()},
+            "host": f"{platform.machine()} {os.cpu_count()} CPUs",
+        },
+        "data": {
+            "source": "Kermany/Mooney Chest X-Ray Images (Pneumonia), doi:10.17632/rscbjbr9sj.2, "
+            "CC BY 4.0",
+            "manifest_sha256": data_manifest["sha256"],
+            "counts": data_manifest["counts"],
+            "split": "seeded, patient-level, stratified 80/10/10 of the official train split",
+        },
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "git_commit": git_commit(),
+    }
+    plots = {"history": history.history, "labels": y_test, "p_pneumonia": p_test,
+             "threshold": threshold, "title": "(internal test)"}
+    version, folder = export_version(
+        config.model_store / config.model_name, model, temperature, card, plots,
+        extra_files={"split.json": json.dumps(data_manifest["files"], indent=0) + "\n"},
+    )
+    log.info("exported %s version %d to %s", config.model_name, version, folder)
+    return version, folder
