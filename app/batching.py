@@ -1,0 +1,116 @@
+"""Micro-batching: concurrent predictions are gathered into one model call.
+
+Requests wait at most `max_wait` for company, batches hold at most `max_size` images, and the
+queue is bounded: when it is full the caller gets 503 with Retry-After instead of the process
+growing memory. The model runs on one dedicated thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.classifier import LoadedModel, ModelManager
+from app.errors import OverloadedError
+
+log = logging.getLogger("pneumoscan.batching")
+
+
+@dataclass
+class BatchResult:
+    probabilities: np.ndarray  # (2,)
+    model: LoadedModel
+    queue_ms: float
+    inference_ms: float
+    batch_size: int
+
+
+@dataclass
+class _Item:
+    pixels: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+
+
+class MicroBatcher:
+    def __init__(self, manager: ModelManager, max_size: int, max_wait_ms: float,
+                 queue_max: int) -> None:
+        self.manager = manager
+        self.max_size = max_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_max)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._task: asyncio.Task | None = None
+        self.batch_sizes: list[int] = []
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(OverloadedError("The service is shutting down.", 5))
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def predict(self, pixels: np.ndarray) -> BatchResult:
+        self.manager.get()  # fail fast with 503 when no model is loaded
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(_Item(pixels, future, time.perf_counter()))
+        except asyncio.QueueFull:
+            raise OverloadedError(
+                f"The prediction queue is full ({self.queue.maxsize} waiting); retry shortly.",
+                retry_after=1,
+            ) from None
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            items = [first]
+            deadline = loop.time() + self.max_wait
+            while len(items) < self.max_size:
+                if not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
+            items = [item for item in items if not item.future.cancelled()]
+            if not items:
+                continue
+            try:
+                model = self.manager.get()
+                batch = np.stack([item.pixels for item in items])[..., None]
+                started = time.perf_counter()
+                probs = await loop.run_in_executor(self.executor, model.predict, batch)
+                inference_ms = (time.perf_counter() - started) * 1000
+            except Exception as exc:  # noqa: BLE001 - hand any failure to the waiting requests
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            self.batch_sizes.append(len(items))
+            del self.batch_sizes[:-1000]
+            for item, row in zip(items, probs, strict=True):
+                if not item.future.done():
+                    item.future.set_result(BatchResult(
+                        row, model, (started - item.enqueued) * 1000, inference_ms, len(items)
+                    ))

@@ -1,0 +1,163 @@
+"""A loaded model version and the manager that watches the store and swaps versions atomically."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from app.errors import ModelStoreError, ModelUnavailableError
+from app.imaging import TARGET_SIZE
+from app.model_store import list_versions, verify_version
+
+log = logging.getLogger("pneumoscan.model")
+
+
+@dataclass
+class LoadedModel:
+    """One verified SavedModel version with the contract its model.json states."""
+
+    name: str
+    version: int
+    path: Path
+    card: dict
+    _serve: object = field(repr=False)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.card["class_names"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.card["threshold"])
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, 224, 224, 1) -> probabilities (N, 2) in class_names order."""
+        import tensorflow as tf
+
+        if batch.dtype != np.uint8 or batch.shape[1:] != (TARGET_SIZE, TARGET_SIZE, 1):
+            raise ValueError(f"model input must be uint8 (N, 224, 224, 1), got {batch.shape}")
+        out = self._serve(pixels=tf.constant(batch))["probabilities"]  # type: ignore[operator]
+        return out.numpy()
+
+
+def load_version(model_dir: Path, version: int) -> LoadedModel:
+    """Verify and load one version; raise ModelStoreError if it is not servable."""
+    import tensorflow as tf
+
+    path = model_dir / str(version)
+    card = verify_version(path)
+    spec = card.get("input", {})
+    if spec.get("dtype") != "uint8" or list(spec.get("shape", []))[1:] != [TARGET_SIZE,
+                                                                        TARGET_SIZE, 1]:
+        raise ModelStoreError(f"{path}: input contract {spec} is not uint8 [N,224,224,1]")
+    if card.get("class_names") != ["NORMAL", "PNEUMONIA"]:
+        raise ModelStoreError(f"{path}: class_names must be ['NORMAL', 'PNEUMONIA']")
+    try:
+        loaded = tf.saved_model.load(str(path))
+        serve = loaded.signatures[card.get("signature", "serving_default")]
+    except Exception as exc:  # noqa: BLE001 - TensorFlow raises many types for bad models
+        raise ModelStoreError(f"{path}: SavedModel failed to load: {exc}") from exc
+    model = LoadedModel(model_dir.name, version, path, card, serve)
+    model._loaded = loaded  # type: ignore[attr-defined]  # keep the trackable alive
+    # Warm up before declaring ready: the first call traces the graph.
+    try:
+        probs = model.predict(np.zeros((1, TARGET_SIZE, TARGET_SIZE, 1), np.uint8))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelStoreError(f"{path}: warm-up prediction failed: {exc}") from exc
+    if probs.shape != (1, 2) or not np.all(np.isfinite(probs)):
+        raise ModelStoreError(f"{path}: warm-up gave {probs!r}, expected finite (1, 2)")
+    return model
+
+
+class ModelManager:
+    """Serves the highest valid (or pinned) version and polls the store for new ones.
+
+    A bad version is logged and skipped once (until its folder changes); the current model keeps
+    serving. Swapping is a single reference assignment, so in-flight batches finish on the
+    model they started with and no request fails during a switch.
+    """
+
+    def __init__(self, store: Path, name: str, pinned: int | None, poll_seconds: float) -> None:
+        self.model_dir = store / name
+        self.pinned = pinned
+        self.poll_seconds = poll_seconds
+        self.current: LoadedModel | None = None
+        self.failed: dict[int, str] = {}
+        self._failed_mtime: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> LoadedModel:
+        model = self.current
+        if model is None:
+            raise ModelUnavailableError(
+                "No valid model version is loaded yet; see /models and /readyz."
+            )
+        return model
+
+    def available(self) -> list[int]:
+        return list_versions(self.model_dir)
+
+    def refresh(self) -> None:
+        """Load the best candidate version if it differs from the one serving."""
+        with self._lock:
+            versions = self.available()
+            if self.pinned is not None:
+                candidates = [self.pinned] if self.pinned in versions else []
+                if not candidates and (self.current is None or
+                                       self.current.version != self.pinned):
+                    log.error("pinned version %s not found under %s", self.pinned,
+                              self.model_dir)
+            else:
+                candidates = sorted(versions, reverse=True)
+            if self.current is not None and self.current.version not in versions:
+                log.error("serving version %d vanished from the store; keeping it in memory",
+                          self.current.version)
+            for version in candidates:
+                if self.current is not None and version == self.current.version:
+                    return
+                if self.current is not None and version < self.current.version \
+                        and self.pinned is None:
+                    return
+                folder = self.model_dir / str(version)
+                try:
+                    mtime = max((p.stat().st_mtime for p in folder.rglob("*")), default=0.0)
+                except OSError:
+                    mtime = -1.0
+                if version in self.failed and self._failed_mtime.get(version) == mtime:
+                    continue
+                try:
+                    model = load_version(self.model_dir, version)
+                except ModelStoreError as exc:
+                    self.failed[version] = str(exc)
+                    self._failed_mtime[version] = mtime
+                    log.error("skipping model version %d: %s", version, exc)
+                    continue
+                previous = self.current.version if self.current else None
+                self.current = model
+                self.failed.pop(version, None)
+                log.info("serving model %s version %d (was %s)", model.name, version, previous)
+                return
+            if self.current is None:
+                log.error("no valid model version under %s: not ready", self.model_dir)
+
+    def start_polling(self) -> None:
+        self._thread = threading.Thread(target=self._poll, name="model-store-poll", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the poller must never die
+                log.exception("model store poll failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)

@@ -1,0 +1,32 @@
+"""Dependencies: the services of this app, and the caller's key id."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
+
+from app.errors import UnauthorizedError
+from app.services import Services
+
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="One of the keys in PNEUMOSCAN_API_KEYS.")
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_key_id(services: ServicesDep,
+               key: Annotated[str | None, Security(api_key_header)] = None) -> str:
+    identity = services.keyring.identify(key)
+    if identity is None:
+        raise UnauthorizedError("Missing or wrong X-API-Key header.")
+    return identity
+
+
+KeyIdDep = Annotated[str, Depends(get_key_id)]

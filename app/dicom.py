@@ -1,0 +1,137 @@
+"""DICOM Part 10 radiographs to the model input, as a PACS sends them.
+
+Pixel pipeline, in the order the standard prescribes: stored values -> Modality LUT (rescale
+slope/intercept) -> VOI LUT or window centre/width -> MONOCHROME1 inverted -> 8 bits -> the one
+resize in `app.imaging`. Compressed transfer syntaxes decode through the pylibjpeg plugins.
+Only UIDs leave this module; patient tags are never read into logs or responses.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from app.errors import ImageTooLargeError, UndecodableImageError, UnsupportedDicomError
+from app.imaging import DecodedImage, check_dimensions, resize_to_model
+
+ACCEPTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"}
+UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def _uids(ds) -> dict[str, str]:
+    return {tag: str(getattr(ds, tag)) for tag in UID_TAGS if getattr(ds, tag, None)}
+
+
+def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM linear window (PS3.3 C.11.2.1.2.1) straight to 0..255."""
+    width = max(float(width), 1.0)
+    low = center - 0.5 - (width - 1) / 2
+    scaled = (values - low) / (width - 1)
+    return np.clip(scaled, 0.0, 1.0) * 255.0
+
+
+def _first(value) -> float:
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def to_8bit(ds, stored: np.ndarray) -> np.ndarray:
+    """Modality LUT, then VOI (LUT sequence or window), then MONOCHROME1 inversion, to uint8."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        lut_item = ds.VOILUTSequence[0]
+        out = np.asarray(apply_voi_lut(stored if "ModalityLUTSequence" in ds else values, ds),
+                         dtype=np.float64)
+        bits = int(lut_item.LUTDescriptor[2]) if "LUTDescriptor" in lut_item else 16
+        top = float(2**bits - 1) if out.max() <= 2**bits - 1 else float(out.max())
+        eight = out * 255.0 / max(top, 1.0)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        eight = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
+    else:
+        bits_stored = int(ds.get("BitsStored", 8))
+        rescaled = "RescaleSlope" in ds or "RescaleIntercept" in ds
+        if bits_stored <= 8 and not rescaled:
+            eight = values
+        else:
+            low, high = float(values.min()), float(values.max())
+            eight = (values - low) * 255.0 / max(high - low, 1.0)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        eight = 255.0 - eight
+    return np.clip(np.rint(eight), 0, 255).astype(np.uint8)
+
+
+def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage:
+    """Decode a single-frame DICOM radiograph to the model input, or raise an InputError."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
+            AttributeError, IndexError, OverflowError) as exc:
+        raise UndecodableImageError(f"The DICOM file could not be parsed: {type(exc).__name__}.") \
+            from exc
+    uids = _uids(ds)
+    if "PixelData" not in ds:
+        raise UnsupportedDicomError(
+            "The DICOM object has no Pixel Data: send an image object (CR/DX/DR), not a "
+            "report, presentation state or other non-image SOP."
+        )
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        photometric = str(ds.PhotometricInterpretation)
+    except (AttributeError, ValueError, TypeError, KeyError) as exc:
+        raise UndecodableImageError(
+            "The DICOM image lacks Rows, Columns or PhotometricInterpretation."
+        ) from exc
+    if frames > 1:
+        raise UnsupportedDicomError(
+            f"Multi-frame DICOM ({frames} frames) is not accepted: send one radiograph per "
+            "instance."
+        )
+    if photometric not in ACCEPTED_PHOTOMETRIC:
+        raise UnsupportedDicomError(
+            f"Photometric interpretation {photometric!r} is not supported; use MONOCHROME1, "
+            "MONOCHROME2 or RGB."
+        )
+    try:
+        check_dimensions(columns, rows, max_pixels, min_side)
+    except ImageTooLargeError:
+        raise
+    try:
+        stored = ds.pixel_array
+    except NotImplementedError as exc:
+        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        raise UnsupportedDicomError(
+            f"No decoder for transfer syntax {syntax}: send uncompressed, JPEG, JPEG-LS, "
+            "JPEG 2000 or RLE."
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - pixel decoders raise anything on corrupt data
+        raise UndecodableImageError(
+            f"The DICOM pixel data could not be decoded (truncated or corrupt): "
+            f"{type(exc).__name__}."
+        ) from exc
+    if stored.ndim == 3 and stored.shape[-1] == 3:
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            stored = convert_color_space(stored, photometric, "RGB")
+        gray = np.asarray(Image.fromarray(stored.astype(np.uint8), "RGB").convert("L"))
+    elif stored.ndim == 2:
+        gray = to_8bit(ds, stored)
+    else:
+        raise UnsupportedDicomError(f"Unexpected pixel array shape {stored.shape}.")
+    return DecodedImage(
+        pixels=resize_to_model(Image.fromarray(gray, mode="L")),
+        format="DICOM",
+        width=columns,
+        height=rows,
+        dicom=uids,
+    )

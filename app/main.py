@@ -1,0 +1,159 @@
+"""Assembles the app: settings, lifespan (model, batcher, records), routers, error mapping.
+
+Run with `uvicorn app.main:app` or `pneumoscan serve`; tests build apps with `create_app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.batching import MicroBatcher
+from app.classifier import ModelManager
+from app.errors import OverloadedError, PneumoscanError
+from app.observability import Metrics, ObservabilityMiddleware, configure_logging
+from app.records import RecordStore
+from app.routes import explain, health, models, predict
+from app.schemas import INTENDED_USE
+from app.security import KeyRing
+from app.services import Services
+from app.settings import Settings
+
+log = logging.getLogger("pneumoscan")
+PURGE_INTERVAL_S = 60.0
+
+DESCRIPTION = f"""
+Chest radiograph pneumonia screening: JPEG, PNG or DICOM in, calibrated NORMAL / PNEUMONIA
+probabilities and a LIME explanation overlay out.
+
+**{INTENDED_USE}**
+
+Every route except `/healthz`, `/readyz` and `/metrics` needs an `X-API-Key` header. Errors are
+JSON: `{{"error": {{"code": ..., "message": ...}}}}`.
+"""
+
+
+def error_json(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PneumoscanError)
+    async def domain_error(request: Request, exc: PneumoscanError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) \
+            else None
+        return error_json(exc.status_code, exc.code, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        )
+        return error_json(422, "invalid_request", fields or "Invalid request.")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_json(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+        return error_json(500, "internal_error", "Internal error; the request id is in the "
+                          "X-Request-ID header for the operator.")
+
+
+def build_services(settings: Settings, metrics: Metrics) -> Services:
+    manager = ModelManager(settings.model_store, settings.model_name, settings.model_version,
+                           settings.poll_seconds)
+    return Services(
+        settings=settings,
+        metrics=metrics,
+        keyring=KeyRing(tuple(settings.key_list), settings.allow_no_auth),
+        manager=manager,
+        batcher=MicroBatcher(manager, settings.batch_max_size, settings.batch_max_wait_ms,
+                             settings.queue_max),
+        records=RecordStore(settings.data_dir, settings.retention_hours * 3600),
+        decode_pool=ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode"),
+        explain_pool=ThreadPoolExecutor(settings.explain_workers, thread_name_prefix="explain"),
+        decode_slots=asyncio.Semaphore(settings.queue_max),
+        explain_slots=asyncio.Semaphore(settings.explain_workers + settings.explain_queue_max),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build an app; nothing heavy happens until its lifespan starts."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        current = settings
+        configure_logging(current.log_level)
+        if not current.key_list:
+            if not current.allow_no_auth:
+                log.critical("refusing to start: PNEUMOSCAN_API_KEYS is empty. Set keys, or "
+                             "PNEUMOSCAN_ALLOW_NO_AUTH=true for local development only.")
+                raise RuntimeError("PNEUMOSCAN_API_KEYS is empty and PNEUMOSCAN_ALLOW_NO_AUTH "
+                                   "is not set")
+            log.warning("AUTHENTICATION IS OFF (PNEUMOSCAN_ALLOW_NO_AUTH=true): development "
+                        "only, never on a hospital network")
+        services = build_services(current, metrics)
+        app.state.services = services
+        await asyncio.to_thread(services.manager.refresh)
+        services.manager.start_polling()
+        services.batcher.start()
+        purger = asyncio.create_task(purge_loop(services), name="retention-purge")
+        log.info("pneumoscan started: model store %s, serving %s",
+                 current.model_store.name,
+                 services.manager.current.version if services.manager.current else "nothing")
+        try:
+            yield
+        finally:
+            purger.cancel()
+            await services.batcher.stop()
+            services.manager.stop()
+            services.decode_pool.shutdown(wait=False, cancel_futures=True)
+            services.explain_pool.shutdown(wait=False, cancel_futures=True)
+            services.records.close()
+
+    app = FastAPI(
+        title="pneumoscan",
+        version="0.1.0",
+        summary="Chest X-ray pneumonia screening assistance (not a diagnosis).",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    origins = settings.cors_list
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key", "Content-Type"])
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+    install_error_handlers(app)
+    for module in (predict, explain, models, health):
+        app.include_router(module.router)
+    return app
+
+
+async def purge_loop(services: Services) -> None:
+    while True:
+        try:
+            deleted = await asyncio.to_thread(services.records.purge)
+            if deleted:
+                log.info("retention purge removed %d stored images", deleted)
+        except Exception:  # noqa: BLE001 - keep purging on the next tick
+            log.exception("retention purge failed")
+        await asyncio.sleep(PURGE_INTERVAL_S)
+
+
+app = create_app()

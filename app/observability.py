@@ -1,0 +1,127 @@
+"""Prometheus metrics, structured JSON logs with a request id, and the ASGI middleware that
+times requests and adds security headers. Nothing here logs bodies, file names or DICOM tags."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+import uuid
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+    (b"content-security-policy", b"default-src 'none'; img-src 'self' data:; "
+     b"style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+     b"script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; frame-ancestors 'none'"),
+]
+
+
+class Metrics:
+    """One registry per app instance, so tests can build several apps in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("pneumoscan_requests_total", "HTTP requests",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("pneumoscan_request_duration_seconds", "HTTP request latency",
+                                 ["route", "method", "status"], registry=self.registry,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.predictions = Counter("pneumoscan_predictions_total", "Predictions by label",
+                                   ["label", "model_version"], registry=self.registry)
+        self.model_version = Gauge("pneumoscan_model_version", "Model version serving",
+                                   ["model"], registry=self.registry)
+        self.explain_seconds = Histogram("pneumoscan_explain_duration_seconds",
+                                         "LIME explanation compute time", registry=self.registry,
+                                         buckets=(.25, .5, 1, 2, 3, 5, 10, 30, 60))
+        self.batch_size = Histogram("pneumoscan_batch_size", "Images per model call",
+                                    registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.queue_depth = Gauge("pneumoscan_queue_depth", "Predictions waiting for the model",
+                                 registry=self.registry)
+        self.rejected = Counter("pneumoscan_rejected_total", "Requests refused by limits",
+                                ["reason"], registry=self.registry)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "request_id": request_id_var.get(),
+        }
+        for key in ("route", "method", "status", "duration_ms", "key_id", "prediction_id",
+                    "model_version", "label"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+        return json.dumps(entry)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("pneumoscan")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+access_log = logging.getLogger("pneumoscan.access")
+
+
+class ObservabilityMiddleware:
+    """Pure ASGI: request id, timing, metrics by route template, access log, security headers."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def send_wrapper(message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                present = {name.lower() for name, _ in headers}
+                headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            status = str(status_holder["status"])
+            duration = time.perf_counter() - started
+            self.metrics.requests.labels(template, scope["method"], status).inc()
+            self.metrics.latency.labels(template, scope["method"], status).observe(duration)
+            if template not in ("/metrics", "/healthz", "/readyz"):
+                access_log.info("request", extra={
+                    "route": template, "method": scope["method"], "status": int(status),
+                    "duration_ms": round(duration * 1000, 2),
+                })
+            request_id_var.reset(token)

@@ -1,0 +1,174 @@
+"""The audit trail: every prediction in an embedded SQLite database (WAL), plus the
+preprocessed image kept for explanations until its retention period ends.
+
+A prediction's row and its image are written in one transaction before the response is sent,
+so a 200 always has its record, even if the process is killed right after.
+"""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    key_id TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    p_normal REAL NOT NULL,
+    p_pneumonia REAL NOT NULL,
+    label TEXT NOT NULL,
+    threshold REAL NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    input_format TEXT NOT NULL,
+    input_bytes INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    study_uid TEXT,
+    series_uid TEXT,
+    sop_uid TEXT
+);
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY REFERENCES predictions(id),
+    expires REAL NOT NULL,
+    png BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_expires ON images(expires);
+CREATE TABLE IF NOT EXISTS explanations (
+    id TEXT NOT NULL,
+    num_samples INTEGER NOT NULL,
+    num_features INTEGER NOT NULL,
+    png BLOB NOT NULL,
+    PRIMARY KEY (id, num_samples, num_features)
+);
+"""
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    id: str
+    created: float
+    key_id: str
+    model_name: str
+    model_version: int
+    p_normal: float
+    p_pneumonia: float
+    label: str
+    threshold: float
+    image_sha256: str
+    input_format: str
+    input_bytes: int
+    width: int
+    height: int
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+
+
+class RecordStore:
+    def __init__(self, data_dir: Path, retention_seconds: float) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "pneumoscan.sqlite3"
+        self.retention = retention_seconds
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives process kills
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, record: PredictionRecord, pixels: np.ndarray) -> None:
+        png = encode_png(pixels)
+        fields = list(PredictionRecord.__dataclass_fields__)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    f"INSERT INTO predictions ({', '.join(fields)}) "
+                    f"VALUES ({', '.join('?' * len(fields))})",
+                    [getattr(record, f) for f in fields],
+                )
+                self._db.execute(
+                    "INSERT INTO images (id, expires, png) VALUES (?, ?, ?)",
+                    (record.id, record.created + self.retention, png),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def get(self, prediction_id: str) -> PredictionRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(PredictionRecord.__dataclass_fields__)} FROM predictions "
+                "WHERE id = ?", (prediction_id,)
+            ).fetchone()
+        return PredictionRecord(*row) if row else None
+
+    def image(self, prediction_id: str, now: float | None = None) -> np.ndarray | None:
+        now = time.time() if now is None else now
+        with self._lock:
+            row = self._db.execute(
+                "SELECT png FROM images WHERE id = ? AND expires > ?", (prediction_id, now)
+            ).fetchone()
+        return decode_png(row[0]) if row else None
+
+    def explanation(self, prediction_id: str, num_samples: int, num_features: int) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT png FROM explanations WHERE id = ? AND num_samples = ? AND "
+                "num_features = ?", (prediction_id, num_samples, num_features)
+            ).fetchone()
+        return row[0] if row else None
+
+    def add_explanation(self, prediction_id: str, num_samples: int, num_features: int,
+                        png: bytes) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO explanations VALUES (?, ?, ?, ?)",
+                (prediction_id, num_samples, num_features, png),
+            )
+
+    def purge(self, now: float | None = None) -> int:
+        """Delete stored images and explanations past retention; the audit rows stay."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "DELETE FROM explanations WHERE id IN (SELECT id FROM images WHERE expires <= ?)",
+                (now,),
+            )
+            deleted = self._db.execute("DELETE FROM images WHERE expires <= ?", (now,)).rowcount
+            self._db.execute("COMMIT")
+        return deleted
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+
+    def integrity_ok(self) -> bool:
+        with self._lock:
+            return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -1,0 +1,76 @@
+"""GET /explain/{prediction_id}: the LIME overlay PNG, computed once and cached."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import Response
+
+from app.deps import KeyIdDep, ServicesDep
+from app.errors import GoneError, NotFoundError, OverloadedError
+from app.explain import explain, overlay_png
+from app.schemas import error_responses
+
+router = APIRouter(tags=["explain"])
+ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+@router.get(
+    "/explain/{prediction_id}",
+    name="explain",
+    summary="LIME explanation overlay for a prediction",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "The overlay PNG."},
+               **error_responses(401, 404, 410, 422, 503)},
+)
+async def get_explanation(
+    services: ServicesDep,
+    key_id: KeyIdDep,
+    prediction_id: Annotated[str, Path(pattern=ID_PATTERN)],
+    num_samples: Annotated[int | None, Query(ge=100, le=5000,
+                                             description="LIME perturbation samples.")] = None,
+    num_features: Annotated[int | None, Query(ge=1, le=20,
+                                              description="Regions drawn.")] = None,
+) -> Response:
+    """The 224 x 224 radiograph with the regions that drove the call tinted and outlined."""
+    settings = services.settings
+    num_samples = num_samples or settings.explain_num_samples
+    num_features = num_features or settings.explain_num_features
+    record = await asyncio.to_thread(services.records.get, prediction_id)
+    if record is None or record.key_id != key_id:
+        raise NotFoundError("No prediction with this id for your API key.")
+    cache_key = (prediction_id, num_samples, num_features)
+    headers = {"X-Prediction-Label": record.label,
+               "X-Model-Version": str(record.model_version)}
+    png = services.cache_get(cache_key)
+    if png is None:
+        png = await asyncio.to_thread(services.records.explanation, *cache_key)
+    if png is not None:
+        services.cache_put(cache_key, png)
+        return Response(png, media_type="image/png", headers={**headers, "X-Cache": "hit"})
+    pixels = await asyncio.to_thread(services.records.image, prediction_id)
+    if pixels is None:
+        raise GoneError(
+            f"The stored image is past its {settings.retention_hours:g} h retention period."
+        )
+    if services.explain_slots.locked():
+        services.metrics.rejected.labels("explain_queue_full").inc()
+        raise OverloadedError("Too many explanations are queued; retry shortly.", 5)
+    async with services.explain_slots:
+        model = services.manager.get()
+        started = time.perf_counter()
+
+        def run() -> bytes:
+            mask, _ = explain(pixels, model.predict, model.class_names, record.label,
+                              num_samples, num_features)
+            return overlay_png(pixels, mask, record.label)
+
+        png = await asyncio.get_running_loop().run_in_executor(services.explain_pool, run)
+        services.metrics.explain_seconds.observe(time.perf_counter() - started)
+    await asyncio.to_thread(services.records.add_explanation, *cache_key, png)
+    services.cache_put(cache_key, png)
+    headers["X-Model-Version"] = str(model.version)
+    return Response(png, media_type="image/png", headers={**headers, "X-Cache": "miss"})

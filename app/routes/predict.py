@@ -1,0 +1,185 @@
+"""POST /predict: upload -> decode -> micro-batched model -> audit record -> JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+
+from fastapi import APIRouter, Request
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.deps import KeyIdDep, ServicesDep
+from app.errors import (
+    MissingFileError,
+    OverloadedError,
+    PayloadTooLargeError,
+    PneumoscanError,
+    UnsupportedMediaError,
+)
+from app.imaging import decode_image
+from app.records import PredictionRecord
+from app.schemas import (
+    DicomInfo,
+    InputInfo,
+    ModelRef,
+    PredictionPublic,
+    Probabilities,
+    Timings,
+    error_responses,
+)
+
+log = logging.getLogger("pneumoscan.predict")
+router = APIRouter(tags=["predict"])
+
+UPLOAD_TIMEOUT_S = 60.0
+MULTIPART_OVERHEAD = 64 * 1024
+
+OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {
+                        "type": "string", "format": "binary",
+                        "description": "JPEG, PNG or DICOM Part 10 chest radiograph.",
+                    }},
+                }
+            }
+        },
+    }
+}
+
+
+class FormTimeoutError(PneumoscanError):
+    status_code = 408
+    code = "upload_timeout"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the request body, refusing it (413) as soon as it passes the limit."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(
+            f"Upload of {int(declared)} bytes exceeds the limit of {limit} bytes."
+        )
+    body = bytearray()
+    try:
+        async with asyncio.timeout(UPLOAD_TIMEOUT_S):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise PayloadTooLargeError(f"Upload exceeds the limit of {limit} bytes.")
+    except TimeoutError:
+        raise FormTimeoutError(f"The upload did not complete within {UPLOAD_TIMEOUT_S:.0f} s.") \
+            from None
+    return bytes(body)
+
+
+async def read_upload(request: Request, max_bytes: int) -> bytes:
+    """The bytes of multipart field `file`, with every way to get that wrong named."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise UnsupportedMediaError(
+            "Send the image as multipart/form-data with the file in field 'file' "
+            f"(got Content-Type {content_type[:60]!r})."
+        )
+    body = await read_body(request, max_bytes + MULTIPART_OVERHEAD)
+
+    async def replay() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    replayed = Request(request.scope, replay)
+    try:
+        form = await replayed.form(max_files=1, max_fields=16)
+    except StarletteHTTPException as exc:
+        raise MissingFileError(f"Malformed multipart body: {exc.detail}") from None
+    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise MissingFileError(f"Malformed multipart body: {type(exc).__name__}") from None
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise MissingFileError(
+                "No file in multipart field 'file': send -F 'file=@image.dcm'."
+            )
+        data = await upload.read(max_bytes + 1)
+    finally:
+        await form.close()
+    if len(data) > max_bytes:
+        raise PayloadTooLargeError(f"File exceeds the limit of {max_bytes} bytes.")
+    return data
+
+
+@router.post(
+    "/predict",
+    response_model=PredictionPublic,
+    summary="Score a chest radiograph (JPEG, PNG or DICOM)",
+    openapi_extra=OPENAPI_BODY,
+    responses=error_responses(401, 408, 413, 415, 422, 503),
+)
+async def predict(request: Request, services: ServicesDep, key_id: KeyIdDep) -> PredictionPublic:
+    """Pneumonia / normal probabilities for one radiograph; a clinician reads every image."""
+    started = time.perf_counter()
+    settings = services.settings
+    services.manager.get()  # 503 before reading a large body when no model is loaded
+    data = await read_upload(request, settings.max_upload_bytes)
+    if services.decode_slots.locked():
+        services.metrics.rejected.labels("decode_queue_full").inc()
+        raise OverloadedError("Too many uploads are being decoded; retry shortly.", 1)
+    async with services.decode_slots:
+        loop = asyncio.get_running_loop()
+        decode_started = time.perf_counter()
+        decoded = await loop.run_in_executor(
+            services.decode_pool,
+            lambda: decode_image(data, max_pixels=settings.max_pixels,
+                                 min_side=settings.min_side),
+        )
+        decode_ms = (time.perf_counter() - decode_started) * 1000
+    services.metrics.queue_depth.set(services.batcher.queue.qsize())
+    try:
+        result = await services.batcher.predict(decoded.pixels)
+    except OverloadedError:
+        services.metrics.rejected.labels("inference_queue_full").inc()
+        raise
+    services.metrics.batch_size.observe(result.batch_size)
+    model = result.model
+    p_normal, p_pneumonia = (float(v) for v in result.probabilities)
+    label = "PNEUMONIA" if p_pneumonia >= model.threshold else "NORMAL"
+    prediction_id = secrets.token_hex(16)
+    sha256 = hashlib.sha256(data).hexdigest()
+    uids = decoded.dicom
+    record = PredictionRecord(
+        id=prediction_id, created=time.time(), key_id=key_id, model_name=model.name,
+        model_version=model.version, p_normal=p_normal, p_pneumonia=p_pneumonia, label=label,
+        threshold=model.threshold, image_sha256=sha256, input_format=decoded.format,
+        input_bytes=len(data), width=decoded.width, height=decoded.height,
+        study_uid=uids.get("StudyInstanceUID"), series_uid=uids.get("SeriesInstanceUID"),
+        sop_uid=uids.get("SOPInstanceUID"),
+    )
+    await asyncio.to_thread(services.records.add, record, decoded.pixels)
+    services.metrics.predictions.labels(label, str(model.version)).inc()
+    log.info("prediction", extra={"prediction_id": prediction_id, "key_id": key_id,
+                                  "model_version": model.version, "label": label})
+    return PredictionPublic(
+        prediction_id=prediction_id,
+        label=label,
+        probabilities=Probabilities(NORMAL=p_normal, PNEUMONIA=p_pneumonia),
+        threshold=model.threshold,
+        model=ModelRef(name=model.name, version=model.version),
+        explain_url=str(request.url_for("explain", prediction_id=prediction_id).path),
+        input=InputInfo(format=decoded.format, width=decoded.width, height=decoded.height,
+                        bytes=len(data), sha256=sha256),
+        dicom=DicomInfo(study_instance_uid=uids.get("StudyInstanceUID"),
+                        series_instance_uid=uids.get("SeriesInstanceUID"),
+                        sop_instance_uid=uids.get("SOPInstanceUID")) if uids else None,
+        timings=Timings(decode_ms=round(decode_ms, 2), queue_ms=round(result.queue_ms, 2),
+                        inference_ms=round(result.inference_ms, 2),
+                        total_ms=round((time.perf_counter() - started) * 1000, 2),
+                        batch_size=result.batch_size),
+    )

@@ -1,0 +1,116 @@
+"""Response models: they are the API contract and the OpenAPI documentation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+INTENDED_USE = (
+    "Screening assistance only: a radiologist reads every image. Not a diagnosis and not a "
+    "medical device."
+)
+
+
+class ModelRef(BaseModel):
+    name: str = Field(examples=["pneumonia"])
+    version: int = Field(examples=[1])
+
+
+class Probabilities(BaseModel):
+    NORMAL: float = Field(ge=0, le=1, examples=[0.08])
+    PNEUMONIA: float = Field(ge=0, le=1, examples=[0.92])
+
+
+class InputInfo(BaseModel):
+    format: Literal["JPEG", "PNG", "DICOM"]
+    width: int = Field(description="Width of the uploaded image in pixels.")
+    height: int = Field(description="Height of the uploaded image in pixels.")
+    bytes: int = Field(description="Size of the uploaded file.")
+    sha256: str = Field(description="SHA-256 of the uploaded file, as stored in the audit trail.")
+
+
+class DicomInfo(BaseModel):
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+    batch_size: int = Field(description="How many images shared the model call.")
+
+
+class PredictionPublic(BaseModel):
+    prediction_id: str = Field(description="Unguessable id (128 random bits) for /explain.")
+    label: Literal["NORMAL", "PNEUMONIA"] = Field(
+        description="PNEUMONIA when P(PNEUMONIA) >= threshold (a screening operating point)."
+    )
+    probabilities: Probabilities
+    threshold: float = Field(description="Decision threshold on P(PNEUMONIA) of this model.")
+    model: ModelRef
+    explain_url: str
+    input: InputInfo
+    dicom: DicomInfo | None = None
+    timings: Timings
+    intended_use: str = INTENDED_USE
+
+    model_config = {"json_schema_extra": {"examples": [{
+        "prediction_id": "0f5b8b0c2a3e4f7d9c1b2a3e4f5d6c7b",
+        "label": "PNEUMONIA",
+        "probabilities": {"NORMAL": 0.04, "PNEUMONIA": 0.96},
+        "threshold": 0.31,
+        "model": {"name": "pneumonia", "version": 1},
+        "explain_url": "/explain/0f5b8b0c2a3e4f7d9c1b2a3e4f5d6c7b",
+        "input": {"format": "JPEG", "width": 1176, "height": 768, "bytes": 120000,
+                  "sha256": "9f..."},
+        "dicom": None,
+        "timings": {"decode_ms": 9.1, "queue_ms": 0.4, "inference_ms": 3.2, "total_ms": 14.0,
+                    "batch_size": 1},
+        "intended_use": INTENDED_USE,
+    }]}}
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["undecodable_image"])
+    message: str = Field(examples=["The JPEG file could not be decoded (truncated or corrupt)."])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class VersionInfo(BaseModel):
+    version: int
+    status: Literal["serving", "available", "failed"]
+    detail: str | None = None
+
+
+class ModelsPublic(BaseModel):
+    name: str
+    serving: int | None
+    pinned: int | None
+    versions: list[VersionInfo]
+    card: dict | None = Field(None, description="model.json of the serving version.")
+
+
+class Health(BaseModel):
+    status: str
+    model: ModelRef | None = None
+
+
+def error_responses(*codes: int) -> dict[int | str, dict]:
+    described = {
+        401: "Missing or wrong X-API-Key.",
+        404: "Unknown prediction id (or one made with another key).",
+        408: "The upload did not arrive in time.",
+        410: "The stored image passed its retention period.",
+        413: "Upload larger than the size limit.",
+        415: "Not a JPEG, PNG or DICOM Part 10 file.",
+        422: "Undecodable, truncated, too large (pixels), too small, or unsupported DICOM.",
+        503: "No model loaded, or the queue is full (see Retry-After).",
+    }
+    return {code: {"model": ErrorResponse, "description": described[code]} for code in codes}

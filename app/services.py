@@ -1,0 +1,43 @@
+"""The long-lived objects one app instance owns, built in the lifespan and reached through
+dependencies (tests swap them with `app.dependency_overrides`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from app.batching import MicroBatcher
+from app.classifier import ModelManager
+from app.observability import Metrics
+from app.records import RecordStore
+from app.security import KeyRing
+from app.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    metrics: Metrics
+    keyring: KeyRing
+    manager: ModelManager
+    batcher: MicroBatcher
+    records: RecordStore
+    decode_pool: ThreadPoolExecutor
+    explain_pool: ThreadPoolExecutor
+    decode_slots: asyncio.Semaphore
+    explain_slots: asyncio.Semaphore
+    explain_cache: OrderedDict[tuple[str, int, int], bytes] = field(default_factory=OrderedDict)
+    explain_cache_max: int = 64
+
+    def cache_get(self, key: tuple[str, int, int]) -> bytes | None:
+        png = self.explain_cache.get(key)
+        if png is not None:
+            self.explain_cache.move_to_end(key)
+        return png
+
+    def cache_put(self, key: tuple[str, int, int], png: bytes) -> None:
+        self.explain_cache[key] = png
+        while len(self.explain_cache) > self.explain_cache_max:
+            self.explain_cache.popitem(last=False)

@@ -1,0 +1,64 @@
+"""Service settings, read from `PNEUMOSCAN_*` environment variables (one class, fail fast)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Limits exist so one caller cannot exhaust the host."""
+
+    model_config = SettingsConfigDict(env_prefix="PNEUMOSCAN_", env_file=None, extra="ignore",
+                                      protected_namespaces=())
+
+    model_store: Path = Field(REPO_ROOT / "model_store", description="Model store root.")
+    model_name: str = Field("pneumonia", description="Model name under the store.")
+    model_version: int | None = Field(None, description="Pin one version; default highest valid.")
+    api_keys: str = Field("", description="Comma-separated API keys (X-API-Key).")
+    allow_no_auth: bool = Field(
+        False, description="Development only: run without API keys (every caller is 'anonymous')."
+    )
+    data_dir: Path = Field(REPO_ROOT / "data", description="Audit database and stored images.")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest upload (413).")
+    max_pixels: int = Field(50_000_000, gt=0, description="Largest width x height decoded (422).")
+    min_side: int = Field(64, ge=1, description="Smallest accepted width or height (422).")
+    batch_max_size: int = Field(32, ge=1, le=256, description="Micro-batch size limit.")
+    batch_max_wait_ms: float = Field(3.0, ge=0, le=1000, description="Micro-batch gather wait.")
+    queue_max: int = Field(256, ge=1, description="Queued predictions before 503 Retry-After.")
+    decode_workers: int = Field(2, ge=1, le=64, description="Threads decoding uploads.")
+    explain_workers: int = Field(1, ge=1, le=8, description="Concurrent LIME explanations.")
+    explain_queue_max: int = Field(8, ge=1, description="Waiting explanations before 503.")
+    explain_num_samples: int = Field(1000, ge=100, le=5000, description="Default LIME samples.")
+    explain_num_features: int = Field(5, ge=1, le=20, description="Default LIME regions shown.")
+    retention_hours: float = Field(24.0, gt=0, description="Keep stored images this long.")
+    poll_seconds: float = Field(5.0, gt=0, description="Model store poll interval.")
+    cors_origins: str = Field("", description="Comma-separated CORS origins; empty = CORS off.")
+    log_level: str = Field("INFO", description="Logging level.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("log_level must be DEBUG, INFO, WARNING or ERROR")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_strong_enough(self) -> Settings:
+        for key in self.key_list:
+            if len(key) < 16:
+                raise ValueError("every PNEUMOSCAN_API_KEYS entry must be at least 16 characters")
+        return self
+
+    @property
+    def key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def cors_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
