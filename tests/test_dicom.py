@@ -1,0 +1,127 @@
+"""DICOM decoding: photometric interpretations, bit depths, VOI, compressed syntaxes, refusals."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+from app.errors import ImageTooLargeError, InputError, UndecodableImageError, UnsupportedDicomError
+from app.imaging import decode_image
+from tests.conftest import FIXTURES
+from tests.utils.dicom_factory import base_dataset, make_dicom
+
+REFERENCE_PATH = FIXTURES / "chest_xray" / "NORMAL" / "NORMAL2-IM-0744-0001.jpeg"
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    return np.asarray(Image.open(REFERENCE_PATH).convert("L"))
+
+
+def mad(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(int) - b.astype(int)).mean())
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_bit_depths_and_photometric(reference: np.ndarray, photometric: str, bits: int) -> None:
+    """8-bit values pass through; deeper data with no VOI is stretched min..max to 0..255."""
+    decoded = decode_image(make_dicom(reference, bits=bits, photometric=photometric))
+    assert decoded.format == "DICOM"
+    expected = reference.astype(np.float64)
+    if bits > 8:
+        expected = (expected - expected.min()) * 255.0 / (expected.max() - expected.min())
+    assert mad(decoded.pixels, np.rint(expected).astype(np.uint8)) < 1.0
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_window_center_width(reference: np.ndarray, bits: int) -> None:
+    top = 2**bits - 1
+    data = make_dicom(reference, bits=bits, window=((top + 1) / 2, top + 1))
+    assert mad(decode_image(data).pixels, reference) < 1.5
+
+
+def test_voi_lut_sequence(reference: np.ndarray) -> None:
+    data = make_dicom(reference, bits=12, voi_lut=True)
+    assert mad(decode_image(data).pixels, reference) < 1.0
+
+
+def test_voi_lut_then_monochrome1_inverted(reference: np.ndarray) -> None:
+    data = make_dicom(reference, bits=12, voi_lut=True, photometric="MONOCHROME1")
+    assert mad(decode_image(data).pixels, reference) < 1.0
+
+
+def test_rescale_slope_intercept_before_window(reference: np.ndarray) -> None:
+    # Stored 0..4095 with slope 2, intercept -1000: modality values -1000..7190.
+    data = make_dicom(reference, bits=12, rescale=(2.0, -1000.0), window=(3095.0, 8192.0))
+    assert mad(decode_image(data).pixels, reference) < 1.5
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless,
+                                    "jpeg-baseline"])
+def test_compressed_syntaxes(reference: np.ndarray, syntax: str) -> None:
+    decoded = decode_image(make_dicom(reference, bits=8, syntax=syntax))
+    assert mad(decoded.pixels, reference) < 2.0
+
+
+def test_uids_are_echoed_and_nothing_else(reference: np.ndarray) -> None:
+    decoded = decode_image(make_dicom(reference))
+    assert set(decoded.dicom) == {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                  "SOPClassUID"}
+
+
+def _save(ds) -> bytes:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_no_pixel_data_refused() -> None:
+    ds = base_dataset(256, 256)
+    with pytest.raises(UnsupportedDicomError, match="no Pixel Data"):
+        decode_image(_save(ds))
+
+
+def test_multiframe_refused(reference: np.ndarray) -> None:
+    ds = base_dataset(224, 224)
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.NumberOfFrames = 2
+    ds.PixelData = np.stack([reference, reference]).tobytes()
+    with pytest.raises(UnsupportedDicomError, match="Multi-frame"):
+        decode_image(_save(ds))
+
+
+def test_palette_color_refused(reference: np.ndarray) -> None:
+    ds = base_dataset(224, 224)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = reference.tobytes()
+    with pytest.raises(UnsupportedDicomError, match="Photometric"):
+        decode_image(_save(ds))
+
+
+def test_dicom_bomb_refused_before_decoding() -> None:
+    ds = base_dataset(60000, 60000)
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = b"\x00" * 64
+    with pytest.raises(ImageTooLargeError):
+        decode_image(_save(ds))
+
+
+def test_truncated_dicom_is_undecodable(reference: np.ndarray) -> None:
+    data = make_dicom(reference, bits=16)
+    with pytest.raises(UndecodableImageError):
+        decode_image(data[: len(data) // 2])
+
+
+def test_corrupt_dicom_header_is_refused_with_422() -> None:
+    data = b"\x00" * 128 + b"DICM" + b"\xff" * 64
+    with pytest.raises(InputError) as caught:
+        decode_image(data)
+    assert caught.value.status_code == 422

@@ -1,0 +1,153 @@
+"""The one preprocessing implementation: parity with the training copies, formats, limits."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from app.errors import (
+    ImageTooLargeError,
+    ImageTooSmallError,
+    InputError,
+    UndecodableImageError,
+    UnsupportedMediaError,
+)
+from app.imaging import decode_image, resize_to_model, to_grayscale_u8
+from tests.conftest import FIXTURES, fixture_bytes
+
+PAIRS = [
+    ("NORMAL2-IM-0744-0001.jpeg", "NORMAL"),
+    ("NORMAL2-IM-0746-0001.jpeg", "NORMAL"),
+    ("person495_bacteria_2094.jpeg", "PNEUMONIA"),
+    ("person1133_virus_1865.jpeg", "PNEUMONIA"),
+]
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("name", "label"), PAIRS)
+def test_original_matches_training_copy(name: str, label: str) -> None:
+    """Serving a full-resolution original gives the pixels training saw (JPEG noise aside)."""
+    served = decode_image(fixture_bytes(f"originals/{name}")).pixels
+    copy = np.asarray(Image.open(FIXTURES / "chest_xray" / label / name).convert("L"))
+    assert served.shape == (224, 224) and served.dtype == np.uint8
+    assert np.abs(served.astype(int) - copy.astype(int)).mean() < 3.0
+
+
+@pytest.mark.parametrize(("name", "label"), PAIRS)
+def test_reduced_scale_decode_matches_full_decode(name: str, label: str) -> None:
+    data = fixture_bytes(f"originals/{name}")
+    full = resize_to_model(to_grayscale_u8(Image.open(io.BytesIO(data))))
+    fast = decode_image(data).pixels
+    assert np.abs(full.astype(int) - fast.astype(int)).mean() < 1.5
+
+
+def test_training_copy_passes_through_unchanged() -> None:
+    path = FIXTURES / "chest_xray" / "NORMAL" / "NORMAL2-IM-0744-0001.jpeg"
+    decoded = decode_image(path.read_bytes())
+    assert np.array_equal(decoded.pixels, np.asarray(Image.open(path).convert("L")))
+    assert (decoded.format, decoded.width, decoded.height) == ("JPEG", 224, 224)
+
+
+@pytest.fixture
+def gray() -> Image.Image:
+    return Image.open(FIXTURES / "chest_xray" / "NORMAL" / "NORMAL2-IM-0744-0001.jpeg").convert("L")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "1"])
+def test_png_modes_decode_to_the_same_gray(gray: Image.Image, mode: str) -> None:
+    reference = np.asarray(gray)
+    decoded = decode_image(encode(gray.convert(mode), "PNG")).pixels
+    tolerance = 130 if mode == "1" else 1.5  # 1-bit keeps only black/white
+    assert np.abs(decoded.astype(int) - reference.astype(int)).mean() < tolerance
+
+
+def test_16bit_png_scales_full_range(gray: Image.Image) -> None:
+    wide = (np.asarray(gray).astype(np.uint16) * 257).astype(np.uint16)
+    png = encode(Image.fromarray(wide), "PNG")
+    assert Image.open(io.BytesIO(png)).mode.startswith("I")
+    assert np.array_equal(decode_image(png).pixels, np.asarray(gray))
+
+
+def test_cmyk_jpeg_decodes(gray: Image.Image) -> None:
+    data = encode(gray.convert("RGB").convert("CMYK"), "JPEG", quality=95)
+    decoded = decode_image(data)
+    assert decoded.pixels.shape == (224, 224)
+    assert abs(float(decoded.pixels.mean()) - float(np.asarray(gray).mean())) < 25
+
+
+def test_truncated_jpeg_is_undecodable(normal_jpeg: bytes) -> None:
+    with pytest.raises(UndecodableImageError):
+        decode_image(normal_jpeg[: len(normal_jpeg) // 2])
+
+
+def test_truncated_png_is_undecodable(gray: Image.Image) -> None:
+    data = encode(gray, "PNG")
+    with pytest.raises(UndecodableImageError):
+        decode_image(data[: len(data) // 2])
+
+
+def test_png_bomb_refused_before_decoding() -> None:
+    bomb = encode(Image.new("L", (30_000, 30_000)), "PNG", optimize=True)
+    assert len(bomb) < 1_000_000
+    with pytest.raises(ImageTooLargeError):
+        decode_image(bomb)
+
+
+def test_jpeg_header_bomb_refused() -> None:
+    data = bytearray(encode(Image.new("L", (100, 100)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
+    with pytest.raises(ImageTooLargeError):
+        decode_image(bytes(data))
+
+
+def test_tiny_image_refused() -> None:
+    with pytest.raises(ImageTooSmallError):
+        decode_image(encode(Image.new("L", (32, 32)), "PNG"))
+
+
+@pytest.mark.parametrize("payload", [
+    b"%PDF-1.4\n%...", b"<html><body>x</body></html>", b"PK\x03\x04zipzip", b"hello",
+    b"GIF89a\x01\x00\x01\x00", b"II*\x00tiff",
+])
+def test_non_images_are_unsupported(payload: bytes) -> None:
+    with pytest.raises(UnsupportedMediaError):
+        decode_image(payload)
+
+
+def test_empty_is_undecodable() -> None:
+    with pytest.raises(UndecodableImageError):
+        decode_image(b"")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_real_images_decode_or_raise_the_domain_error(data: st.DataObject) -> None:
+    """Flipped bytes, cut tails and spliced junk: decoded, or InputError; nothing else."""
+    source = data.draw(st.sampled_from([
+        "chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg",
+        "chest_xray/PNEUMONIA/person495_bacteria_2094.jpeg",
+    ]))
+    blob = bytearray(fixture_bytes(source))
+    if data.draw(st.booleans()):
+        blob = bytearray(encode(Image.open(io.BytesIO(bytes(blob))), "PNG"))
+    for _ in range(data.draw(st.integers(0, 8))):
+        position = data.draw(st.integers(0, len(blob) - 1))
+        blob[position] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob)))]
+    try:
+        decoded = decode_image(bytes(blob))
+    except InputError:
+        return
+    assert decoded.pixels.shape == (224, 224) and decoded.pixels.dtype == np.uint8
