@@ -46,8 +46,8 @@ def to_8bit(ds, stored: np.ndarray) -> np.ndarray:
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         lut_item = ds.VOILUTSequence[0]
-        out = np.asarray(apply_voi_lut(stored if "ModalityLUTSequence" in ds else values, ds),
-                         dtype=np.float64)
+        # The VOI LUT is indexed by modality-LUT output, which is integral for radiographs.
+        out = np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), ds), dtype=np.float64)
         bits = int(lut_item.LUTDescriptor[2]) if "LUTDescriptor" in lut_item else 16
         top = float(2**bits - 1) if out.max() <= 2**bits - 1 else float(out.max())
         eight = out * 255.0 / max(top, 1.0)

@@ -8,12 +8,14 @@ compact regions that follow lung and rib-cage edges, and ~10x faster than quicks
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 from skimage.segmentation import find_boundaries, slic
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # lime draws a progress bar on stderr otherwise
 N_SEGMENTS = 60
 PREDICT_BATCH = 250
 # Tint for the regions supporting the predicted class: PNEUMONIA red, NORMAL green.
@@ -47,7 +49,7 @@ def explain(
     explainer = lime_image.LimeImageExplainer(random_state=seed)
     explanation = explainer.explain_instance(
         rgb, classifier_fn, top_labels=2, num_samples=num_samples, batch_size=PREDICT_BATCH,
-        segmentation_fn=segment, random_seed=seed, hide_color=0, progress_bar=False,
+        segmentation_fn=segment, random_seed=seed, hide_color=0,
     )
     target = class_names.index(label)
     weights = sorted(explanation.local_exp[target], key=lambda item: -item[1])

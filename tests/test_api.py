@@ -1,0 +1,207 @@
+"""The HTTP contract: every route's happy path with real radiographs, auth, and error codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import API_KEY, OTHER_KEY, fixture_bytes
+from tests.utils.dicom_factory import make_dicom
+
+
+def post(client, data: bytes, name: str = "image.jpeg", content_type: str = "image/jpeg",
+         **kwargs):
+    return client.post("/predict", files={"file": (name, data, content_type)}, **kwargs)
+
+
+def assert_error(response, status: int, code: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code
+
+
+def test_predict_jpeg(client, pneumonia_jpeg: bytes) -> None:
+    response = post(client, pneumonia_jpeg)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert re.fullmatch(r"[0-9a-f]{32}", body["prediction_id"])
+    probs = body["probabilities"]
+    assert abs(probs["NORMAL"] + probs["PNEUMONIA"] - 1) < 1e-5
+    expected = "PNEUMONIA" if probs["PNEUMONIA"] >= body["threshold"] else "NORMAL"
+    assert body["label"] == expected
+    assert body["model"] == {"name": "pneumonia", "version": 1}
+    assert body["input"]["format"] == "JPEG" and body["input"]["width"] > 224
+    assert body["explain_url"] == f"/explain/{body['prediction_id']}"
+    assert "not a diagnosis" in body["intended_use"].lower()
+    assert body["dicom"] is None
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-request-id"]
+
+
+def test_same_image_in_any_container_gives_the_same_answer(client) -> None:
+    jpeg = fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg")
+    gray = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"))
+    buffer = io.BytesIO()
+    Image.fromarray(gray).convert("RGBA").save(buffer, format="PNG")
+    answers = []
+    for data in (jpeg, buffer.getvalue(), make_dicom(gray, bits=12, photometric="MONOCHROME1",
+                                                     voi_lut=True)):
+        response = post(client, data, content_type="application/octet-stream")
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["probabilities"]["PNEUMONIA"])
+    assert max(answers) - min(answers) < 0.02
+
+
+def test_predict_dicom_echoes_uids_only(client) -> None:
+    gray = np.asarray(Image.open(io.BytesIO(
+        fixture_bytes("chest_xray/PNEUMONIA/person495_bacteria_2094.jpeg"))).convert("L"))
+    response = post(client, make_dicom(gray, bits=16), "x.dcm", "application/dicom")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["input"]["format"] == "DICOM"
+    assert body["dicom"]["study_instance_uid"] and body["dicom"]["sop_instance_uid"]
+    assert "Doe" not in response.text and "MRN" not in response.text
+
+
+def test_explain_png_and_cache(client, pneumonia_jpeg: bytes) -> None:
+    prediction = post(client, pneumonia_jpeg).json()
+    url = prediction["explain_url"] + "?num_samples=200&num_features=3"
+    first = client.get(url)
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    assert first.headers["x-cache"] == "miss"
+    image = Image.open(io.BytesIO(first.content))
+    assert image.size == (224, 224) and image.mode == "RGB"
+    second = client.get(url)
+    assert second.headers["x-cache"] == "hit" and second.content == first.content
+
+
+def test_explain_bounds_and_unknown_ids(client, pneumonia_jpeg: bytes) -> None:
+    url = post(client, pneumonia_jpeg).json()["explain_url"]
+    assert_error(client.get(url + "?num_samples=10"), 422, "invalid_request")
+    assert_error(client.get(url + "?num_features=500"), 422, "invalid_request")
+    assert_error(client.get("/explain/" + "0" * 32), 404, "not_found")
+    assert_error(client.get("/explain/../../etc/passwd"), 404)
+
+
+def test_auth_required_except_operations(client, pneumonia_jpeg: bytes) -> None:
+    assert_error(post(client, pneumonia_jpeg, headers={"X-API-Key": ""}), 401, "unauthorized")
+    assert_error(post(client, pneumonia_jpeg, headers={"X-API-Key": "wrong-key-xxxxxxxx"}), 401)
+    assert_error(client.get("/models", headers={"X-API-Key": "nope"}), 401)
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(path, headers={"X-API-Key": ""}).status_code == 200
+
+
+def test_other_keys_explanation_is_not_found(client, pneumonia_jpeg: bytes) -> None:
+    url = post(client, pneumonia_jpeg).json()["explain_url"]
+    assert_error(client.get(url, headers={"X-API-Key": OTHER_KEY}), 404)
+
+
+def test_unsupported_and_broken_uploads(client, normal_jpeg: bytes) -> None:
+    assert_error(post(client, b"%PDF-1.7 lying", "scan.jpeg"), 415, "unsupported_media_type")
+    assert_error(post(client, b"<html></html>", "x.png", "image/png"), 415)
+    assert_error(post(client, b"PK\x03\x04", "x.jpeg"), 415)
+    assert_error(post(client, b""), 422, "undecodable_image")
+    assert_error(post(client, normal_jpeg[:2000]), 422, "undecodable_image")
+    small = io.BytesIO()
+    Image.new("L", (20, 20)).save(small, format="PNG")
+    assert_error(post(client, small.getvalue()), 422, "image_too_small")
+    bomb = io.BytesIO()
+    Image.new("L", (20_000, 20_000)).save(bomb, format="PNG")
+    assert_error(post(client, bomb.getvalue()), 422, "image_too_large")
+
+
+def test_missing_or_misnamed_field(client, normal_jpeg: bytes) -> None:
+    assert_error(client.post("/predict", files={"image": ("a.jpeg", normal_jpeg)}), 422,
+                 "missing_file")
+    assert_error(client.post("/predict", data={"file": "not a file"}), 415)
+    assert_error(client.post("/predict", content=normal_jpeg,
+                             headers={"Content-Type": "image/jpeg"}), 415)
+    many = [("file", (f"{i}.jpeg", normal_jpeg)) for i in range(3)]
+    assert_error(client.post("/predict", files=many), 422, "missing_file")
+
+
+def test_odd_file_names_are_harmless(client, normal_jpeg: bytes) -> None:
+    for name in ("../../etc/passwd", "ñamé-😀.jpeg", "C:\\x\\y.jpeg", "a" * 1000):
+        assert post(client, normal_jpeg, name).status_code == 200
+    # A 10 KB part header is refused by the multipart parser as malformed: a 4xx, not a crash.
+    assert_error(post(client, normal_jpeg, "a" * 10_000), 422, "missing_file")
+    assert post(client, normal_jpeg).status_code == 200
+
+
+def test_upload_size_limit(tiny_store, tmp_path, normal_jpeg: bytes) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import make_settings
+
+    limit = len(normal_jpeg) + 10
+    app = create_app(make_settings(tiny_store, tmp_path / "d", max_upload_bytes=limit))
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as limited:
+        assert post(limited, normal_jpeg).status_code == 200
+        padded = normal_jpeg + b"\x00" * 20
+        assert_error(post(limited, padded), 413, "payload_too_large")
+        huge = normal_jpeg + b"\x00" * 200_000
+        assert_error(post(limited, huge), 413, "payload_too_large")
+        assert post(limited, normal_jpeg).status_code == 200
+
+
+def test_models_and_operations(client, pneumonia_jpeg: bytes) -> None:
+    models = client.get("/models").json()
+    assert models["serving"] == 1 and models["versions"][0]["status"] == "serving"
+    assert models["card"]["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert client.get("/healthz").json()["status"] == "alive"
+    assert client.get("/readyz").json() == {"status": "ready",
+                                            "model": {"name": "pneumonia", "version": 1}}
+    post(client, pneumonia_jpeg)
+    client.get("/explain/" + "f" * 32)
+    metrics = client.get("/metrics").text
+    assert 'pneumoscan_requests_total{method="POST",route="/predict",status="200"}' in metrics
+    assert 'route="/explain/{prediction_id}",status="404"' in metrics
+    assert "pneumoscan_predictions_total{" in metrics
+    assert 'pneumoscan_model_version{model="pneumonia"} 1.0' in metrics
+    assert "pneumoscan_request_duration_seconds_bucket" in metrics
+
+
+def test_openapi_describes_contract(client) -> None:
+    spec = client.get("/openapi.json").json()
+    predict = spec["paths"]["/predict"]["post"]
+    assert "multipart/form-data" in predict["requestBody"]["content"]
+    assert {"401", "413", "415", "422", "503"} <= set(predict["responses"])
+    assert "X-API-Key" in json.dumps(spec["components"]["securitySchemes"])
+    assert client.get("/docs").status_code == 200
+
+
+def test_unknown_route_is_json_404(client) -> None:
+    assert_error(client.get("/nope"), 404, "not_found")
+
+
+def test_refuses_to_start_without_keys(tiny_store, tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import make_settings
+
+    app = create_app(make_settings(tiny_store, tmp_path / "d", api_keys=""))
+    with pytest.raises(RuntimeError, match="PNEUMOSCAN_API_KEYS"):
+        with TestClient(app):
+            pass
+    dev = create_app(make_settings(tiny_store, tmp_path / "d", api_keys="", allow_no_auth=True))
+    with TestClient(dev) as open_client:
+        assert post(open_client, fixture_bytes("originals/NORMAL2-IM-0744-0001.jpeg")) \
+            .status_code == 200
+
+
+def test_short_keys_rejected_at_settings() -> None:
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    with pytest.raises(ValidationError):
+        Settings(api_keys="short")
