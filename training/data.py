@@ -86,8 +86,14 @@ def patient_split(
         patients = sorted(by_patient)
         rng.shuffle(patients)
         n = len(patients)
+        if n < 3:
+            raise DataError(
+                f"{CLASS_NAMES[label]} has {n} patient(s); a train/validation/test split by "
+                "patient needs at least 3."
+            )
         n_train = int(round(fractions[0] * n))
-        n_val = int(round(fractions[1] * n))
+        n_val = max(1, int(round(fractions[1] * n)))
+        n_train = min(n_train, n - n_val - 1)  # keep at least one patient for internal test
         cuts = {
             "train": patients[:n_train],
             "validation": patients[n_train : n_train + n_val],

@@ -1,0 +1,123 @@
+"""Training package: patient split, a tiny end-to-end run, evaluate, and clear data errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import FIXTURES
+from training.__main__ import main
+from training.data import DataError, patient_id, patient_split, scan
+from training.metrics import fit_temperature, roc_auc, screening_threshold, sigmoid
+
+
+def test_patient_ids_follow_the_data_set_naming() -> None:
+    assert patient_id("IM-0115-0001.jpeg") == "IM-0115"
+    assert patient_id("IM-0429-0001-0002.jpeg") == "IM-0429"
+    assert patient_id("NORMAL2-IM-0372-0001.jpeg") == "NORMAL2-IM-0372"
+    assert patient_id("person1_bacteria_1.jpeg") == patient_id("person1_virus_6.jpeg") == "person1"
+
+
+def test_split_is_by_patient_seeded_and_stratified(tmp_path: Path) -> None:
+    for label in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+    for i in range(40):
+        for j in range(3):
+            (tmp_path / "train" / "PNEUMONIA" / f"person{i}_bacteria_{j}.jpeg").touch()
+        (tmp_path / "train" / "NORMAL" / f"IM-{i:04d}-0001.jpeg").touch()
+    samples = scan(tmp_path, "train")
+    parts = patient_split(samples, seed=1)
+    patients = {name: {s.patient for s in part} for name, part in parts.items()}
+    assert not patients["train"] & patients["validation"]
+    assert not patients["train"] & patients["internal_test"]
+    assert not patients["validation"] & patients["internal_test"]
+    assert {s.label for s in parts["validation"]} == {0, 1}
+    again = patient_split(samples, seed=1)
+    assert [s.path for s in again["internal_test"]] == [s.path for s in parts["internal_test"]]
+
+
+def test_calibration_helpers() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 2000)
+    logits = 3.0 * ((labels * 2 - 1) * 1.5 + rng.normal(0, 1, 2000))  # calibrated log-odds
+    temperature = fit_temperature(labels, logits * 3)  # overconfident by 3x
+    assert 2.4 < temperature < 3.6
+    p = sigmoid(logits)
+    threshold = screening_threshold(labels, p, 0.97)
+    assert (p[labels == 1] >= threshold).mean() >= 0.97
+    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Kaggle layout with the 20 fixture radiographs as its train split."""
+    root = tmp_path_factory.mktemp("data")
+    for label in ("NORMAL", "PNEUMONIA"):
+        target = root / "train" / label
+        target.mkdir(parents=True)
+        for source in (FIXTURES / "val" / label, FIXTURES / "chest_xray" / label):
+            for path in source.iterdir():
+                shutil.copy(path, target / path.name)
+    return root
+
+
+def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, capsys) -> None:
+    import tensorflow as tf
+
+    store = tmp_path / "store"
+    code = main(["train", "--data", str(small_data), "--model-store", str(store),
+                 "--epochs", "1", "--batch-size", "8", "--max-minutes", "2"])
+    assert code == 0
+    folder = store / "pneumonia" / "1"
+    card = json.loads((folder / "model.json").read_text())
+    for key in ("threshold", "temperature", "parameters", "flops_per_image", "metrics",
+                "training", "data", "tensorflow_version", "git_commit", "created"):
+        assert key in card
+    assert card["data"]["manifest_sha256"] and card["version"] == 1
+    for plot in ("training_curves.png", "roc.png", "confusion_matrix.png", "reliability.png"):
+        assert (folder / plot).stat().st_size > 1000
+    listed = (folder / "checksums.sha256").read_text()
+    assert "saved_model.pb" in listed and "model.json" in listed
+
+    loaded = tf.saved_model.load(str(folder))
+    pixels = np.zeros((3, 224, 224, 1), np.uint8)
+    probs = loaded.signatures["serving_default"](pixels=tf.constant(pixels))["probabilities"]
+    assert probs.shape == (3, 2)
+    assert np.allclose(probs.numpy().sum(axis=1), 1.0, atol=1e-5)
+
+    # A second run is version 2: never an overwrite.
+    assert main(["train", "--data", str(small_data), "--model-store", str(store),
+                 "--epochs", "1", "--batch-size", "8", "--limit", "4"]) == 0
+    assert sorted(p.name for p in (store / "pneumonia").iterdir()) == ["1", "2"]
+
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(folder), "--data", str(FIXTURES / "val")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 16
+    assert sum(map(sum, result["confusion_matrix"]["matrix"])) == 16
+    for key in ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "ece"):
+        assert key in result
+
+
+def test_missing_class_folder_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    (tmp_path / "train" / "NORMAL").mkdir(parents=True)
+    assert main(["train", "--data", str(tmp_path), "--model-store", str(tmp_path / "s")]) == 2
+    assert "missing: PNEUMONIA" in capsys.readouterr().err
+
+
+def test_unreadable_image_is_a_clear_error(small_data: Path, tmp_path: Path, capsys) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(small_data, broken)
+    (broken / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    assert main(["train", "--data", str(broken), "--model-store", str(tmp_path / "s"),
+                 "--epochs", "1"]) == 2
+    assert "IM-9999-0001.jpeg" in capsys.readouterr().err
+
+
+def test_nonexistent_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        scan(tmp_path / "nope")
