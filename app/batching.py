@@ -38,8 +38,9 @@ class _Item:
 
 
 class MicroBatcher:
-    def __init__(self, manager: ModelManager, max_size: int, max_wait_ms: float,
-                 queue_max: int) -> None:
+    def __init__(
+        self, manager: ModelManager, max_size: int, max_wait_ms: float, queue_max: int
+    ) -> None:
         self.manager = manager
         self.max_size = max_size
         self.max_wait = max_wait_ms / 1000.0
@@ -111,6 +112,8 @@ class MicroBatcher:
             del self.batch_sizes[:-1000]
             for item, row in zip(items, probs, strict=True):
                 if not item.future.done():
-                    item.future.set_result(BatchResult(
-                        row, model, (started - item.enqueued) * 1000, inference_ms, len(items)
-                    ))
+                    item.future.set_result(
+                        BatchResult(
+                            row, model, (started - item.enqueued) * 1000, inference_ms, len(items)
+                        )
+                    )

@@ -51,22 +51,25 @@ def load_version(model_dir: Path, version: int) -> LoadedModel:
     path = model_dir / str(version)
     card = verify_version(path)
     spec = card.get("input", {})
-    if spec.get("dtype") != "uint8" or list(spec.get("shape", []))[1:] != [TARGET_SIZE,
-                                                                        TARGET_SIZE, 1]:
+    if spec.get("dtype") != "uint8" or list(spec.get("shape", []))[1:] != [
+        TARGET_SIZE,
+        TARGET_SIZE,
+        1,
+    ]:
         raise ModelStoreError(f"{path}: input contract {spec} is not uint8 [N,224,224,1]")
     if card.get("class_names") != ["NORMAL", "PNEUMONIA"]:
         raise ModelStoreError(f"{path}: class_names must be ['NORMAL', 'PNEUMONIA']")
     try:
         loaded = tf.saved_model.load(str(path))
         serve = loaded.signatures[card.get("signature", "serving_default")]
-    except Exception as exc:  # noqa: BLE001 - TensorFlow raises many types for bad models
+    except Exception as exc:
         raise ModelStoreError(f"{path}: SavedModel failed to load: {exc}") from exc
     model = LoadedModel(model_dir.name, version, path, card, serve)
     model._loaded = loaded  # type: ignore[attr-defined]  # keep the trackable alive
     # Warm up before declaring ready: the first call traces the graph.
     try:
         probs = model.predict(np.zeros((1, TARGET_SIZE, TARGET_SIZE, 1), np.uint8))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ModelStoreError(f"{path}: warm-up prediction failed: {exc}") from exc
     if probs.shape != (1, 2) or not np.all(np.isfinite(probs)):
         raise ModelStoreError(f"{path}: warm-up gave {probs!r}, expected finite (1, 2)")
@@ -109,20 +112,23 @@ class ModelManager:
             versions = self.available()
             if self.pinned is not None:
                 candidates = [self.pinned] if self.pinned in versions else []
-                if not candidates and (self.current is None or
-                                       self.current.version != self.pinned):
-                    log.error("pinned version %s not found under %s", self.pinned,
-                              self.model_dir)
+                if not candidates and (self.current is None or self.current.version != self.pinned):
+                    log.error("pinned version %s not found under %s", self.pinned, self.model_dir)
             else:
                 candidates = sorted(versions, reverse=True)
             if self.current is not None and self.current.version not in versions:
-                log.error("serving version %d vanished from the store; keeping it in memory",
-                          self.current.version)
+                log.error(
+                    "serving version %d vanished from the store; keeping it in memory",
+                    self.current.version,
+                )
             for version in candidates:
                 if self.current is not None and version == self.current.version:
                     return
-                if self.current is not None and version < self.current.version \
-                        and self.pinned is None:
+                if (
+                    self.current is not None
+                    and version < self.current.version
+                    and self.pinned is None
+                ):
                     return
                 folder = self.model_dir / str(version)
                 try:
@@ -154,7 +160,7 @@ class ModelManager:
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.refresh()
-            except Exception:  # noqa: BLE001 - the poller must never die
+            except Exception:
                 log.exception("model store poll failed")
 
     def stop(self) -> None:

@@ -10,8 +10,9 @@ from fastapi.security import APIKeyHeader
 from app.errors import UnauthorizedError
 from app.services import Services
 
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
-                              description="One of the keys in PNEUMOSCAN_API_KEYS.")
+api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="One of the keys in PNEUMOSCAN_API_KEYS."
+)
 
 
 def get_services(request: Request) -> Services:
@@ -21,8 +22,9 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_key_id(services: ServicesDep,
-               key: Annotated[str | None, Security(api_key_header)] = None) -> str:
+def get_key_id(
+    services: ServicesDep, key: Annotated[str | None, Security(api_key_header)] = None
+) -> str:
     identity = services.keyring.identify(key)
     if identity is None:
         raise UnauthorizedError("Missing or wrong X-API-Key header.")

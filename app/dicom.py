@@ -73,10 +73,20 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
-            AttributeError, IndexError, OverflowError) as exc:
-        raise UndecodableImageError(f"The DICOM file could not be parsed: {type(exc).__name__}.") \
-            from exc
+    except (
+        InvalidDicomError,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        OverflowError,
+    ) as exc:
+        raise UndecodableImageError(
+            f"The DICOM file could not be parsed: {type(exc).__name__}."
+        ) from exc
     uids = _uids(ds)
     if "PixelData" not in ds:
         raise UnsupportedDicomError(
@@ -113,7 +123,7 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
             f"No decoder for transfer syntax {syntax}: send uncompressed, JPEG, JPEG-LS, "
             "JPEG 2000 or RLE."
         ) from exc
-    except Exception as exc:  # noqa: BLE001 - pixel decoders raise anything on corrupt data
+    except Exception as exc:
         raise UndecodableImageError(
             f"The DICOM pixel data could not be decoded (truncated or corrupt): "
             f"{type(exc).__name__}."

@@ -19,8 +19,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # lime draws a progress bar on stder
 N_SEGMENTS = 60
 PREDICT_BATCH = 250
 # Tint for the regions supporting the predicted class: PNEUMONIA red, NORMAL green.
-TINTS = {"PNEUMONIA": np.array([255, 40, 40], np.float64),
-         "NORMAL": np.array([40, 220, 80], np.float64)}
+TINTS = {
+    "PNEUMONIA": np.array([255, 40, 40], np.float64),
+    "NORMAL": np.array([40, 220, 80], np.float64),
+}
 BOUNDARY = np.array([255, 230, 0], np.float64)
 
 
@@ -48,8 +50,14 @@ def explain(
     rgb = np.repeat(pixels[:, :, None], 3, axis=2)
     explainer = lime_image.LimeImageExplainer(random_state=seed)
     explanation = explainer.explain_instance(
-        rgb, classifier_fn, top_labels=2, num_samples=num_samples, batch_size=PREDICT_BATCH,
-        segmentation_fn=segment, random_seed=seed, hide_color=0,
+        rgb,
+        classifier_fn,
+        top_labels=2,
+        num_samples=num_samples,
+        batch_size=PREDICT_BATCH,
+        segmentation_fn=segment,
+        random_seed=seed,
+        hide_color=0,
     )
     target = class_names.index(label)
     weights = sorted(explanation.local_exp[target], key=lambda item: -item[1])

@@ -43,15 +43,17 @@ JSON: `{{"error": {{"code": ..., "message": ...}}}}`.
 
 
 def error_json(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
-                        headers=headers)
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PneumoscanError)
     async def domain_error(request: Request, exc: PneumoscanError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) \
-            else None
+        headers = (
+            {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
+        )
         return error_json(exc.status_code, exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -69,20 +71,25 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
-        return error_json(500, "internal_error", "Internal error; the request id is in the "
-                          "X-Request-ID header for the operator.")
+        return error_json(
+            500,
+            "internal_error",
+            "Internal error; the request id is in the X-Request-ID header for the operator.",
+        )
 
 
 def build_services(settings: Settings, metrics: Metrics) -> Services:
-    manager = ModelManager(settings.model_store, settings.model_name, settings.model_version,
-                           settings.poll_seconds)
+    manager = ModelManager(
+        settings.model_store, settings.model_name, settings.model_version, settings.poll_seconds
+    )
     return Services(
         settings=settings,
         metrics=metrics,
         keyring=KeyRing(tuple(settings.key_list), settings.allow_no_auth),
         manager=manager,
-        batcher=MicroBatcher(manager, settings.batch_max_size, settings.batch_max_wait_ms,
-                             settings.queue_max),
+        batcher=MicroBatcher(
+            manager, settings.batch_max_size, settings.batch_max_wait_ms, settings.queue_max
+        ),
         records=RecordStore(settings.data_dir, settings.retention_hours * 3600),
         decode_pool=ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode"),
         explain_pool=ThreadPoolExecutor(settings.explain_workers, thread_name_prefix="explain"),
@@ -102,21 +109,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configure_logging(current.log_level)
         if not current.key_list:
             if not current.allow_no_auth:
-                log.critical("refusing to start: PNEUMOSCAN_API_KEYS is empty. Set keys, or "
-                             "PNEUMOSCAN_ALLOW_NO_AUTH=true for local development only.")
-                raise RuntimeError("PNEUMOSCAN_API_KEYS is empty and PNEUMOSCAN_ALLOW_NO_AUTH "
-                                   "is not set")
-            log.warning("AUTHENTICATION IS OFF (PNEUMOSCAN_ALLOW_NO_AUTH=true): development "
-                        "only, never on a hospital network")
+                log.critical(
+                    "refusing to start: PNEUMOSCAN_API_KEYS is empty. Set keys, or "
+                    "PNEUMOSCAN_ALLOW_NO_AUTH=true for local development only."
+                )
+                raise RuntimeError(
+                    "PNEUMOSCAN_API_KEYS is empty and PNEUMOSCAN_ALLOW_NO_AUTH is not set"
+                )
+            log.warning(
+                "AUTHENTICATION IS OFF (PNEUMOSCAN_ALLOW_NO_AUTH=true): development "
+                "only, never on a hospital network"
+            )
         services = build_services(current, metrics)
         app.state.services = services
         await asyncio.to_thread(services.manager.refresh)
         services.manager.start_polling()
         services.batcher.start()
         purger = asyncio.create_task(purge_loop(services), name="retention-purge")
-        log.info("pneumoscan started: model store %s, serving %s",
-                 current.model_store.name,
-                 services.manager.current.version if services.manager.current else "nothing")
+        log.info(
+            "pneumoscan started: model store %s, serving %s",
+            current.model_store.name,
+            services.manager.current.version if services.manager.current else "nothing",
+        )
         try:
             yield
         finally:
@@ -136,8 +150,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     origins = settings.cors_list
     if origins:
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                           allow_headers=["X-API-Key", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Content-Type"],
+        )
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     install_error_handlers(app)
     for module in (predict, explain, models, health):
@@ -151,7 +169,7 @@ async def purge_loop(services: Services) -> None:
             deleted = await asyncio.to_thread(services.records.purge)
             if deleted:
                 log.info("retention purge removed %d stored images", deleted)
-        except Exception:  # noqa: BLE001 - keep purging on the next tick
+        except Exception:
             log.exception("retention purge failed")
         await asyncio.sleep(PURGE_INTERVAL_S)
 

@@ -20,9 +20,12 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
     (b"cache-control", b"no-store"),
-    (b"content-security-policy", b"default-src 'none'; img-src 'self' data:; "
-     b"style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-     b"script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; frame-ancestors 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; img-src 'self' data:; "
+        b"style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+        b"script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; frame-ancestors 'none'",
+    ),
 ]
 
 
@@ -31,25 +34,49 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("pneumoscan_requests_total", "HTTP requests",
-                                ["route", "method", "status"], registry=self.registry)
-        self.latency = Histogram("pneumoscan_request_duration_seconds", "HTTP request latency",
-                                 ["route", "method", "status"], registry=self.registry,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-        self.predictions = Counter("pneumoscan_predictions_total", "Predictions by label",
-                                   ["label", "model_version"], registry=self.registry)
-        self.model_version = Gauge("pneumoscan_model_version", "Model version serving",
-                                   ["model"], registry=self.registry)
-        self.explain_seconds = Histogram("pneumoscan_explain_duration_seconds",
-                                         "LIME explanation compute time", registry=self.registry,
-                                         buckets=(.25, .5, 1, 2, 3, 5, 10, 30, 60))
-        self.batch_size = Histogram("pneumoscan_batch_size", "Images per model call",
-                                    registry=self.registry,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-        self.queue_depth = Gauge("pneumoscan_queue_depth", "Predictions waiting for the model",
-                                 registry=self.registry)
-        self.rejected = Counter("pneumoscan_rejected_total", "Requests refused by limits",
-                                ["reason"], registry=self.registry)
+        self.requests = Counter(
+            "pneumoscan_requests_total",
+            "HTTP requests",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "pneumoscan_request_duration_seconds",
+            "HTTP request latency",
+            ["route", "method", "status"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.predictions = Counter(
+            "pneumoscan_predictions_total",
+            "Predictions by label",
+            ["label", "model_version"],
+            registry=self.registry,
+        )
+        self.model_version = Gauge(
+            "pneumoscan_model_version", "Model version serving", ["model"], registry=self.registry
+        )
+        self.explain_seconds = Histogram(
+            "pneumoscan_explain_duration_seconds",
+            "LIME explanation compute time",
+            registry=self.registry,
+            buckets=(0.25, 0.5, 1, 2, 3, 5, 10, 30, 60),
+        )
+        self.batch_size = Histogram(
+            "pneumoscan_batch_size",
+            "Images per model call",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self.queue_depth = Gauge(
+            "pneumoscan_queue_depth", "Predictions waiting for the model", registry=self.registry
+        )
+        self.rejected = Counter(
+            "pneumoscan_rejected_total",
+            "Requests refused by limits",
+            ["reason"],
+            registry=self.registry,
+        )
 
 
 class JsonFormatter(logging.Formatter):
@@ -62,8 +89,16 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             "request_id": request_id_var.get(),
         }
-        for key in ("route", "method", "status", "duration_ms", "key_id", "prediction_id",
-                    "model_version", "label"):
+        for key in (
+            "route",
+            "method",
+            "status",
+            "duration_ms",
+            "key_id",
+            "prediction_id",
+            "model_version",
+            "label",
+        ):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:
@@ -120,8 +155,13 @@ class ObservabilityMiddleware:
             self.metrics.requests.labels(template, scope["method"], status).inc()
             self.metrics.latency.labels(template, scope["method"], status).observe(duration)
             if template not in ("/metrics", "/healthz", "/readyz"):
-                access_log.info("request", extra={
-                    "route": template, "method": scope["method"], "status": int(status),
-                    "duration_ms": round(duration * 1000, 2),
-                })
+                access_log.info(
+                    "request",
+                    extra={
+                        "route": template,
+                        "method": scope["method"],
+                        "status": int(status),
+                        "duration_ms": round(duration * 1000, 2),
+                    },
+                )
             request_id_var.reset(token)

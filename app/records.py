@@ -124,7 +124,8 @@ class RecordStore:
         with self._lock:
             row = self._db.execute(
                 f"SELECT {', '.join(PredictionRecord.__dataclass_fields__)} FROM predictions "
-                "WHERE id = ?", (prediction_id,)
+                "WHERE id = ?",
+                (prediction_id,),
             ).fetchone()
         return PredictionRecord(*row) if row else None
 
@@ -140,12 +141,14 @@ class RecordStore:
         with self._lock:
             row = self._db.execute(
                 "SELECT png FROM explanations WHERE id = ? AND num_samples = ? AND "
-                "num_features = ?", (prediction_id, num_samples, num_features)
+                "num_features = ?",
+                (prediction_id, num_samples, num_features),
             ).fetchone()
         return row[0] if row else None
 
-    def add_explanation(self, prediction_id: str, num_samples: int, num_features: int,
-                        png: bytes) -> None:
+    def add_explanation(
+        self, prediction_id: str, num_samples: int, num_features: int, png: bytes
+    ) -> None:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO explanations VALUES (?, ?, ?, ?)",

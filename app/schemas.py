@@ -58,20 +58,36 @@ class PredictionPublic(BaseModel):
     timings: Timings
     intended_use: str = INTENDED_USE
 
-    model_config = {"json_schema_extra": {"examples": [{
-        "prediction_id": "0f5b8b0c2a3e4f7d9c1b2a3e4f5d6c7b",
-        "label": "PNEUMONIA",
-        "probabilities": {"NORMAL": 0.04, "PNEUMONIA": 0.96},
-        "threshold": 0.31,
-        "model": {"name": "pneumonia", "version": 1},
-        "explain_url": "/explain/0f5b8b0c2a3e4f7d9c1b2a3e4f5d6c7b",
-        "input": {"format": "JPEG", "width": 1176, "height": 768, "bytes": 120000,
-                  "sha256": "9f..."},
-        "dicom": None,
-        "timings": {"decode_ms": 9.1, "queue_ms": 0.4, "inference_ms": 3.2, "total_ms": 14.0,
-                    "batch_size": 1},
-        "intended_use": INTENDED_USE,
-    }]}}
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "prediction_id": "0f5b8b0c2a3e4f7d9c1b2a3e4f5d6c7b",
+                    "label": "PNEUMONIA",
+                    "probabilities": {"NORMAL": 0.04, "PNEUMONIA": 0.96},
+                    "threshold": 0.31,
+                    "model": {"name": "pneumonia", "version": 1},
+                    "explain_url": "/explain/0f5b8b0c2a3e4f7d9c1b2a3e4f5d6c7b",
+                    "input": {
+                        "format": "JPEG",
+                        "width": 1176,
+                        "height": 768,
+                        "bytes": 120000,
+                        "sha256": "9f...",
+                    },
+                    "dicom": None,
+                    "timings": {
+                        "decode_ms": 9.1,
+                        "queue_ms": 0.4,
+                        "inference_ms": 3.2,
+                        "total_ms": 14.0,
+                        "batch_size": 1,
+                    },
+                    "intended_use": INTENDED_USE,
+                }
+            ]
+        }
+    }
 
 
 class ErrorBody(BaseModel):

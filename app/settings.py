@@ -13,8 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 class Settings(BaseSettings):
     """Every knob of the service. Limits exist so one caller cannot exhaust the host."""
 
-    model_config = SettingsConfigDict(env_prefix="PNEUMOSCAN_", env_file=None, extra="ignore",
-                                      protected_namespaces=())
+    model_config = SettingsConfigDict(
+        env_prefix="PNEUMOSCAN_", env_file=None, extra="ignore", protected_namespaces=()
+    )
 
     model_store: Path = Field(REPO_ROOT / "model_store", description="Model store root.")
     model_name: str = Field("pneumonia", description="Model name under the store.")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import pytest  # noqa: E402
+import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 API_KEY = "test-key-aaaaaaaaaaaaaaaa"
@@ -35,8 +35,13 @@ def build_tiny_model(bias: float = 0.0):
 def publish_tiny(model_dir: Path, bias: float = 0.0, threshold: float = 0.5) -> Path:
     from training.export import export_version
 
-    card = {"name": model_dir.name, "architecture": "tiny-test", "class_names":
-            ["NORMAL", "PNEUMONIA"], "threshold": threshold, "temperature": 1.0}
+    card = {
+        "name": model_dir.name,
+        "architecture": "tiny-test",
+        "class_names": ["NORMAL", "PNEUMONIA"],
+        "threshold": threshold,
+        "temperature": 1.0,
+    }
     _, folder = export_version(model_dir, build_tiny_model(bias), 1.0, card)
     return folder
 
@@ -66,8 +71,13 @@ def pneumonia_jpeg() -> bytes:
 def make_settings(store: Path, data_dir: Path, **overrides):
     from app.settings import Settings
 
-    values = {"model_store": store, "data_dir": data_dir, "api_keys": f"{API_KEY},{OTHER_KEY}",
-              "poll_seconds": 0.2, "log_level": "INFO"}
+    values = {
+        "model_store": store,
+        "data_dir": data_dir,
+        "api_keys": f"{API_KEY},{OTHER_KEY}",
+        "poll_seconds": 0.2,
+        "log_level": "INFO",
+    }
     values.update(overrides)
     return Settings(**values)
 

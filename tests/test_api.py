@@ -14,8 +14,7 @@ from tests.conftest import API_KEY, OTHER_KEY, fixture_bytes
 from tests.utils.dicom_factory import make_dicom
 
 
-def post(client, data: bytes, name: str = "image.jpeg", content_type: str = "image/jpeg",
-         **kwargs):
+def post(client, data: bytes, name: str = "image.jpeg", content_type: str = "image/jpeg", **kwargs):
     return client.post("/predict", files={"file": (name, data, content_type)}, **kwargs)
 
 
@@ -51,8 +50,11 @@ def test_same_image_in_any_container_gives_the_same_answer(client) -> None:
     buffer = io.BytesIO()
     Image.fromarray(gray).convert("RGBA").save(buffer, format="PNG")
     answers = []
-    for data in (jpeg, buffer.getvalue(), make_dicom(gray, bits=12, photometric="MONOCHROME1",
-                                                     voi_lut=True)):
+    for data in (
+        jpeg,
+        buffer.getvalue(),
+        make_dicom(gray, bits=12, photometric="MONOCHROME1", voi_lut=True),
+    ):
         response = post(client, data, content_type="application/octet-stream")
         assert response.status_code == 200, response.text
         answers.append(response.json()["probabilities"]["PNEUMONIA"])
@@ -60,8 +62,11 @@ def test_same_image_in_any_container_gives_the_same_answer(client) -> None:
 
 
 def test_predict_dicom_echoes_uids_only(client) -> None:
-    gray = np.asarray(Image.open(io.BytesIO(
-        fixture_bytes("chest_xray/PNEUMONIA/person495_bacteria_2094.jpeg"))).convert("L"))
+    gray = np.asarray(
+        Image.open(
+            io.BytesIO(fixture_bytes("chest_xray/PNEUMONIA/person495_bacteria_2094.jpeg"))
+        ).convert("L")
+    )
     response = post(client, make_dicom(gray, bits=16), "x.dcm", "application/dicom")
     assert response.status_code == 200, response.text
     body = response.json()
@@ -118,11 +123,13 @@ def test_unsupported_and_broken_uploads(client, normal_jpeg: bytes) -> None:
 
 
 def test_missing_or_misnamed_field(client, normal_jpeg: bytes) -> None:
-    assert_error(client.post("/predict", files={"image": ("a.jpeg", normal_jpeg)}), 422,
-                 "missing_file")
+    assert_error(
+        client.post("/predict", files={"image": ("a.jpeg", normal_jpeg)}), 422, "missing_file"
+    )
     assert_error(client.post("/predict", data={"file": "not a file"}), 415)
-    assert_error(client.post("/predict", content=normal_jpeg,
-                             headers={"Content-Type": "image/jpeg"}), 415)
+    assert_error(
+        client.post("/predict", content=normal_jpeg, headers={"Content-Type": "image/jpeg"}), 415
+    )
     many = [("file", (f"{i}.jpeg", normal_jpeg)) for i in range(3)]
     assert_error(client.post("/predict", files=many), 422, "missing_file")
 
@@ -157,8 +164,10 @@ def test_models_and_operations(client, pneumonia_jpeg: bytes) -> None:
     assert models["serving"] == 1 and models["versions"][0]["status"] == "serving"
     assert models["card"]["class_names"] == ["NORMAL", "PNEUMONIA"]
     assert client.get("/healthz").json()["status"] == "alive"
-    assert client.get("/readyz").json() == {"status": "ready",
-                                            "model": {"name": "pneumonia", "version": 1}}
+    assert client.get("/readyz").json() == {
+        "status": "ready",
+        "model": {"name": "pneumonia", "version": 1},
+    }
     post(client, pneumonia_jpeg)
     client.get("/explain/" + "f" * 32)
     metrics = client.get("/metrics").text
@@ -194,8 +203,10 @@ def test_refuses_to_start_without_keys(tiny_store, tmp_path) -> None:
             pass
     dev = create_app(make_settings(tiny_store, tmp_path / "d", api_keys="", allow_no_auth=True))
     with TestClient(dev) as open_client:
-        assert post(open_client, fixture_bytes("originals/NORMAL2-IM-0744-0001.jpeg")) \
-            .status_code == 200
+        assert (
+            post(open_client, fixture_bytes("originals/NORMAL2-IM-0744-0001.jpeg")).status_code
+            == 200
+        )
 
 
 def test_short_keys_rejected_at_settings() -> None:

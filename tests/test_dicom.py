@@ -61,8 +61,7 @@ def test_rescale_slope_intercept_before_window(reference: np.ndarray) -> None:
     assert mad(decode_image(data).pixels, reference) < 1.5
 
 
-@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless,
-                                    "jpeg-baseline"])
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless, "jpeg-baseline"])
 def test_compressed_syntaxes(reference: np.ndarray, syntax: str) -> None:
     decoded = decode_image(make_dicom(reference, bits=8, syntax=syntax))
     assert mad(decoded.pixels, reference) < 2.0
@@ -70,8 +69,12 @@ def test_compressed_syntaxes(reference: np.ndarray, syntax: str) -> None:
 
 def test_uids_are_echoed_and_nothing_else(reference: np.ndarray) -> None:
     decoded = decode_image(make_dicom(reference))
-    assert set(decoded.dicom) == {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-                                  "SOPClassUID"}
+    assert set(decoded.dicom) == {
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+    }
 
 
 def _save(ds) -> bytes:

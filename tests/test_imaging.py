@@ -116,10 +116,17 @@ def test_tiny_image_refused() -> None:
         decode_image(encode(Image.new("L", (32, 32)), "PNG"))
 
 
-@pytest.mark.parametrize("payload", [
-    b"%PDF-1.4\n%...", b"<html><body>x</body></html>", b"PK\x03\x04zipzip", b"hello",
-    b"GIF89a\x01\x00\x01\x00", b"II*\x00tiff",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"%PDF-1.4\n%...",
+        b"<html><body>x</body></html>",
+        b"PK\x03\x04zipzip",
+        b"hello",
+        b"GIF89a\x01\x00\x01\x00",
+        b"II*\x00tiff",
+    ],
+)
 def test_non_images_are_unsupported(payload: bytes) -> None:
     with pytest.raises(UnsupportedMediaError):
         decode_image(payload)
@@ -134,10 +141,14 @@ def test_empty_is_undecodable() -> None:
 @given(data=st.data())
 def test_mutated_real_images_decode_or_raise_the_domain_error(data: st.DataObject) -> None:
     """Flipped bytes, cut tails and spliced junk: decoded, or InputError; nothing else."""
-    source = data.draw(st.sampled_from([
-        "chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg",
-        "chest_xray/PNEUMONIA/person495_bacteria_2094.jpeg",
-    ]))
+    source = data.draw(
+        st.sampled_from(
+            [
+                "chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg",
+                "chest_xray/PNEUMONIA/person495_bacteria_2094.jpeg",
+            ]
+        )
+    )
     blob = bytearray(fixture_bytes(source))
     if data.draw(st.booleans()):
         blob = bytearray(encode(Image.open(io.BytesIO(bytes(blob))), "PNG"))

@@ -56,8 +56,9 @@ def test_corrupt_versions_are_refused(tiny_store: Path, tmp_path: Path, damage: 
         verify_version(folder)
 
 
-def test_manager_skips_corrupt_newer_version_and_keeps_serving(tiny_store: Path,
-                                                             tmp_path: Path) -> None:
+def test_manager_skips_corrupt_newer_version_and_keeps_serving(
+    tiny_store: Path, tmp_path: Path
+) -> None:
     model_dir = tmp_path / "store" / "pneumonia"
     copy_version(tiny_store / "pneumonia" / "1", model_dir, 1)
     bad = copy_version(tiny_store / "pneumonia" / "1", model_dir, 2)

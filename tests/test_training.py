@@ -69,13 +69,36 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     import tensorflow as tf
 
     store = tmp_path / "store"
-    code = main(["train", "--data", str(small_data), "--model-store", str(store),
-                 "--epochs", "1", "--batch-size", "8", "--max-minutes", "2"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(small_data),
+            "--model-store",
+            str(store),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--max-minutes",
+            "2",
+        ]
+    )
     assert code == 0
     folder = store / "pneumonia" / "1"
     card = json.loads((folder / "model.json").read_text())
-    for key in ("threshold", "temperature", "parameters", "flops_per_image", "metrics",
-                "training", "data", "tensorflow_version", "git_commit", "created"):
+    for key in (
+        "threshold",
+        "temperature",
+        "parameters",
+        "flops_per_image",
+        "metrics",
+        "training",
+        "data",
+        "tensorflow_version",
+        "git_commit",
+        "created",
+    ):
         assert key in card
     assert card["data"]["manifest_sha256"] and card["version"] == 1
     for plot in ("training_curves.png", "roc.png", "confusion_matrix.png", "reliability.png"):
@@ -90,8 +113,24 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     assert np.allclose(probs.numpy().sum(axis=1), 1.0, atol=1e-5)
 
     # A second run is version 2: never an overwrite.
-    assert main(["train", "--data", str(small_data), "--model-store", str(store),
-                 "--epochs", "1", "--batch-size", "8", "--limit", "4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(small_data),
+                "--model-store",
+                str(store),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--limit",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (store / "pneumonia").iterdir()) == ["1", "2"]
 
     capsys.readouterr()
@@ -113,8 +152,12 @@ def test_unreadable_image_is_a_clear_error(small_data: Path, tmp_path: Path, cap
     broken = tmp_path / "broken"
     shutil.copytree(small_data, broken)
     (broken / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"\xff\xd8\xff\xe0garbage")
-    assert main(["train", "--data", str(broken), "--model-store", str(tmp_path / "s"),
-                 "--epochs", "1"]) == 2
+    assert (
+        main(
+            ["train", "--data", str(broken), "--model-store", str(tmp_path / "s"), "--epochs", "1"]
+        )
+        == 2
+    )
     assert "IM-9999-0001.jpeg" in capsys.readouterr().err
 
 

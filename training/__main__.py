@@ -16,8 +16,11 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model and export a new store version")
-    train.add_argument("--data", default=str(DEFAULT_DATA),
-                       help="Kaggle-layout folder; its train/ split is split by patient")
+    train.add_argument(
+        "--data",
+        default=str(DEFAULT_DATA),
+        help="Kaggle-layout folder; its train/ split is split by patient",
+    )
     train.add_argument("--model-store", default=str(DEFAULT_STORE))
     train.add_argument("--model-name", default="pneumonia")
     train.add_argument("--arch", default="sepcnn", choices=["sepcnn", "seed"])
@@ -26,23 +29,35 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=2e-3)
     train.add_argument("--patience", type=int, default=8)
     train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--max-minutes", type=float, default=50.0,
-                       help="wall-clock budget for fitting; the best epoch so far is kept")
-    train.add_argument("--strategy", default="default",
-                       choices=["default", "mirrored", "multi-worker"],
-                       help="tf.distribute strategy (multi-worker reads TF_CONFIG)")
-    train.add_argument("--limit", type=int, default=0,
-                       help="at most this many images per class (smoke runs)")
+    train.add_argument(
+        "--max-minutes",
+        type=float,
+        default=50.0,
+        help="wall-clock budget for fitting; the best epoch so far is kept",
+    )
+    train.add_argument(
+        "--strategy",
+        default="default",
+        choices=["default", "mirrored", "multi-worker"],
+        help="tf.distribute strategy (multi-worker reads TF_CONFIG)",
+    )
+    train.add_argument(
+        "--limit", type=int, default=0, help="at most this many images per class (smoke runs)"
+    )
     train.add_argument("--no-augment", action="store_true")
 
     evaluate = sub.add_parser("evaluate", help="score a store version on a labelled folder")
     evaluate.add_argument("--model", required=True, help="model_store/<name>/<version>")
     evaluate.add_argument("--data", required=True, help="Kaggle-layout folder")
-    evaluate.add_argument("--split", default="test",
-                          help="sub-folder to read if present (default: test)")
+    evaluate.add_argument(
+        "--split", default="test", help="sub-folder to read if present (default: test)"
+    )
     evaluate.add_argument("--plots", help="folder to write ROC/confusion/reliability PNGs")
-    evaluate.add_argument("--robustness", action="store_true",
-                          help="also score under the fixed acquisition perturbations")
+    evaluate.add_argument(
+        "--robustness",
+        action="store_true",
+        help="also score under the fixed acquisition perturbations",
+    )
     return root
 
 
@@ -58,14 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     from training.train import TrainConfig, train
 
     config = TrainConfig(
-        data=Path(args.data), model_store=Path(args.model_store), model_name=args.model_name,
-        arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, patience=args.patience, seed=args.seed,
-        max_minutes=args.max_minutes, strategy=args.strategy, limit=args.limit,
+        data=Path(args.data),
+        model_store=Path(args.model_store),
+        model_name=args.model_name,
+        arch=args.arch,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        patience=args.patience,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        strategy=args.strategy,
+        limit=args.limit,
         augment=not args.no_augment,
     )
     try:
-        version, folder = train(config)
+        _version, folder = train(config)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -91,8 +91,8 @@ def patient_split(
                 f"{CLASS_NAMES[label]} has {n} patient(s); a train/validation/test split by "
                 "patient needs at least 3."
             )
-        n_train = int(round(fractions[0] * n))
-        n_val = max(1, int(round(fractions[1] * n)))
+        n_train = round(fractions[0] * n)
+        n_val = max(1, round(fractions[1] * n))
         n_train = min(n_train, n - n_val - 1)  # keep at least one patient for internal test
         cuts = {
             "train": patients[:n_train],
@@ -115,7 +115,9 @@ def manifest(parts: dict[str, list[Sample]]) -> dict[str, object]:
     }
     digest = hashlib.sha256(json.dumps(lists, sort_keys=True).encode()).hexdigest()
     counts = {
-        part: {name: sum(1 for s in samples if CLASS_NAMES[s.label] == name) for name in CLASS_NAMES}
+        part: {
+            name: sum(1 for s in samples if CLASS_NAMES[s.label] == name) for name in CLASS_NAMES
+        }
         for part, samples in parts.items()
     }
     return {"sha256": digest, "counts": counts, "files": lists}

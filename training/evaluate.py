@@ -47,8 +47,8 @@ def robustness_report(
         report[name] = _short(scored)
     perturbed = [v for k, v in report.items() if k != "clean"]
     report["worst"] = {
-        key: min(v[key] for v in perturbed) for key in ("auc", "accuracy", "sensitivity",
-                                                         "specificity")
+        key: min(v[key] for v in perturbed)
+        for key in ("auc", "accuracy", "sensitivity", "specificity")
     }
     return report
 
@@ -58,7 +58,10 @@ def _short(report: dict) -> dict:
 
 
 def evaluate(
-    model: Path, data: Path, split: str | None = "test", plots: Path | None = None,
+    model: Path,
+    data: Path,
+    split: str | None = "test",
+    plots: Path | None = None,
     robustness: bool = False,
 ) -> dict:
     predict, card = load_savedmodel(model)
@@ -66,23 +69,33 @@ def evaluate(
     images, labels = load_arrays(samples)
     threshold = float(card["threshold"])
     p = predict(images)
-    result = {"model": {"name": card.get("name"), "version": card.get("version")},
-              "data": str(data), **classification_report(labels, p, threshold)}
+    result = {
+        "model": {"name": card.get("name"), "version": card.get("version")},
+        "data": str(data),
+        **classification_report(labels, p, threshold),
+    }
     if robustness:
         result["robustness"] = robustness_report(predict, images, labels, threshold)
     if plots:
         from training.plots import write_plots
 
         plots.mkdir(parents=True, exist_ok=True)
-        write_plots(plots, {"labels": labels, "p_pneumonia": p, "threshold": threshold,
-                            "title": f"({data.name})"})
+        write_plots(
+            plots,
+            {"labels": labels, "p_pneumonia": p, "threshold": threshold, "title": f"({data.name})"},
+        )
     return result
 
 
 def main_evaluate(args) -> int:
     try:
-        result = evaluate(Path(args.model), Path(args.data), args.split, 
-                          Path(args.plots) if args.plots else None, args.robustness)
+        result = evaluate(
+            Path(args.model),
+            Path(args.data),
+            args.split,
+            Path(args.plots) if args.plots else None,
+            args.robustness,
+        )
     except DataError as exc:
         raise SystemExit(f"error: {exc}") from exc
     print(json.dumps(result))

@@ -56,8 +56,13 @@ def export_version(
 
     def write(folder: Path, version: int) -> None:
         save_savedmodel(model, temperature, folder)
-        full = {**card, "version": version, "input": INPUT_SPEC, "output": OUTPUT_SPEC,
-                "signature": SIGNATURE}
+        full = {
+            **card,
+            "version": version,
+            "input": INPUT_SPEC,
+            "output": OUTPUT_SPEC,
+            "signature": SIGNATURE,
+        }
         (folder / CARD).write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
         for name, text in (extra_files or {}).items():
             (folder / name).write_text(text)

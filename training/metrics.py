@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 ECE_BINS = 15
@@ -46,7 +48,7 @@ def ece(labels: np.ndarray, p_pneumonia: np.ndarray, bins: int = ECE_BINS) -> fl
     correct = (predicted == labels).astype(float)
     edges = np.linspace(0.5, 1.0, bins + 1)
     total = 0.0
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
+    for low, high in itertools.pairwise(edges):
         mask = (confidence > low) & (confidence <= high) if low > 0.5 else (confidence <= high)
         if mask.any():
             total += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())

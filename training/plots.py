@@ -7,10 +7,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import itertools
 
-from training.metrics import roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+
+from training.metrics import roc_curve
 
 
 def write_plots(folder: Path, data: dict) -> list[Path]:
@@ -26,8 +28,10 @@ def write_plots(folder: Path, data: dict) -> list[Path]:
         for key in ("auc", "val_auc"):
             if key in history:
                 axes[1].plot(history[key], label=key)
-        axes[0].set_xlabel("epoch"); axes[1].set_xlabel("epoch")  # noqa: E702
-        axes[0].legend(); axes[1].legend()  # noqa: E702
+        axes[0].set_xlabel("epoch")
+        axes[1].set_xlabel("epoch")
+        axes[0].legend()
+        axes[1].legend()
         fig.suptitle(f"Training curves {title}")
         written.append(_save(fig, folder / "training_curves.png"))
     if data.get("labels") is not None:
@@ -38,19 +42,23 @@ def write_plots(folder: Path, data: dict) -> list[Path]:
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.plot(fpr, tpr)
         ax.plot([0, 1], [0, 1], "--", color="grey")
-        ax.set_xlabel("1 - specificity"); ax.set_ylabel("sensitivity")  # noqa: E702
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
         ax.set_title(f"ROC {title}")
         written.append(_save(fig, folder / "roc.png"))
 
         predicted = (p >= threshold).astype(int)
-        matrix = np.array([[((labels == t) & (predicted == q)).sum() for q in (0, 1)]
-                           for t in (0, 1)])
+        matrix = np.array(
+            [[((labels == t) & (predicted == q)).sum() for q in (0, 1)] for t in (0, 1)]
+        )
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.imshow(matrix, cmap="Blues")
         for (i, j), value in np.ndenumerate(matrix):
             ax.text(j, i, str(value), ha="center", va="center", fontsize=14)
-        ax.set_xticks([0, 1], ["NORMAL", "PNEUMONIA"]); ax.set_yticks([0, 1], ["NORMAL", "PNEUMONIA"])  # noqa: E501,E702
-        ax.set_xlabel("predicted"); ax.set_ylabel("true")  # noqa: E702
+        ax.set_xticks([0, 1], ["NORMAL", "PNEUMONIA"])
+        ax.set_yticks([0, 1], ["NORMAL", "PNEUMONIA"])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
         ax.set_title(f"Confusion at threshold {threshold:.3f}")
         written.append(_save(fig, folder / "confusion_matrix.png"))
 
@@ -59,7 +67,7 @@ def write_plots(folder: Path, data: dict) -> list[Path]:
         correct = (predicted_class == labels).astype(float)
         edges = np.linspace(0.5, 1.0, 11)
         centres, accuracy = [], []
-        for low, high in zip(edges[:-1], edges[1:], strict=True):
+        for low, high in itertools.pairwise(edges):
             mask = (confidence >= low) & (confidence <= high)
             if mask.any():
                 centres.append(confidence[mask].mean())
@@ -67,7 +75,8 @@ def write_plots(folder: Path, data: dict) -> list[Path]:
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.plot([0.5, 1], [0.5, 1], "--", color="grey")
         ax.plot(centres, accuracy, "o-")
-        ax.set_xlabel("confidence"); ax.set_ylabel("accuracy")  # noqa: E702
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
         ax.set_title(f"Reliability {title}")
         written.append(_save(fig, folder / "reliability.png"))
     return written

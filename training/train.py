@@ -107,7 +107,10 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 def git_commit() -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "HEAD"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -159,7 +162,9 @@ def train(config: TrainConfig) -> tuple[int, Path]:
             optimizer = keras.optimizers.RMSprop()
         else:
             schedule = keras.optimizers.schedules.CosineDecay(
-                config.learning_rate, decay_steps=steps * config.epochs, alpha=0.02,
+                config.learning_rate,
+                decay_steps=steps * config.epochs,
+                alpha=0.02,
                 warmup_target=None,
             )
             optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
@@ -168,8 +173,12 @@ def train(config: TrainConfig) -> tuple[int, Path]:
             loss=keras.losses.BinaryCrossentropy(from_logits=True),
             metrics=[keras.metrics.AUC(name="auc", from_logits=True)],
         )
-    log.info("%s: %d parameters, %.1f MFLOPs per image", config.arch, model.count_params(),
-             architectures.flops_per_image(model) / 1e6)
+    log.info(
+        "%s: %d parameters, %.1f MFLOPs per image",
+        config.arch,
+        model.count_params(),
+        architectures.flops_per_image(model) / 1e6,
+    )
 
     train_ds = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32)))
     train_ds = train_ds.shuffle(len(x_train), seed=config.seed, reshuffle_each_iteration=True)
@@ -189,12 +198,17 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         keras.callbacks.EarlyStopping("val_loss", patience=config.patience),
         TimeBudget(config.max_minutes),
     ]
-    log.info("training %s for up to %d epochs / %.0f min", config.arch, config.epochs,
-             config.max_minutes)
+    log.info(
+        "training %s for up to %d epochs / %.0f min", config.arch, config.epochs, config.max_minutes
+    )
     fit_started = time.monotonic()
     history = model.fit(
-        train_ds, validation_data=val_ds, epochs=config.epochs, class_weight=class_weight,
-        callbacks=callbacks, verbose=2,
+        train_ds,
+        validation_data=val_ds,
+        epochs=config.epochs,
+        class_weight=class_weight,
+        callbacks=callbacks,
+        verbose=2,
     )
     fit_seconds = time.monotonic() - fit_started
     log.info("best epoch %d (val_loss %.4f); calibrating", restore.best_epoch + 1, restore.best)
@@ -225,8 +239,10 @@ def train(config: TrainConfig) -> tuple[int, Path]:
     metrics["robustness_internal_test"] = robustness_report(
         keras_predict, x_test, y_test, threshold, seed=config.seed
     )
-    log.info("internal test: %s", {k: metrics["internal_test"][k]
-                                   for k in ("auc", "accuracy", "sensitivity", "specificity")})
+    log.info(
+        "internal test: %s",
+        {k: metrics["internal_test"][k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
+    )
 
     card = {
         "name": config.model_name,
@@ -249,8 +265,9 @@ def train(config: TrainConfig) -> tuple[int, Path]:
             "best_epoch": restore.best_epoch + 1,
             "fit_seconds": round(fit_seconds, 1),
             "total_seconds": round(time.monotonic() - started, 1),
-            "history": {k: [round(float(v), 5) for v in vals]
-                        for k, vals in history.history.items()},
+            "history": {
+                k: [round(float(v), 5) for v in vals] for k, vals in history.history.items()
+            },
             "host": f"{platform.machine()} {os.cpu_count()} CPUs",
         },
         "data": {
@@ -264,10 +281,19 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         "keras_version": keras.__version__,
         "git_commit": git_commit(),
     }
-    plots = {"history": history.history, "labels": y_test, "p_pneumonia": p_test,
-             "threshold": threshold, "title": "(internal test)"}
+    plots = {
+        "history": history.history,
+        "labels": y_test,
+        "p_pneumonia": p_test,
+        "threshold": threshold,
+        "title": "(internal test)",
+    }
     version, folder = export_version(
-        config.model_store / config.model_name, model, temperature, card, plots,
+        config.model_store / config.model_name,
+        model,
+        temperature,
+        card,
+        plots,
         extra_files={"split.json": json.dumps(data_manifest["files"], indent=0) + "\n"},
     )
     log.info("exported %s version %d to %s", config.model_name, version, folder)

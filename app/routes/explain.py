@@ -23,17 +23,19 @@ ID_PATTERN = r"^[0-9a-f]{32}$"
     name="explain",
     summary="LIME explanation overlay for a prediction",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "The overlay PNG."},
-               **error_responses(401, 404, 410, 422, 503)},
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The overlay PNG."},
+        **error_responses(401, 404, 410, 422, 503),
+    },
 )
 async def get_explanation(
     services: ServicesDep,
     key_id: KeyIdDep,
     prediction_id: Annotated[str, Path(pattern=ID_PATTERN)],
-    num_samples: Annotated[int | None, Query(ge=100, le=5000,
-                                             description="LIME perturbation samples.")] = None,
-    num_features: Annotated[int | None, Query(ge=1, le=20,
-                                              description="Regions drawn.")] = None,
+    num_samples: Annotated[
+        int | None, Query(ge=100, le=5000, description="LIME perturbation samples.")
+    ] = None,
+    num_features: Annotated[int | None, Query(ge=1, le=20, description="Regions drawn.")] = None,
 ) -> Response:
     """The 224 x 224 radiograph with the regions that drove the call tinted and outlined."""
     settings = services.settings
@@ -43,8 +45,7 @@ async def get_explanation(
     if record is None or record.key_id != key_id:
         raise NotFoundError("No prediction with this id for your API key.")
     cache_key = (prediction_id, num_samples, num_features)
-    headers = {"X-Prediction-Label": record.label,
-               "X-Model-Version": str(record.model_version)}
+    headers = {"X-Prediction-Label": record.label, "X-Model-Version": str(record.model_version)}
     png = services.cache_get(cache_key)
     if png is None:
         png = await asyncio.to_thread(services.records.explanation, *cache_key)
@@ -64,8 +65,9 @@ async def get_explanation(
         started = time.perf_counter()
 
         def run() -> bytes:
-            mask, _ = explain(pixels, model.predict, model.class_names, record.label,
-                              num_samples, num_features)
+            mask, _ = explain(
+                pixels, model.predict, model.class_names, record.label, num_samples, num_features
+            )
             return overlay_png(pixels, mask, record.label)
 
         png = await asyncio.get_running_loop().run_in_executor(services.explain_pool, run)

@@ -18,16 +18,20 @@ async def healthz() -> Health:
     return Health(status="alive")
 
 
-@router.get("/readyz", response_model=Health, summary="A model is loaded and answers",
-            responses={503: {"model": Health, "description": "No model loaded."}})
+@router.get(
+    "/readyz",
+    response_model=Health,
+    summary="A model is loaded and answers",
+    responses={503: {"model": Health, "description": "No model loaded."}},
+)
 async def readyz(services: ServicesDep) -> Response:
     """200 once a verified, warmed-up model version serves; 503 otherwise."""
     model = services.manager.current
     if model is None:
         return JSONResponse(Health(status="not_ready").model_dump(), status_code=503)
-    return JSONResponse(Health(status="ready",
-                               model=ModelRef(name=model.name, version=model.version))
-                        .model_dump())
+    return JSONResponse(
+        Health(status="ready", model=ModelRef(name=model.name, version=model.version)).model_dump()
+    )
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

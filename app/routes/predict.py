@@ -46,10 +46,13 @@ OPENAPI_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {
-                        "type": "string", "format": "binary",
-                        "description": "JPEG, PNG or DICOM Part 10 chest radiograph.",
-                    }},
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "JPEG, PNG or DICOM Part 10 chest radiograph.",
+                        }
+                    },
                 }
             }
         },
@@ -77,8 +80,9 @@ async def read_body(request: Request, limit: int) -> bytes:
                 if len(body) > limit:
                     raise PayloadTooLargeError(f"Upload exceeds the limit of {limit} bytes.")
     except TimeoutError:
-        raise FormTimeoutError(f"The upload did not complete within {UPLOAD_TIMEOUT_S:.0f} s.") \
-            from None
+        raise FormTimeoutError(
+            f"The upload did not complete within {UPLOAD_TIMEOUT_S:.0f} s."
+        ) from None
     return bytes(body)
 
 
@@ -105,9 +109,7 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise MissingFileError(
-                "No file in multipart field 'file': send -F 'file=@image.dcm'."
-            )
+            raise MissingFileError("No file in multipart field 'file': send -F 'file=@image.dcm'.")
         data = await upload.read(max_bytes + 1)
     finally:
         await form.close()
@@ -137,8 +139,7 @@ async def predict(request: Request, services: ServicesDep, key_id: KeyIdDep) -> 
         decode_started = time.perf_counter()
         decoded = await loop.run_in_executor(
             services.decode_pool,
-            lambda: decode_image(data, max_pixels=settings.max_pixels,
-                                 min_side=settings.min_side),
+            lambda: decode_image(data, max_pixels=settings.max_pixels, min_side=settings.min_side),
         )
         decode_ms = (time.perf_counter() - decode_started) * 1000
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
@@ -155,17 +156,35 @@ async def predict(request: Request, services: ServicesDep, key_id: KeyIdDep) -> 
     sha256 = hashlib.sha256(data).hexdigest()
     uids = decoded.dicom
     record = PredictionRecord(
-        id=prediction_id, created=time.time(), key_id=key_id, model_name=model.name,
-        model_version=model.version, p_normal=p_normal, p_pneumonia=p_pneumonia, label=label,
-        threshold=model.threshold, image_sha256=sha256, input_format=decoded.format,
-        input_bytes=len(data), width=decoded.width, height=decoded.height,
-        study_uid=uids.get("StudyInstanceUID"), series_uid=uids.get("SeriesInstanceUID"),
+        id=prediction_id,
+        created=time.time(),
+        key_id=key_id,
+        model_name=model.name,
+        model_version=model.version,
+        p_normal=p_normal,
+        p_pneumonia=p_pneumonia,
+        label=label,
+        threshold=model.threshold,
+        image_sha256=sha256,
+        input_format=decoded.format,
+        input_bytes=len(data),
+        width=decoded.width,
+        height=decoded.height,
+        study_uid=uids.get("StudyInstanceUID"),
+        series_uid=uids.get("SeriesInstanceUID"),
         sop_uid=uids.get("SOPInstanceUID"),
     )
     await asyncio.to_thread(services.records.add, record, decoded.pixels)
     services.metrics.predictions.labels(label, str(model.version)).inc()
-    log.info("prediction", extra={"prediction_id": prediction_id, "key_id": key_id,
-                                  "model_version": model.version, "label": label})
+    log.info(
+        "prediction",
+        extra={
+            "prediction_id": prediction_id,
+            "key_id": key_id,
+            "model_version": model.version,
+            "label": label,
+        },
+    )
     return PredictionPublic(
         prediction_id=prediction_id,
         label=label,
@@ -173,13 +192,25 @@ async def predict(request: Request, services: ServicesDep, key_id: KeyIdDep) -> 
         threshold=model.threshold,
         model=ModelRef(name=model.name, version=model.version),
         explain_url=str(request.url_for("explain", prediction_id=prediction_id).path),
-        input=InputInfo(format=decoded.format, width=decoded.width, height=decoded.height,
-                        bytes=len(data), sha256=sha256),
-        dicom=DicomInfo(study_instance_uid=uids.get("StudyInstanceUID"),
-                        series_instance_uid=uids.get("SeriesInstanceUID"),
-                        sop_instance_uid=uids.get("SOPInstanceUID")) if uids else None,
-        timings=Timings(decode_ms=round(decode_ms, 2), queue_ms=round(result.queue_ms, 2),
-                        inference_ms=round(result.inference_ms, 2),
-                        total_ms=round((time.perf_counter() - started) * 1000, 2),
-                        batch_size=result.batch_size),
+        input=InputInfo(
+            format=decoded.format,
+            width=decoded.width,
+            height=decoded.height,
+            bytes=len(data),
+            sha256=sha256,
+        ),
+        dicom=DicomInfo(
+            study_instance_uid=uids.get("StudyInstanceUID"),
+            series_instance_uid=uids.get("SeriesInstanceUID"),
+            sop_instance_uid=uids.get("SOPInstanceUID"),
+        )
+        if uids
+        else None,
+        timings=Timings(
+            decode_ms=round(decode_ms, 2),
+            queue_ms=round(result.queue_ms, 2),
+            inference_ms=round(result.inference_ms, 2),
+            total_ms=round((time.perf_counter() - started) * 1000, 2),
+            batch_size=result.batch_size,
+        ),
     )

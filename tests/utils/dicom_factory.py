@@ -75,7 +75,7 @@ def make_dicom(
         item = Dataset()
         entries = top + 1
         item.add_new(0x00283002, "US", [entries if entries < 65536 else 0, 0, 16])
-        item.add_new(0x00283006, "US", [int(round(v * 65535 / top)) for v in range(entries)])
+        item.add_new(0x00283006, "US", [round(v * 65535 / top) for v in range(entries)])
         item.LUTExplanation = "linear"
         ds.VOILUTSequence = Sequence([item])
     ds.PixelData = stored.astype(dtype).tobytes()

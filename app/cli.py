@@ -1,0 +1,44 @@
+"""`pneumoscan serve | train | evaluate`: the one entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "evaluate"):
+        from training.__main__ import main as training_main
+
+        return training_main(argv)
+    parser = argparse.ArgumentParser(
+        prog="pneumoscan",
+        description="pneumoscan service and training. Subcommands: serve, train, evaluate.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the API (settings from PNEUMOSCAN_* variables)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    sub.add_parser("train", help="train a new model version (see `pneumoscan train -h`)")
+    sub.add_parser("evaluate", help="score a model version (see `pneumoscan evaluate -h`)")
+    args = parser.parse_args(argv)
+
+    import uvicorn
+
+    # One worker: the model, micro-batcher and SQLite writer live in one process; TensorFlow
+    # uses the cores inside it.
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=1,
+        log_level="warning",
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
