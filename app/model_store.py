@@ -90,12 +90,15 @@ def publish_version(model_dir: Path, write: Callable[[Path, int], None]) -> tupl
     model_dir.mkdir(parents=True, exist_ok=True)
     temp = model_dir / f".tmp-{uuid.uuid4().hex}"
     temp.mkdir()
-    version = (max(list_versions(model_dir), default=0)) + 1
-    write(temp, version)
+    planned = (max(list_versions(model_dir), default=0)) + 1
+    write(temp, planned)
     write_checksums(temp)
+    version = planned
     for _ in range(100):
         target = model_dir / str(version)
         if not target.exists():
+            if version != planned:  # another publisher took our number: renumber the card
+                _renumber(temp, version)
             try:
                 os.rename(temp, target)
                 return version, target
@@ -103,3 +106,12 @@ def publish_version(model_dir: Path, write: Callable[[Path, int], None]) -> tupl
                 pass
         version += 1
     raise ModelStoreError(f"could not publish a new version under {model_dir}")
+
+
+def _renumber(folder: Path, version: int) -> None:
+    card_path = folder / CARD
+    if card_path.exists():
+        card = json.loads(card_path.read_text())
+        card["version"] = version
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        write_checksums(folder)
