@@ -144,4 +144,5 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
         width=columns,
         height=rows,
         dicom=uids,
+        source=ds,
     )

@@ -43,6 +43,8 @@ class DecodedImage:
     width: int
     height: int
     dicom: dict[str, str] = field(default_factory=dict)
+    # The parsed DICOM dataset, kept only to build an SR in the same study; never logged.
+    source: object | None = field(default=None, repr=False, compare=False)
 
 
 def sniff_format(data: bytes) -> str:

@@ -16,15 +16,24 @@ def test_no_server_errors_for_any_schema_valid_request(tiny_store: Path, tmp_pat
     with running_server(tiny_store, tmp_path / "data") as server:
         schema = schemathesis.openapi.from_url(f"{server['url']}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert {op.path for op in operations} >= {"/predict", "/explain/{prediction_id}",
-                                                   "/models", "/readyz"}
+        assert {op.path for op in operations} >= {
+            "/predict",
+            "/explain/{prediction_id}",
+            "/models",
+            "/readyz",
+        }
         for operation in operations:
 
             @given(case=operation.as_strategy())
-            @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck),
-                      database=None)
+            @settings(
+                max_examples=20,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                database=None,
+            )
             def check(case) -> None:
-                case.call_and_validate(headers={"X-API-Key": BENCH_KEY},
-                                       checks=[not_a_server_error])
+                case.call_and_validate(
+                    headers={"X-API-Key": BENCH_KEY}, checks=[not_a_server_error]
+                )
 
             check()

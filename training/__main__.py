@@ -58,6 +58,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also score under the fixed acquisition perturbations",
     )
+    evaluate.add_argument(
+        "--originals",
+        help="Kaggle-layout folder of full-resolution originals (e.g. ../shared/data/originals): "
+        "scores those of internal-test patients through the service's decode path",
+    )
     return root
 
 

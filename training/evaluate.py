@@ -57,12 +57,31 @@ def _short(report: dict) -> dict:
     return {k: report[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")}
 
 
+def originals_report(
+    predict: Predict, version_dir: Path, originals: Path, threshold: float
+) -> dict:
+    """Score the full-resolution originals of the internal-test patients through the service's
+    decode path (reduced-scale JPEG decode, then the one resize)."""
+    samples = scan(originals, "train")
+    split_file = version_dir / "split.json"
+    note = "all originals (no split.json in the version)"
+    if split_file.exists():
+        held_out = set(json.loads(split_file.read_text()).get("internal_test", []))
+        samples = [s for s in samples if f"{s.path.parent.name}/{s.path.name}" in held_out]
+        note = "originals whose patients are in the internal test split"
+    if not samples:
+        return {"n": 0, "note": note}
+    images, labels = load_arrays(samples)
+    return {"note": note, **classification_report(labels, predict(images), threshold)}
+
+
 def evaluate(
     model: Path,
     data: Path,
     split: str | None = "test",
     plots: Path | None = None,
     robustness: bool = False,
+    originals: Path | None = None,
 ) -> dict:
     predict, card = load_savedmodel(model)
     samples = scan(data, split)
@@ -76,6 +95,8 @@ def evaluate(
     }
     if robustness:
         result["robustness"] = robustness_report(predict, images, labels, threshold)
+    if originals:
+        result["originals"] = originals_report(predict, model, originals, threshold)
     if plots:
         from training.plots import write_plots
 
@@ -95,6 +116,7 @@ def main_evaluate(args) -> int:
             args.split,
             Path(args.plots) if args.plots else None,
             args.robustness,
+            Path(args.originals) if args.originals else None,
         )
     except DataError as exc:
         raise SystemExit(f"error: {exc}") from exc

@@ -9,12 +9,14 @@ import secrets
 import time
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.deps import KeyIdDep, ServicesDep
 from app.errors import (
     MissingFileError,
+    NotAcceptableError,
     OverloadedError,
     PayloadTooLargeError,
     PneumoscanError,
@@ -22,6 +24,7 @@ from app.errors import (
 )
 from app.imaging import decode_image
 from app.records import PredictionRecord
+from app.reports import build_fhir, build_sr
 from app.schemas import (
     DicomInfo,
     InputInfo,
@@ -123,9 +126,25 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
     response_model=PredictionPublic,
     summary="Score a chest radiograph (JPEG, PNG or DICOM)",
     openapi_extra=OPENAPI_BODY,
-    responses=error_responses(401, 408, 413, 415, 422, 503),
+    responses={
+        200: {
+            "content": {
+                "application/fhir+json": {
+                    "schema": {"type": "object"},
+                    "example": {"resourceType": "DiagnosticReport"},
+                },
+                "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+            },
+            "description": "JSON by default; `Accept: application/fhir+json` gives a FHIR R4 "
+            "DiagnosticReport; `Accept: application/dicom` (DICOM input only) gives a "
+            "Comprehensive 3D SR in the source study.",
+        },
+        **error_responses(401, 406, 408, 413, 415, 422, 503),
+    },
 )
-async def predict(request: Request, services: ServicesDep, key_id: KeyIdDep) -> PredictionPublic:
+async def predict(
+    request: Request, services: ServicesDep, key_id: KeyIdDep
+) -> PredictionPublic | Response:
     """Pneumonia / normal probabilities for one radiograph; a clinician reads every image."""
     started = time.perf_counter()
     settings = services.settings
@@ -176,6 +195,23 @@ async def predict(request: Request, services: ServicesDep, key_id: KeyIdDep) -> 
     )
     await asyncio.to_thread(services.records.add, record, decoded.pixels)
     services.metrics.predictions.labels(label, str(model.version)).inc()
+    accept = request.headers.get("accept", "")
+    if "application/fhir+json" in accept:
+        fhir = build_fhir(record, model.name, model.version)
+        return JSONResponse(
+            fhir, media_type="application/fhir+json", headers={"X-Prediction-Id": prediction_id}
+        )
+    if "application/dicom" in accept:
+        if decoded.source is None:
+            raise NotAcceptableError(
+                "A DICOM SR can only be returned for a DICOM input; ask for application/json."
+            )
+        sr = await asyncio.to_thread(build_sr, decoded.source, record, model.name, model.version)
+        return Response(
+            sr,
+            media_type="application/dicom",
+            headers={"X-Prediction-Id": prediction_id, "X-Label": label},
+        )
     log.info(
         "prediction",
         extra={

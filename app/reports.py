@@ -1,0 +1,209 @@
+"""Results as PACS and RIS read them: a DICOM Comprehensive 3D SR (TID 1500, IHE AI Results
+style) in the source study, and an HL7 FHIR R4 DiagnosticReport with its Observation and Device.
+
+Both say plainly that the result is an unverified screening aid, not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+
+from app.records import PredictionRecord
+
+CAUTION = "AI screening aid, unverified: NOT FOR DIAGNOSTIC USE. A radiologist must read the image."
+SNOMED = "http://snomed.info/sct"
+FINDINGS = {"PNEUMONIA": ("233604007", "Pneumonia"), "NORMAL": ("17621005", "Normal")}
+PRIVATE_SCHEME = "99PNEUMOSCAN"
+
+
+def build_sr(source, record: PredictionRecord, model_name: str, model_version: int) -> bytes:
+    """A Comprehensive 3D SR with the result, in the source image's study (new series)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    software = f"{model_name} v{model_version}"
+    source = _with_type2_attributes(source)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=f"pneumoscan-{model_name}",
+        version=str(model_version),
+        family=codes.cid7162.ArtificialIntelligence,
+    )
+    finding_code, finding_meaning = FINDINGS[record.label]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(), identifier="pneumoscan screening result"
+        ),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
+                value=hd.sr.CodedConcept(finding_code, "SCT", finding_meaning),
+            )
+        ],
+        measurements=[
+            hd.sr.Measurement(
+                name=hd.sr.CodedConcept("P-PNEUMONIA", PRIVATE_SCHEME, "Probability of pneumonia"),
+                value=round(record.p_pneumonia, 6),
+                unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
+                algorithm_id=algorithm,
+            ),
+            hd.sr.Measurement(
+                name=hd.sr.CodedConcept("THRESHOLD", PRIVATE_SCHEME, "Decision threshold"),
+                value=round(record.threshold, 6),
+                unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
+            ),
+        ],
+    )
+    device = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(),
+            name="pneumoscan",
+            manufacturer_name="pneumoscan",
+            model_name=software,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray"),
+        imaging_measurements=[group],
+    )
+    equipment = hd.ContributingEquipment(
+        manufacturer="pneumoscan",
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=software,
+        software_versions=str(model_version),
+        contribution_datetime=datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
+        contribution_description=CAUTION[:64],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source],
+        content=report,
+        series_instance_uid=generate_uid(),
+        series_number=9901,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="pneumoscan",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        contributing_equipment=[equipment],
+    )
+    sr.SeriesDescription = "pneumoscan AI result - NOT FOR DIAGNOSTIC USE"
+    out = io.BytesIO()
+    sr.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+TYPE2_DEFAULTS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _with_type2_attributes(source):
+    """Patient/study attributes the SR copies are Type 2: present, possibly empty. Some
+    modalities omit them; fill them empty on a copy rather than refuse the SR."""
+    from copy import copy
+
+    ds = copy(source)
+    for keyword in TYPE2_DEFAULTS:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
+def build_fhir(record: PredictionRecord, model_name: str, model_version: int) -> dict:
+    """FHIR R4 DiagnosticReport with the Observation and the model's Device contained."""
+    finding_code, finding_meaning = FINDINGS[record.label]
+    issued = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="seconds")
+    identifiers = [{"system": "urn:pneumoscan:prediction", "value": record.id}]
+    for uid in (record.study_uid, record.sop_uid):
+        if uid:
+            identifiers.append({"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"})
+    device = {
+        "resourceType": "Device",
+        "id": "model",
+        "manufacturer": "pneumoscan",
+        "deviceName": [{"name": f"pneumoscan {model_name}", "type": "model-name"}],
+        "version": [{"value": str(model_version)}],
+        "note": [{"text": CAUTION}],
+    }
+    observation = {
+        "resourceType": "Observation",
+        "id": "result",
+        "status": "preliminary",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "imaging",
+                    }
+                ]
+            }
+        ],
+        "code": {
+            "coding": [{"system": SNOMED, "code": "233604007", "display": "Pneumonia"}],
+            "text": "Probability of pneumonia (AI screening)",
+        },
+        "effectiveDateTime": issued,
+        "valueQuantity": {
+            "value": round(record.p_pneumonia, 6),
+            "unit": "probability",
+            "system": "http://unitsofmeasure.org",
+            "code": "1",
+        },
+        "interpretation": [
+            {
+                "coding": [{"system": SNOMED, "code": finding_code, "display": finding_meaning}],
+                "text": f"{record.label} at threshold {record.threshold:.4f}",
+            }
+        ],
+        "device": {"reference": "#model"},
+        "note": [{"text": CAUTION}],
+    }
+    return {
+        "resourceType": "DiagnosticReport",
+        "id": record.id,
+        "identifier": identifiers,
+        "status": "preliminary",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                        "code": "RAD",
+                        "display": "Radiology",
+                    }
+                ]
+            }
+        ],
+        "code": {
+            "coding": [
+                {
+                    "system": "http://loinc.org",
+                    "code": "18748-4",
+                    "display": "Diagnostic imaging study",
+                }
+            ],
+            "text": "AI pneumonia screening of a chest radiograph",
+        },
+        "issued": issued,
+        "performer": [{"display": f"pneumoscan {model_name} v{model_version}"}],
+        "contained": [device, observation],
+        "result": [{"reference": "#result"}],
+        "conclusion": f"{record.label} (P(pneumonia) = {record.p_pneumonia:.3f}). {CAUTION}",
+        "conclusionCode": [
+            {"coding": [{"system": SNOMED, "code": finding_code, "display": finding_meaning}]}
+        ],
+    }

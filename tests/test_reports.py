@@ -1,0 +1,78 @@
+"""FHIR R4 DiagnosticReport and DICOM SR outputs of POST /predict."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+from PIL import Image
+
+from tests.conftest import FIXTURES
+from tests.utils.dicom_factory import PATIENT_ID, make_dicom
+
+
+def gray_image() -> np.ndarray:
+    return np.asarray(
+        Image.open(FIXTURES / "chest_xray" / "PNEUMONIA" / "person495_bacteria_2094.jpeg").convert(
+            "L"
+        )
+    )
+
+
+def test_fhir_diagnostic_report_is_valid_r4(client) -> None:
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    dicom = make_dicom(gray_image(), bits=12, voi_lut=True)
+    response = client.post(
+        "/predict", files={"file": ("a.dcm", dicom)}, headers={"Accept": "application/fhir+json"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    body = response.json()
+    report = DiagnosticReport.model_validate(body)
+    assert report.status == "preliminary"
+    kinds = {resource["resourceType"] for resource in body["contained"]}
+    assert kinds == {"Device", "Observation"}
+    observation = next(r for r in body["contained"] if r["resourceType"] == "Observation")
+    assert 0 <= observation["valueQuantity"]["value"] <= 1
+    assert observation["device"] == {"reference": "#model"}
+    ds = pydicom.dcmread(io.BytesIO(dicom))
+    assert {"system": "urn:dicom:uid", "value": f"urn:oid:{ds.StudyInstanceUID}"} in body[
+        "identifier"
+    ]
+    assert "NOT FOR DIAGNOSTIC USE" in body["conclusion"]
+
+
+def test_dicom_sr_in_the_same_study(client) -> None:
+    dicom = make_dicom(gray_image(), bits=16)
+    source = pydicom.dcmread(io.BytesIO(dicom))
+    response = client.post(
+        "/predict", files={"file": ("a.dcm", dicom)}, headers={"Accept": "application/dicom"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/dicom"
+    sr = pydicom.dcmread(io.BytesIO(response.content))
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sr.PatientID == PATIENT_ID  # copied into the SR for the PACS, never logged
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    equipment = sr.ContributingEquipmentSequence[0]
+    assert equipment.Manufacturer == "pneumoscan"
+    assert "pneumonia v1" in equipment.ManufacturerModelName
+    assert "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription
+    text = str(sr)
+    assert response.headers["x-label"] in ("NORMAL", "PNEUMONIA")
+    expected = "Pneumonia" if response.headers["x-label"] == "PNEUMONIA" else "Normal"
+    assert expected in text and "Probability of pneumonia" in text
+
+
+def test_sr_for_a_jpeg_is_not_acceptable(client) -> None:
+    jpeg = (FIXTURES / "chest_xray" / "NORMAL" / "NORMAL2-IM-0744-0001.jpeg").read_bytes()
+    response = client.post(
+        "/predict", files={"file": ("a.jpeg", jpeg)}, headers={"Accept": "application/dicom"}
+    )
+    assert response.status_code == 406
+    assert response.json()["error"]["code"] == "not_acceptable"
