@@ -1,0 +1,182 @@
+"""End to end against a real Orthanc: DICOM radiographs stored into Orthanc come back scored, as a
+Comprehensive 3D SR in the same study and a `PneumoscanResult` study metadata entry.
+
+    python -m integrations.orthanc.e2e [--timeout 120]
+
+Starts pneumoscan (shipped model store) and Orthanc with the plugin, both on loopback in temp
+folders, stores four radiographs made from the shared originals (MONOCHROME2 8-bit, MONOCHROME1
+12-bit with a VOI LUT, JPEG 2000, RLE), waits for each SR, checks its label and model version,
+and stops both processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from app.imaging import to_grayscale_u8
+from benchmarks.common import BENCH_KEY, FIXTURES, default_store, free_port, running_server
+from tests.utils.dicom_factory import make_dicom
+
+PLUGIN = Path(__file__).resolve().parent / "pneumoscan_plugin.py"
+PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
+
+
+def orthanc_binary() -> str | None:
+    return shutil.which("Orthanc")
+
+
+def cases() -> list[tuple[str, bytes]]:
+    def gray(name: str) -> np.ndarray:
+        image = Image.open(FIXTURES / "originals" / name)
+        return np.asarray(to_grayscale_u8(image))
+
+    normal = gray("NORMAL2-IM-0744-0001.jpeg")
+    pneumonia = gray("person495_bacteria_2094.jpeg")
+    return [
+        ("monochrome2-8bit", make_dicom(normal)),
+        (
+            "monochrome1-12bit-voi",
+            make_dicom(pneumonia, bits=12, photometric="MONOCHROME1", voi_lut=True),
+        ),
+        ("jpeg2000", make_dicom(gray("NORMAL2-IM-0746-0001.jpeg"), syntax=JPEG2000Lossless)),
+        ("rle", make_dicom(gray("person1133_virus_1865.jpeg"), syntax=RLELossless)),
+    ]
+
+
+def run(timeout: float) -> bool:
+    binary = orthanc_binary()
+    if not binary or not PYTHON_PLUGIN.exists():
+        print(
+            "SKIPPED: Orthanc or its Python plugin is not installed "
+            "(apt-get install orthanc orthanc-python)"
+        )
+        return True
+    ok = True
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_server(default_store(), Path(tmp) / "data") as server,
+    ):
+        http_port, dicom_port = free_port(), free_port()
+        config = {
+            "Name": "pneumoscan-e2e",
+            "HttpPort": http_port,
+            "DicomPort": dicom_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "StorageDirectory": f"{tmp}/orthanc",
+            "IndexDirectory": f"{tmp}/orthanc",
+            "Plugins": [str(PYTHON_PLUGIN)],
+            "PythonScript": str(PLUGIN),
+            "UserMetadata": {"PneumoscanResult": 4200},
+            "StableAge": 2,
+        }
+        config_path = Path(tmp) / "orthanc.json"
+        config_path.write_text(json.dumps(config))
+        env = {**os.environ, "PNEUMOSCAN_URL": server["url"], "PNEUMOSCAN_API_KEY": BENCH_KEY}
+        log_path = Path(tmp) / "orthanc.log"
+        with open(log_path, "wb") as log:
+            orthanc = subprocess.Popen(  # noqa: S603 - our own binary and config
+                [binary, str(config_path)], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        base = f"http://127.0.0.1:{http_port}"
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"{base}/system", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.3)
+            else:
+                raise RuntimeError("Orthanc did not start:\n" + log_path.read_text()[-3000:])
+            stored = {}
+            for name, data in cases():
+                response = httpx.post(f"{base}/instances", content=data, timeout=30)
+                response.raise_for_status()
+                stored[name] = (response.json()["ParentStudy"], data)
+            results = {}
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and len(results) < len(stored):
+                for name, (study, _) in stored.items():
+                    if name in results:
+                        continue
+                    meta = httpx.get(f"{base}/studies/{study}/metadata/PneumoscanResult", timeout=5)
+                    if meta.status_code != 200:
+                        continue
+                    instances = httpx.get(f"{base}/studies/{study}/instances", timeout=5).json()
+                    srs = [
+                        i
+                        for i in instances
+                        if i["MainDicomTags"].get("SOPInstanceUID")
+                        and httpx.get(
+                            f"{base}/instances/{i['ID']}/content/0008,0060", timeout=5
+                        ).text.strip()
+                        == "SR"
+                    ]
+                    results[name] = (meta.text, srs)
+                time.sleep(0.5)
+            expected_version = httpx.get(f"{server['url']}/readyz").json()["model"]["version"]
+            for name, (_study, data) in stored.items():
+                if name not in results:
+                    print(f"FAIL {name}: no result within {timeout:.0f} s")
+                    ok = False
+                    continue
+                label, srs = results[name]
+                if label not in ("NORMAL", "PNEUMONIA") or len(srs) != 1:
+                    print(f"FAIL {name}: metadata {label!r}, {len(srs)} SR instances")
+                    ok = False
+                    continue
+                sr_bytes = httpx.get(f"{base}/instances/{srs[0]['ID']}/file", timeout=10).content
+                sr = pydicom.dcmread(io.BytesIO(sr_bytes))
+                source = pydicom.dcmread(io.BytesIO(data))
+                direct = httpx.post(
+                    f"{server['url']}/predict",
+                    files={"file": ("x.dcm", data)},
+                    headers={"X-API-Key": BENCH_KEY},
+                    timeout=30,
+                ).json()
+                model = sr.ContributingEquipmentSequence[0].ManufacturerModelName
+                checks = [
+                    sr.StudyInstanceUID == source.StudyInstanceUID,
+                    sr.VerificationFlag == "UNVERIFIED",
+                    model.endswith(f"v{expected_version}"),
+                    direct["label"] == label,
+                ]
+                status = "ok" if all(checks) else "FAIL"
+                ok = ok and all(checks)
+                print(
+                    f"{status} {name}: {label} "
+                    f"(P(pneumonia) {direct['probabilities']['PNEUMONIA']:.3f}), "
+                    f"SR {sr.SOPInstanceUID[-12:]} in study, model {model}"
+                )
+        finally:
+            orthanc.terminate()
+            try:
+                orthanc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                orthanc.kill()
+            if not ok:
+                print(log_path.read_text()[-3000:])
+    print("orthanc e2e:", "PASSED" if ok else "FAILED")
+    return ok
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    sys.exit(0 if run(parser.parse_args().timeout) else 1)

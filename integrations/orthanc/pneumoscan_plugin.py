@@ -1,0 +1,142 @@
+"""Orthanc Python plugin: score every new chest CR/DX instance with pneumoscan and store the
+returned DICOM SR back into the same study.
+
+Configuration (environment of the Orthanc process):
+  PNEUMOSCAN_URL        service base URL (default http://127.0.0.1:8000)
+  PNEUMOSCAN_API_KEY    API key for X-API-Key (required)
+  PNEUMOSCAN_MAX_TRIES  attempts per instance on transient failures (default 6)
+
+Ingest is never blocked: the change callback only enqueues the instance id; a worker thread does
+the HTTP call, retries connection errors, 408/429/5xx with exponential backoff, records permanent
+failures, and writes the result into the study's `PneumoscanResult` metadata.
+"""
+
+import json
+import os
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import orthanc
+
+SERVICE = os.environ.get("PNEUMOSCAN_URL", "http://127.0.0.1:8000").rstrip("/")
+API_KEY = os.environ.get("PNEUMOSCAN_API_KEY", "")
+MAX_TRIES = int(os.environ.get("PNEUMOSCAN_MAX_TRIES", "6"))
+SCORED_MODALITIES = {"CR", "DX", "DR"}
+SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+METADATA = "PneumoscanResult"
+TRANSIENT = {408, 429, 500, 502, 503, 504}
+
+_jobs = queue.Queue(maxsize=10000)
+_worker_started = threading.Event()
+
+
+class Transient(Exception):
+    pass
+
+
+def _log(message):
+    orthanc.LogWarning("pneumoscan: " + message)
+
+
+def _post_predict(dicom_bytes):
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f"--{boundary}\r\n"
+            'Content-Disposition: form-data; name="file"; filename="instance.dcm"\r\n'
+            "Content-Type: application/dicom\r\n\r\n"
+        ).encode()
+        + dicom_bytes
+        + (f"\r\n--{boundary}--\r\n").encode()
+    )
+    request = urllib.request.Request(  # noqa: S310 - the configured service URL
+        SERVICE + "/predict",
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "multipart/form-data; boundary=" + boundary,
+            "Accept": "application/dicom",
+            "X-API-Key": API_KEY,
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+            return response.read(), response.headers.get("X-Label", "")
+    except urllib.error.HTTPError as exc:
+        detail = exc.read()[:300].decode("utf-8", "replace")
+        if exc.code in TRANSIENT:
+            raise Transient(f"HTTP {exc.code} {detail}") from exc
+        raise ValueError(f"HTTP {exc.code} {detail}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise Transient(str(exc)) from exc
+
+
+def _should_score(tags):
+    if tags.get("SOPClassUID", "").startswith(SR_CLASS_PREFIX):
+        return False  # our own results (and any other SR)
+    if tags.get("Modality", "") not in SCORED_MODALITIES:
+        return False
+    body_part = tags.get("BodyPartExamined", "").upper()
+    return body_part in ("", "CHEST", "THORAX")
+
+
+def _set_study_result(study_id, value):
+    orthanc.RestApiPut(f"/studies/{study_id}/metadata/{METADATA}", value)
+
+
+def process(instance_id):
+    tags = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/simplified-tags"))
+    if not _should_score(tags):
+        return
+    parent = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/study"))
+    study_id = parent["ID"]
+    dicom_bytes = orthanc.RestApiGet(f"/instances/{instance_id}/file")
+    delay = 1.0
+    for attempt in range(1, MAX_TRIES + 1):
+        try:
+            sr_bytes, label = _post_predict(dicom_bytes)
+            break
+        except Transient as exc:
+            if attempt == MAX_TRIES:
+                _log(f"giving up on instance {instance_id} after {attempt} tries: {exc}")
+                _set_study_result(study_id, "error: service unavailable")
+                return
+            _log(f"retrying instance {instance_id} in {delay:.0f} s ({exc})")
+            time.sleep(delay)
+            delay = min(delay * 2, 60.0)
+        except ValueError as exc:
+            _log(f"instance {instance_id} refused by the service: {exc}")
+            _set_study_result(study_id, "error: " + str(exc)[:200])
+            return
+    orthanc.RestApiPost("/instances", sr_bytes)
+    _set_study_result(study_id, label or "scored")
+    _log(f"instance {instance_id} scored {label}; SR stored in its study")
+
+
+def _work():
+    while True:
+        instance_id = _jobs.get()
+        try:
+            process(instance_id)
+        except Exception as exc:  # noqa: BLE001 - keep the worker alive whatever one does
+            _log(f"failed on instance {instance_id}: {type(exc).__name__}: {exc}")
+
+
+def on_change(change_type, level, resource_id):
+    if change_type == orthanc.ChangeType.ORTHANC_STARTED and not _worker_started.is_set():
+        _worker_started.set()
+        threading.Thread(target=_work, name="pneumoscan", daemon=True).start()
+        if not API_KEY:
+            _log("PNEUMOSCAN_API_KEY is not set: every call will be refused")
+    elif change_type == orthanc.ChangeType.NEW_INSTANCE:
+        try:
+            _jobs.put_nowait(resource_id)
+        except queue.Full:
+            _log(f"queue full; instance {resource_id} not scored")
+
+
+orthanc.RegisterOnChangeCallback(on_change)
