@@ -1,0 +1,72 @@
+"""Micro-batching gathers concurrent requests; a full queue answers 503 with Retry-After."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from tests.conftest import API_KEY, fixture_bytes, make_settings
+
+
+def slow_down(app, seconds: float) -> None:
+    model = app.state.services.manager.current
+    original = model.predict
+
+    def slow(batch):
+        time.sleep(seconds)
+        return original(batch)
+
+    model.predict = slow
+
+
+def hammer(client: TestClient, n: int, image: bytes) -> list:
+    responses: list = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        response = client.post("/predict", files={"file": ("a.jpeg", image)})
+        with lock:
+            responses.append(response)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return responses
+
+
+def test_concurrent_requests_share_model_calls(tiny_store: Path, tmp_path: Path) -> None:
+    image = fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg")
+    app = create_app(make_settings(tiny_store, tmp_path / "d", batch_max_wait_ms=50))
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as client:
+        slow_down(app, 0.2)
+        responses = hammer(client, 12, image)
+        assert {r.status_code for r in responses} == {200}
+        sizes = [r.json()["timings"]["batch_size"] for r in responses]
+        assert max(sizes) > 1
+        probabilities = {round(r.json()["probabilities"]["PNEUMONIA"], 6) for r in responses}
+        assert len(probabilities) == 1  # batching never mixes up answers
+
+
+def test_full_queue_answers_503_with_retry_after(tiny_store: Path, tmp_path: Path) -> None:
+    image = fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg")
+    settings = make_settings(
+        tiny_store, tmp_path / "d", queue_max=2, batch_max_size=1, batch_max_wait_ms=0
+    )
+    app = create_app(settings)
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as client:
+        slow_down(app, 0.3)
+        responses = hammer(client, 12, image)
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 503} and 503 in codes and 200 in codes
+        for response in responses:
+            if response.status_code == 503:
+                assert response.headers["retry-after"].isdigit()
+                assert response.json()["error"]["code"] == "overloaded"
+        assert client.get("/healthz").status_code == 200
+        assert client.post("/predict", files={"file": ("a.jpeg", image)}).status_code == 200

@@ -1,0 +1,67 @@
+"""The shipped model store loads through the service and gets real radiographs right.
+
+The official val split (16 images, never used by the training command, which splits only the
+official train split) is the check: every image is scored, and the shipped model must get most of
+each class right, including at least one real NORMAL and one real PNEUMONIA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.model_store import list_versions, verify_version
+from tests.conftest import API_KEY, FIXTURES, make_settings
+
+SHIPPED = Path(__file__).resolve().parent.parent / "model_store"
+
+
+def test_shipped_store_is_valid_and_documented() -> None:
+    versions = list_versions(SHIPPED / "pneumonia")
+    assert versions, "model_store/pneumonia has no version"
+    folder = SHIPPED / "pneumonia" / str(max(versions))
+    card = verify_version(folder)
+    assert card["architecture"] == "sepcnn"
+    assert 0 < card["threshold"] < 1 and card["temperature"] > 0
+    assert card["metrics"]["internal_test"]["n"] > 400
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 20 * 1024 * 1024
+    assert json.loads((folder / "split.json").read_text())["internal_test"]
+
+
+@pytest.fixture(scope="module")
+def shipped_client(tmp_path_factory: pytest.TempPathFactory):
+    settings = make_settings(SHIPPED, tmp_path_factory.mktemp("shipped-data"))
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
+        yield client
+
+
+def test_shipped_model_on_the_official_val_split(shipped_client) -> None:
+    correct = {"NORMAL": 0, "PNEUMONIA": 0}
+    totals = {"NORMAL": 0, "PNEUMONIA": 0}
+    for label in correct:
+        for path in sorted((FIXTURES / "val" / label).iterdir()):
+            response = shipped_client.post(
+                "/predict", files={"file": (path.name, path.read_bytes())}
+            )
+            assert response.status_code == 200, response.text
+            totals[label] += 1
+            correct[label] += response.json()["label"] == label
+    assert totals == {"NORMAL": 8, "PNEUMONIA": 8}
+    assert correct["PNEUMONIA"] >= 7, correct
+    assert correct["NORMAL"] >= 5, correct
+
+
+def test_shipped_model_on_full_resolution_originals(shipped_client) -> None:
+    """Originals through the full decode path agree with the answers for their 224 copies."""
+    for label in ("NORMAL", "PNEUMONIA"):
+        for path in sorted((FIXTURES / "chest_xray" / label).iterdir()):
+            small = shipped_client.post("/predict", files={"file": ("a", path.read_bytes())})
+            original = (FIXTURES / "originals" / path.name).read_bytes()
+            full = shipped_client.post("/predict", files={"file": ("b", original)})
+            p_small = small.json()["probabilities"]["PNEUMONIA"]
+            p_full = full.json()["probabilities"]["PNEUMONIA"]
+            assert abs(p_small - p_full) < 0.1, (path.name, p_small, p_full)
