@@ -120,6 +120,7 @@ class Health(BaseModel):
 
 def error_responses(*codes: int) -> dict[int | str, dict]:
     described = {
+        400: "The client closed the connection mid-upload.",
         401: "Missing or wrong X-API-Key.",
         404: "Unknown prediction id (or one made with another key).",
         406: "An SR (application/dicom) was asked for a non-DICOM input.",

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(REPO_ROOT / "data", description="Audit database and stored images.")
     max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest upload (413).")
+    upload_timeout_s: float = Field(60.0, gt=0, description="Whole-upload deadline (408).")
     max_pixels: int = Field(50_000_000, gt=0, description="Largest width x height decoded (422).")
     min_side: int = Field(64, ge=1, description="Smallest accepted width or height (422).")
     batch_max_size: int = Field(32, ge=1, le=256, description="Micro-batch size limit.")

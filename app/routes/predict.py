@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.deps import KeyIdDep, ServicesDep
 from app.errors import (
@@ -38,7 +39,6 @@ from app.schemas import (
 log = logging.getLogger("pneumoscan.predict")
 router = APIRouter(tags=["predict"])
 
-UPLOAD_TIMEOUT_S = 60.0
 MULTIPART_OVERHEAD = 64 * 1024
 
 OPENAPI_BODY = {
@@ -68,7 +68,12 @@ class FormTimeoutError(PneumoscanError):
     code = "upload_timeout"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+class UploadAbortedError(PneumoscanError):
+    status_code = 400
+    code = "upload_aborted"
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """Read the request body, refusing it (413) as soon as it passes the limit."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -77,19 +82,19 @@ async def read_body(request: Request, limit: int) -> bytes:
         )
     body = bytearray()
     try:
-        async with asyncio.timeout(UPLOAD_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > limit:
                     raise PayloadTooLargeError(f"Upload exceeds the limit of {limit} bytes.")
+    except ClientDisconnect:
+        raise UploadAbortedError("The client closed the connection mid-upload.") from None
     except TimeoutError:
-        raise FormTimeoutError(
-            f"The upload did not complete within {UPLOAD_TIMEOUT_S:.0f} s."
-        ) from None
+        raise FormTimeoutError(f"The upload did not complete within {timeout_s:g} s.") from None
     return bytes(body)
 
 
-async def read_upload(request: Request, max_bytes: int) -> bytes:
+async def read_upload(request: Request, max_bytes: int, timeout_s: float) -> bytes:
     """The bytes of multipart field `file`, with every way to get that wrong named."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
@@ -97,7 +102,7 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
             "Send the image as multipart/form-data with the file in field 'file' "
             f"(got Content-Type {content_type[:60]!r})."
         )
-    body = await read_body(request, max_bytes + MULTIPART_OVERHEAD)
+    body = await read_body(request, max_bytes + MULTIPART_OVERHEAD, timeout_s)
 
     async def replay() -> dict:
         return {"type": "http.request", "body": body, "more_body": False}
@@ -149,7 +154,7 @@ async def predict(
     started = time.perf_counter()
     settings = services.settings
     services.manager.get()  # 503 before reading a large body when no model is loaded
-    data = await read_upload(request, settings.max_upload_bytes)
+    data = await read_upload(request, settings.max_upload_bytes, settings.upload_timeout_s)
     if services.decode_slots.locked():
         services.metrics.rejected.labels("decode_queue_full").inc()
         raise OverloadedError("Too many uploads are being decoded; retry shortly.", 1)
