@@ -65,25 +65,27 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def tiny_run(data: Path, store: Path, *extra: str) -> list[str]:
+    """Arguments for a one-epoch training run on the fixture radiographs."""
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--model-store",
+        str(store),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        *extra,
+    ]
+
+
 def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, capsys) -> None:
     import tensorflow as tf
 
     store = tmp_path / "store"
-    code = main(
-        [
-            "train",
-            "--data",
-            str(small_data),
-            "--model-store",
-            str(store),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--max-minutes",
-            "2",
-        ]
-    )
+    code = main(tiny_run(small_data, store, "--max-minutes", "2"))
     assert code == 0
     folder = store / "pneumonia" / "1"
     card = json.loads((folder / "model.json").read_text())
@@ -113,24 +115,7 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     assert np.allclose(probs.numpy().sum(axis=1), 1.0, atol=1e-5)
 
     # A second run is version 2: never an overwrite.
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(small_data),
-                "--model-store",
-                str(store),
-                "--epochs",
-                "1",
-                "--batch-size",
-                "8",
-                "--limit",
-                "4",
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_run(small_data, store, "--limit", "4")) == 0
     assert sorted(p.name for p in (store / "pneumonia").iterdir()) == ["1", "2"]
 
     capsys.readouterr()

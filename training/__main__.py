@@ -26,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--arch", default="sepcnn", choices=["sepcnn", "seed"])
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--learning-rate", type=float, default=2e-3)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
     train.add_argument("--patience", type=int, default=8)
     train.add_argument("--seed", type=int, default=42)
     train.add_argument(

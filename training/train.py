@@ -40,7 +40,7 @@ class TrainConfig:
     arch: str = "sepcnn"
     epochs: int = 40
     batch_size: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 8
     seed: int = 42
