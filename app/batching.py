@@ -48,6 +48,9 @@ class MicroBatcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task | None = None
         self.batch_sizes: list[int] = []
+        # Requests between upload and queue (decoding). The gather wait only makes sense when
+        # more are on their way: a lone request goes straight to the model.
+        self.incoming = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
@@ -87,6 +90,8 @@ class MicroBatcher:
                 if not self.queue.empty():
                     items.append(self.queue.get_nowait())
                     continue
+                if self.incoming == 0:
+                    break
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break

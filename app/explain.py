@@ -1,22 +1,22 @@
 """LIME explanations drawn over the preprocessed radiograph.
 
 lime 0.2.0.1's default segmenter wraps scikit-image's quickshift with an argument newer
-scikit-image releases removed, so we pass our own segmentation function (SLIC superpixels:
-compact regions that follow lung and rib-cage edges, and ~10x faster than quickshift).
+scikit-image releases removed, so we segment ourselves (SLIC superpixels: compact regions that
+follow lung and rib-cage edges, and ~10x faster than quickshift).
 """
 
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 from skimage.segmentation import find_boundaries, slic
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # lime draws a progress bar on stderr otherwise
 N_SEGMENTS = 60
+HIDDEN_VALUE = 0  # the seed's hide_color
+KERNEL_WIDTH = 0.25  # lime_image's default
 PREDICT_BATCH = 250
 # Tint for the regions supporting the predicted class: PNEUMONIA red, NORMAL green.
 TINTS = {
@@ -40,30 +40,41 @@ def explain(
     num_features: int,
     seed: int = 0,
 ) -> tuple[np.ndarray, list[int]]:
-    """Run LIME; returns (mask of the regions supporting `label`, their segment ids)."""
-    from lime import lime_image
+    """LIME for one radiograph; returns (mask of the regions supporting `label`, segment ids).
 
-    def classifier_fn(images: np.ndarray) -> np.ndarray:
-        gray = np.asarray(images[..., 0], dtype=np.uint8)[..., None]
-        return predict(gray)
+    The algorithm of `lime_image.LimeImageExplainer` (random on/off superpixel masks, hidden
+    superpixels set to 0, cosine distance to the full image, exponential kernel of width 0.25,
+    a weighted ridge fit by `lime.lime_base.LimeBase`), with the perturbed images built in one
+    vectorised step instead of lime's per-sample Python loop, which cost more than the model
+    (about 3 ms per sample here).
+    """
+    from lime import lime_base
+    from sklearn.metrics import pairwise_distances
 
-    rgb = np.repeat(pixels[:, :, None], 3, axis=2)
-    explainer = lime_image.LimeImageExplainer(random_state=seed)
-    explanation = explainer.explain_instance(
-        rgb,
-        classifier_fn,
-        top_labels=2,
-        num_samples=num_samples,
-        batch_size=PREDICT_BATCH,
-        segmentation_fn=segment,
-        random_seed=seed,
-        hide_color=0,
-    )
+    segments = segment(np.repeat(pixels[:, :, None], 3, axis=2))
+    n_segments = int(segments.max()) + 1
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 2, (num_samples, n_segments), dtype=np.uint8)
+    data[0, :] = 1  # the first sample is the unperturbed image
+    scores = np.empty((num_samples, len(class_names)), dtype=np.float64)
+    for start in range(0, num_samples, PREDICT_BATCH):
+        rows = data[start : start + PREDICT_BATCH]
+        keep = rows[:, segments].astype(bool)  # (batch, 224, 224)
+        batch = np.where(keep, pixels[None, :, :], HIDDEN_VALUE).astype(np.uint8)[..., None]
+        scores[start : start + len(rows)] = predict(batch)
+    distances = pairwise_distances(data, data[:1], metric="cosine").ravel()
+
+    def kernel(d: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.exp(-(d**2) / KERNEL_WIDTH**2))
+
+    base = lime_base.LimeBase(kernel, random_state=np.random.RandomState(seed))
     target = class_names.index(label)
-    weights = sorted(explanation.local_exp[target], key=lambda item: -item[1])
-    chosen = [int(seg) for seg, weight in weights[:num_features] if weight > 0]
-    mask = np.isin(explanation.segments, chosen)
-    return mask, chosen
+    _, weights, _, _ = base.explain_instance_with_data(
+        data, scores, distances, target, n_segments, feature_selection="highest_weights"
+    )
+    ranked = sorted(weights, key=lambda item: -item[1])
+    chosen = [int(seg) for seg, weight in ranked[:num_features] if weight > 0]
+    return np.isin(segments, chosen), chosen
 
 
 def overlay_png(pixels: np.ndarray, mask: np.ndarray, label: str) -> bytes:

@@ -161,10 +161,16 @@ async def predict(
     async with services.decode_slots:
         loop = asyncio.get_running_loop()
         decode_started = time.perf_counter()
-        decoded = await loop.run_in_executor(
-            services.decode_pool,
-            lambda: decode_image(data, max_pixels=settings.max_pixels, min_side=settings.min_side),
-        )
+        services.batcher.incoming += 1
+        try:
+            decoded = await loop.run_in_executor(
+                services.decode_pool,
+                lambda: decode_image(
+                    data, max_pixels=settings.max_pixels, min_side=settings.min_side
+                ),
+            )
+        finally:
+            services.batcher.incoming -= 1
         decode_ms = (time.perf_counter() - decode_started) * 1000
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
     try:
