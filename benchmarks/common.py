@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,12 +76,14 @@ def running_server(
         **(extra_env or {}),
     }
     started = time.perf_counter()
+    # Logs go to a file, never an unread pipe (a full pipe would stall the server).
+    log_file = tempfile.NamedTemporaryFile(prefix="pneumoscan-", suffix=".log", delete=False)
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     ready_s = None
@@ -88,7 +91,7 @@ def running_server(
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited: {process.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"server exited: {Path(log_file.name).read_text()[-2000:]}")
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     ready_s = time.perf_counter() - started
@@ -98,7 +101,13 @@ def running_server(
             time.sleep(0.05)
         if ready_s is None:
             raise RuntimeError("server did not become ready in 120 s")
-        yield {"url": url, "pid": process.pid, "process": process, "ready_s": ready_s}
+        yield {
+            "url": url,
+            "pid": process.pid,
+            "process": process,
+            "ready_s": ready_s,
+            "log": Path(log_file.name),
+        }
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -107,6 +116,8 @@ def running_server(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        log_file.close()
+        Path(log_file.name).unlink(missing_ok=True)
 
 
 def default_store() -> Path:
