@@ -8,7 +8,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "evaluate"):
+    if argv and argv[0] in ("train", "evaluate", "card"):
         from training.__main__ import main as training_main
 
         return training_main(argv)

@@ -63,12 +63,18 @@ def parser() -> argparse.ArgumentParser:
         help="Kaggle-layout folder of full-resolution originals (e.g. ../shared/data/originals): "
         "scores those of internal-test patients through the service's decode path",
     )
+    card = sub.add_parser("card", help="print a version's model card as Markdown")
+    card.add_argument("--model", required=True, help="model_store/<name>/<version>")
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.command == "card":
+        from training.card import main_card
+
+        return main_card(args)
     if args.command == "evaluate":
         from training.evaluate import main_evaluate
 

@@ -1,0 +1,63 @@
+"""`python -m training card --model <version>`: the model card as Markdown, from model.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROWS = ("n", "auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "ece")
+
+
+def metrics_table(columns: dict[str, dict]) -> str:
+    head = "| metric | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+    body = ""
+    for row in ROWS:
+        cells = [str(report.get(row, "–")) for report in columns.values()]
+        body += f"| {row} | " + " | ".join(cells) + " |\n"
+    return head + body
+
+
+def robustness_table(report: dict) -> str:
+    out = "| perturbation | AUC | accuracy | sensitivity | specificity |\n|---|---|---|---|---|\n"
+    for name, values in report.items():
+        out += (
+            f"| {name} | {values['auc']} | {values['accuracy']} | {values['sensitivity']} | "
+            f"{values['specificity']} |\n"
+        )
+    return out
+
+
+def render(version_dir: Path) -> str:
+    card = json.loads((version_dir / "model.json").read_text())
+    metrics = card["metrics"]
+    training = card["training"]
+    columns = {
+        "validation": metrics["validation"],
+        "internal test (threshold)": metrics["internal_test"],
+        "internal test (0.5)": metrics["internal_test_at_0.5"],
+    }
+    lines = [
+        f"**{card['name']} v{card['version']}** — `{card['architecture']}`, "
+        f"{card['parameters']:,} parameters, {card['flops_per_image'] / 1e6:.0f} MFLOPs/image; "
+        f"threshold {card['threshold']:.4f} ({card['threshold_rule']}); temperature "
+        f"{card['temperature']:.3f}; trained {training['epochs_run']} epochs (best "
+        f"{training['best_epoch']}) in {training['fit_seconds'] / 60:.1f} min on "
+        f"{training['host']}; data manifest {card['data']['manifest_sha256'][:12]}; split "
+        f"{card['data']['counts']}.",
+        "",
+        metrics_table(columns),
+        f"ECE before calibration: {metrics['ece_before_calibration']}.",
+    ]
+    if "robustness_internal_test" in metrics:
+        lines += [
+            "",
+            "Internal test under fixed acquisition perturbations (same threshold):",
+            "",
+            robustness_table(metrics["robustness_internal_test"]),
+        ]
+    return "\n".join(lines)
+
+
+def main_card(args) -> int:
+    print(render(Path(args.model)))
+    return 0
