@@ -66,6 +66,16 @@ def to_8bit(ds, stored: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(eight), 0, 255).astype(np.uint8)
 
 
+def _to_gray(ds, stored: np.ndarray, photometric: str) -> np.ndarray:
+    if stored.ndim == 3:
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            stored = convert_color_space(stored, photometric, "RGB")
+        return np.asarray(Image.fromarray(stored.astype(np.uint8), "RGB").convert("L"))
+    return to_8bit(ds, stored)
+
+
 def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage:
     """Decode a single-frame DICOM radiograph to the model input, or raise an InputError."""
     import pydicom
@@ -123,21 +133,24 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
             f"No decoder for transfer syntax {syntax}: send uncompressed, JPEG, JPEG-LS, "
             "JPEG 2000 or RLE."
         ) from exc
-    except Exception as exc:
+    except BaseException as exc:
+        # Decoders raise anything on corrupt data, including pyo3's PanicException (a
+        # BaseException) from the Rust RLE decoder.
+        if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
         raise UndecodableImageError(
             f"The DICOM pixel data could not be decoded (truncated or corrupt): "
             f"{type(exc).__name__}."
         ) from exc
-    if stored.ndim == 3 and stored.shape[-1] == 3:
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            stored = convert_color_space(stored, photometric, "RGB")
-        gray = np.asarray(Image.fromarray(stored.astype(np.uint8), "RGB").convert("L"))
-    elif stored.ndim == 2:
-        gray = to_8bit(ds, stored)
-    else:
+    if not (stored.ndim == 2 or (stored.ndim == 3 and stored.shape[-1] == 3)):
         raise UnsupportedDicomError(f"Unexpected pixel array shape {stored.shape}.")
+    try:
+        gray = _to_gray(ds, stored, photometric)
+    except Exception as exc:
+        raise UnsupportedDicomError(
+            f"The DICOM grey-level transforms (rescale, VOI LUT or window) could not be "
+            f"applied: {type(exc).__name__}."
+        ) from exc
     return DecodedImage(
         pixels=resize_to_model(Image.fromarray(gray, mode="L")),
         format="DICOM",
