@@ -133,11 +133,7 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
             f"No decoder for transfer syntax {syntax}: send uncompressed, JPEG, JPEG-LS, "
             "JPEG 2000 or RLE."
         ) from exc
-    except BaseException as exc:
-        # Decoders raise anything on corrupt data, including pyo3's PanicException (a
-        # BaseException) from the Rust RLE decoder.
-        if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
-            raise
+    except Exception as exc:
         raise UndecodableImageError(
             f"The DICOM pixel data could not be decoded (truncated or corrupt): "
             f"{type(exc).__name__}."

@@ -20,6 +20,7 @@ from PIL import Image, ImageFile
 from app.errors import (
     ImageTooLargeError,
     ImageTooSmallError,
+    InputError,
     UndecodableImageError,
     UnsupportedMediaError,
 )
@@ -138,11 +139,26 @@ def decode_image(
     """Decode any accepted upload (JPEG, PNG, DICOM) to the model input."""
     if not data:
         raise UndecodableImageError("The uploaded file is empty.")
-    if sniff_format(data) == "DICOM":
-        from app.dicom import decode_dicom  # pydicom is only imported when DICOM arrives
+    fmt = sniff_format(data)
+    try:
+        if fmt == "DICOM":
+            from app.dicom import decode_dicom  # pydicom is only imported when DICOM arrives
 
-        return decode_dicom(data, max_pixels=max_pixels, min_side=min_side)
-    return decode_raster(data, max_pixels=max_pixels, min_side=min_side)
+            return decode_dicom(data, max_pixels=max_pixels, min_side=min_side)
+        return decode_raster(data, max_pixels=max_pixels, min_side=min_side)
+    except InputError:
+        raise
+    except MemoryError as exc:
+        raise ImageTooLargeError(f"The {fmt} file needs too much memory to decode.") from exc
+    except BaseException as exc:
+        # Whatever a decoder raises on hostile bytes (pydicom's lazy element parsing, pyo3's
+        # PanicException from the Rust decoders, which is a BaseException) is the caller's
+        # bad file, reported as the one domain error type.
+        if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
+        raise UndecodableImageError(
+            f"The {fmt} file could not be decoded (truncated or corrupt): {type(exc).__name__}."
+        ) from exc
 
 
 def load_path(path: str) -> np.ndarray:
