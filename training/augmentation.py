@@ -21,7 +21,7 @@ def geometric_layers(seed: int) -> keras.Sequential:
             layers_random_rotation(seed),
             keras.layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 1),
             keras.layers.RandomZoom(
-                (-0.25, 0.2), (-0.25, 0.2), fill_mode="constant", seed=seed + 2
+                (-0.15, 0.12), (-0.15, 0.12), fill_mode="constant", seed=seed + 2
             ),
         ],
         name="geometric",

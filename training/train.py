@@ -40,11 +40,11 @@ class TrainConfig:
     arch: str = "sepcnn"
     epochs: int = 40
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     patience: int = 8
     seed: int = 42
-    max_minutes: float = 50.0
+    max_minutes: float = 42.0
     min_sensitivity: float = 0.97
     strategy: str = "default"
     limit: int = 0  # use at most this many images per class (tests and smoke runs)
