@@ -21,7 +21,7 @@ from app.batching import MicroBatcher
 from app.classifier import ModelManager
 from app.errors import OverloadedError, PneumoscanError
 from app.observability import Metrics, ObservabilityMiddleware, configure_logging
-from app.records import RecordStore
+from app.records import RecordStore, RecordWriter
 from app.routes import explain, health, models, predict
 from app.schemas import INTENDED_USE
 from app.security import KeyRing
@@ -79,6 +79,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def build_services(settings: Settings, metrics: Metrics) -> Services:
+    records = RecordStore(settings.data_dir, settings.retention_hours * 3600)
     manager = ModelManager(
         settings.model_store, settings.model_name, settings.model_version, settings.poll_seconds
     )
@@ -90,7 +91,8 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         batcher=MicroBatcher(
             manager, settings.batch_max_size, settings.batch_max_wait_ms, settings.queue_max
         ),
-        records=RecordStore(settings.data_dir, settings.retention_hours * 3600),
+        records=records,
+        writer=RecordWriter(records),
         decode_pool=ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode"),
         explain_pool=ThreadPoolExecutor(settings.explain_workers, thread_name_prefix="explain"),
         decode_slots=asyncio.Semaphore(settings.queue_max),
@@ -139,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.manager.stop()
             services.decode_pool.shutdown(wait=False, cancel_futures=True)
             services.explain_pool.shutdown(wait=False, cancel_futures=True)
+            services.writer.close()
             services.records.close()
 
     app = FastAPI(

@@ -7,7 +7,9 @@ so a 200 always has its record, even if the process is killed right after.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import queue
 import sqlite3
 import threading
 import time
@@ -110,19 +112,25 @@ class RecordStore:
             self._db.close()
 
     def add(self, record: PredictionRecord, pixels: np.ndarray) -> None:
-        blob = encode_pixels(pixels)
+        self.add_many([(record, pixels)])
+
+    def add_many(self, items: list[tuple[PredictionRecord, np.ndarray]]) -> None:
+        """Write predictions and their images in one transaction (all or none)."""
         fields = list(PredictionRecord.__dataclass_fields__)
+        insert = (
+            f"INSERT INTO predictions ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})"
+        )
+        rows = [[getattr(record, f) for f in fields] for record, _ in items]
+        images = [
+            (record.id, record.created + self.retention, encode_pixels(pixels))
+            for record, pixels in items
+        ]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    f"INSERT INTO predictions ({', '.join(fields)}) "
-                    f"VALUES ({', '.join('?' * len(fields))})",
-                    [getattr(record, f) for f in fields],
-                )
-                self._db.execute(
-                    "INSERT INTO images (id, expires, pixels) VALUES (?, ?, ?)",
-                    (record.id, record.created + self.retention, blob),
+                self._db.executemany(insert, rows)
+                self._db.executemany(
+                    "INSERT INTO images (id, expires, pixels) VALUES (?, ?, ?)", images
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -184,3 +192,61 @@ class RecordStore:
     def integrity_ok(self) -> bool:
         with self._lock:
             return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+class RecordWriter:
+    """One thread writes the audit trail; requests that arrive together share a transaction
+    (group commit), so a burst costs one commit instead of one per request and no request
+    thread waits on the database lock. `add` returns only once the row is committed."""
+
+    def __init__(self, store: RecordStore, max_group: int = 64) -> None:
+        self.store = store
+        self.max_group = max_group
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="records-writer", daemon=True)
+        self._thread.start()
+
+    async def add(self, record: PredictionRecord, pixels: np.ndarray) -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((record, pixels, loop, future))
+        await future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            group = [item]
+            stop = False
+            while len(group) < self.max_group:
+                try:
+                    following = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if following is None:
+                    stop = True
+                    break
+                group.append(following)
+            error: BaseException | None = None
+            try:
+                self.store.add_many([(record, pixels) for record, pixels, _, _ in group])
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+                error = exc
+            for _, _, loop, future in group:
+                loop.call_soon_threadsafe(_settle, future, error)
+            if stop:
+                return
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

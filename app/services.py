@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from app.batching import MicroBatcher
 from app.classifier import ModelManager
 from app.observability import Metrics
-from app.records import RecordStore
+from app.records import RecordStore, RecordWriter
 from app.security import KeyRing
 from app.settings import Settings
 
@@ -24,6 +24,7 @@ class Services:
     manager: ModelManager
     batcher: MicroBatcher
     records: RecordStore
+    writer: RecordWriter
     decode_pool: ThreadPoolExecutor
     explain_pool: ThreadPoolExecutor
     decode_slots: asyncio.Semaphore

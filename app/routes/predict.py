@@ -204,7 +204,7 @@ async def predict(
         series_uid=uids.get("SeriesInstanceUID"),
         sop_uid=uids.get("SOPInstanceUID"),
     )
-    await asyncio.to_thread(services.records.add, record, decoded.pixels)
+    await services.writer.add(record, decoded.pixels)
     services.metrics.predictions.labels(label, str(model.version)).inc()
     accept = request.headers.get("accept", "")
     if "application/fhir+json" in accept:
