@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import time
-import uuid
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -130,7 +130,7 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if _SAFE_ID.match(incoming) else os.urandom(8).hex()
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status_holder = {"status": 500}
