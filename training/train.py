@@ -8,7 +8,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -130,8 +130,15 @@ def _limit(samples, limit: int):
     return out
 
 
+SEED_RECIPE = {"batch_size": 32, "patience": 5, "augment": False}
+
+
 def train(config: TrainConfig) -> tuple[int, Path]:
     started = time.monotonic()
+    if config.arch == "seed":
+        # The notebook's recipe, whatever else was asked: batch 32, early stopping patience 5,
+        # no augmentation (RMSprop with its default LR is chosen below).
+        config = replace(config, **SEED_RECIPE)
     keras.utils.set_random_seed(config.seed)
     samples = _limit(scan(config.data, "train"), config.limit)
     parts = patient_split(samples, seed=config.seed)
