@@ -14,7 +14,9 @@ import numpy as np
 from PIL import Image
 from skimage.segmentation import find_boundaries, slic
 
-N_SEGMENTS = 60
+# 30 superpixels (~40 x 40 px): top-5 regions agree across LIME seeds at 1000 samples with mean
+# Jaccard 0.86 (min 0.52) on six radiographs, against 0.47 with 60 and 0.75 with 40.
+N_SEGMENTS = 30
 HIDDEN_VALUE = 0  # the seed's hide_color
 KERNEL_WIDTH = 0.25  # lime_image's default
 PREDICT_BATCH = 250
