@@ -16,6 +16,7 @@ COMPOSE=""
 log() { printf '[container] %s\n' "$*"; }
 
 cleanup() {
+  trap - ERR
   set +e
   if [[ -n "$COMPOSE" ]]; then
     (cd "$ROOT" && DOCKER_HOST="$SOCK" "$COMPOSE" -p pneumoscan-ci -f docker-compose.yml \
@@ -129,3 +130,4 @@ assert png[:8] == b"\x89PNG\r\n\x1a\n", png[:16]
 print("[container] explanation PNG", len(png), "bytes")
 PY
 log "OK"
+exit 0
