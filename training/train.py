@@ -262,7 +262,12 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         "class_names": list(CLASS_NAMES),
         "threshold": round(float(threshold), 6),
         "threshold_rule": f"highest threshold with pneumonia sensitivity >= "
-        f"{config.min_sensitivity} on the selection set (validation + seeded shifted copy)",
+        f"{config.min_sensitivity} on "
+        + (
+            "the selection set (validation + seeded shifted copy)"
+            if shift_like
+            else "the validation split"
+        ),
         "temperature": round(float(temperature), 6),
         "metrics": metrics,
         "training": {
