@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 
 from app.records import PredictionRecord
 
-CAUTION = "AI screening aid, unverified: NOT FOR DIAGNOSTIC USE. A radiologist must read the image."
+SHORT_CAUTION = "AI screening aid, unverified: NOT FOR DIAGNOSTIC USE"  # fits a LO (64)
+CAUTION = f"{SHORT_CAUTION}. A radiologist must read the image."
 SNOMED = "http://snomed.info/sct"
 FINDINGS = {"PNEUMONIA": ("233604007", "Pneumonia"), "NORMAL": ("17621005", "Normal")}
 PRIVATE_SCHEME = "99PNEUMOSCAN"
@@ -76,7 +77,7 @@ def build_sr(source, record: PredictionRecord, model_name: str, model_version: i
         manufacturer_model_name=software,
         software_versions=str(model_version),
         contribution_datetime=datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
-        contribution_description=CAUTION[:64],
+        contribution_description=SHORT_CAUTION,
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source],
