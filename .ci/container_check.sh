@@ -16,8 +16,9 @@ COMPOSE=""
 log() { printf '[container] %s\n' "$*"; }
 
 cleanup() {
-  trap - ERR
+  local status=$?
   set +e
+  [[ $status -ne 0 ]] && echo "[container] FAILED (exit $status); logs in $WORK" >&2
   if [[ -n "$COMPOSE" ]]; then
     (cd "$ROOT" && DOCKER_HOST="$SOCK" "$COMPOSE" -p pneumoscan-ci -f docker-compose.yml \
       -f "$WORK/compose.ci.yml" down -v --remove-orphans >/dev/null 2>&1)
@@ -29,7 +30,6 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
-trap 'echo "[container] FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 mkdir -p "$WORK"
 if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
