@@ -129,5 +129,58 @@ png = urllib.request.urlopen(explain, timeout=120).read()
 assert png[:8] == b"\x89PNG\r\n\x1a\n", png[:16]
 print("[container] explanation PNG", len(png), "bytes")
 PY
+log "compose --profile pacs: Orthanc with the plugin, built offline from Debian's HTTP mirror"
+OPORT="$(python3.11 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+DPORT="$(python3.11 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+python3.11 - "$ROOT/integrations/orthanc/orthanc.json" "$WORK/orthanc-ci.json" "$OPORT" "$DPORT" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+config.update(HttpPort=int(sys.argv[3]), DicomPort=int(sys.argv[4]), RemoteAccessAllowed=False)
+json.dump(config, open(sys.argv[2], "w"))
+PY
+chmod 644 "$WORK/orthanc-ci.json"
+cat >>"$WORK/compose.ci.yml" <<YAML
+  pacs:
+    network_mode: host
+    ports: !reset []
+    environment:
+      PNEUMOSCAN_URL: "http://127.0.0.1:$PORT"
+      PNEUMOSCAN_API_KEY: "$KEY"
+    volumes:
+      - $WORK/orthanc-ci.json:/etc/orthanc/orthanc-ci.json:ro
+    command: ["Orthanc", "/etc/orthanc/orthanc-ci.json"]
+YAML
+docker build --network host --build-arg BASE_IMAGE="$BASE_TAG" -t pneumoscan-orthanc:latest \
+  "$ROOT/integrations/orthanc" >"$WORK/pacs-build.log" 2>&1 || { tail -n 30 "$WORK/pacs-build.log"; exit 1; }
+"$COMPOSE" -p pneumoscan-ci -f docker-compose.yml -f "$WORK/compose.ci.yml" --profile pacs \
+  up -d --no-build pacs
+python3.11 - "$OPORT" "$ROOT/tests/fixtures/dicom/person1946_bacteria_4874.dcm" <<'PY'
+import json, sys, time, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+for _ in range(60):
+    try:
+        urllib.request.urlopen(f"{base}/system", timeout=2)
+        break
+    except OSError:
+        time.sleep(1)
+stored = json.load(urllib.request.urlopen(urllib.request.Request(
+    f"{base}/instances", data=open(sys.argv[2], "rb").read(), method="POST"), timeout=30))
+study = stored["ParentStudy"]
+for _ in range(120):
+    try:
+        label = urllib.request.urlopen(f"{base}/studies/{study}/metadata/PneumoscanResult",
+                                       timeout=5).read().decode()
+        break
+    except OSError:
+        time.sleep(1)
+else:
+    sys.exit("[container] no PneumoscanResult on the study within 120 s")
+modalities = [json.load(urllib.request.urlopen(f"{base}/series/{s}", timeout=5))["MainDicomTags"]
+              .get("Modality") for s in json.load(urllib.request.urlopen(
+                  f"{base}/studies/{study}", timeout=5))["Series"]]
+assert label in ("NORMAL", "PNEUMONIA"), label
+assert "SR" in modalities, modalities
+print(f"[container] Orthanc scored the study {label}; series modalities {modalities}")
+PY
 log "OK"
 exit 0
