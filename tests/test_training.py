@@ -152,3 +152,15 @@ def test_unreadable_image_is_a_clear_error(small_data: Path, tmp_path: Path, cap
 def test_nonexistent_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         scan(tmp_path / "nope")
+
+
+def test_distribution_strategies(monkeypatch) -> None:
+    import tensorflow as tf
+
+    from training.train import make_strategy
+
+    assert isinstance(make_strategy("mirrored"), tf.distribute.MirroredStrategy)
+    assert make_strategy("default") is tf.distribute.get_strategy()
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(SystemExit, match="TF_CONFIG"):
+        make_strategy("multi-worker")
