@@ -21,7 +21,7 @@ cleanup() {
   [[ $status -ne 0 ]] && echo "[container] FAILED (exit $status); logs in $WORK" >&2
   if [[ -n "$COMPOSE" ]]; then
     (cd "$ROOT" && DOCKER_HOST="$SOCK" "$COMPOSE" -p pneumoscan-ci -f docker-compose.yml \
-      -f "$WORK/compose.ci.yml" down -v --remove-orphans >/dev/null 2>&1)
+      -f "$WORK/compose.ci.yml" --profile pacs down -v --remove-orphans >/dev/null 2>&1)
   fi
   if [[ -n "$DOCKERD_PID" ]]; then
     kill "$DOCKERD_PID" 2>/dev/null
@@ -103,6 +103,10 @@ services:
 YAML
 cd "$ROOT"
 "$COMPOSE" -f docker-compose.yml -f "$WORK/compose.ci.yml" config -q
+# Containers left by an interrupted earlier run would restart with their old settings.
+docker ps -aq --filter label=com.docker.compose.project=pneumoscan-ci | xargs -r docker rm -f >/dev/null
+docker volume ls -q --filter label=com.docker.compose.project=pneumoscan-ci \
+  | xargs -r docker volume rm >/dev/null
 log "compose up"
 "$COMPOSE" -p pneumoscan-ci -f docker-compose.yml -f "$WORK/compose.ci.yml" up -d --no-build api
 for _ in $(seq 1 60); do
@@ -154,15 +158,18 @@ docker build --network host --build-arg BASE_IMAGE="$BASE_TAG" -t pneumoscan-ort
   "$ROOT/integrations/orthanc" >"$WORK/pacs-build.log" 2>&1 || { tail -n 30 "$WORK/pacs-build.log"; exit 1; }
 "$COMPOSE" -p pneumoscan-ci -f docker-compose.yml -f "$WORK/compose.ci.yml" --profile pacs \
   up -d --no-build pacs
-python3.11 - "$OPORT" "$ROOT/tests/fixtures/dicom/person1946_bacteria_4874.dcm" <<'PY'
+python3.11 - "$OPORT" "$ROOT/tests/fixtures/dicom/person1946_bacteria_4874.dcm" <<'PY' \
+  || { docker logs pneumoscan-ci-pacs-1 2>&1 | tail -n 40; exit 1; }
 import json, sys, time, urllib.request
 base = f"http://127.0.0.1:{sys.argv[1]}"
-for _ in range(60):
+for _ in range(120):
     try:
         urllib.request.urlopen(f"{base}/system", timeout=2)
         break
     except OSError:
         time.sleep(1)
+else:
+    sys.exit("[container] Orthanc did not answer within 120 s")
 stored = json.load(urllib.request.urlopen(urllib.request.Request(
     f"{base}/instances", data=open(sys.argv[2], "rb").read(), method="POST"), timeout=30))
 study = stored["ParentStudy"]
