@@ -47,7 +47,6 @@ class MicroBatcher:
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_max)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []
         # Requests between upload and queue (decoding). The gather wait only makes sense when
         # more are on their way: a lone request goes straight to the model.
         self.incoming = 0
@@ -113,8 +112,6 @@ class MicroBatcher:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            self.batch_sizes.append(len(items))
-            del self.batch_sizes[:-1000]
             for item, row in zip(items, probs, strict=True):
                 if not item.future.done():
                     item.future.set_result(

@@ -91,21 +91,24 @@ def test_no_pixel_data_refused() -> None:
         decode_image(_save(ds))
 
 
-def test_multiframe_refused(reference: np.ndarray) -> None:
+def eight_bit_dataset(photometric: str, pixels: np.ndarray):
+    """A 224 x 224 8-bit dataset with the given photometric interpretation and raw pixels."""
     ds = base_dataset(224, 224)
-    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PhotometricInterpretation = photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def test_multiframe_refused(reference: np.ndarray) -> None:
+    ds = eight_bit_dataset("MONOCHROME2", np.stack([reference, reference]))
     ds.NumberOfFrames = 2
-    ds.PixelData = np.stack([reference, reference]).tobytes()
     with pytest.raises(UnsupportedDicomError, match="Multi-frame"):
         decode_image(_save(ds))
 
 
 def test_palette_color_refused(reference: np.ndarray) -> None:
-    ds = base_dataset(224, 224)
-    ds.PhotometricInterpretation = "PALETTE COLOR"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-    ds.PixelData = reference.tobytes()
+    ds = eight_bit_dataset("PALETTE COLOR", reference)
     with pytest.raises(UnsupportedDicomError, match="Photometric"):
         decode_image(_save(ds))
 
