@@ -17,7 +17,7 @@ from app.errors import (
     UndecodableImageError,
     UnsupportedMediaError,
 )
-from app.imaging import decode_image, resize_to_model, to_grayscale_u8
+from app.imaging import decode_image, is_small_raster, resize_to_model, to_grayscale_u8
 from tests.conftest import FIXTURES, fixture_bytes
 
 PAIRS = [
@@ -162,3 +162,18 @@ def test_mutated_real_images_decode_or_raise_the_domain_error(data: st.DataObjec
     except InputError:
         return
     assert decoded.pixels.shape == (224, 224) and decoded.pixels.dtype == np.uint8
+
+
+def test_small_raster_fast_path_is_chosen_from_the_header_only() -> None:
+    """224 px uploads decode inline; full-resolution, DICOM, bombs and junk go to the pool."""
+    small = next((FIXTURES / "chest_xray" / "NORMAL").iterdir()).read_bytes()
+    assert is_small_raster(small)
+    assert is_small_raster(encode(Image.new("L", (300, 300), 128), "PNG"))
+    assert not is_small_raster(fixture_bytes("originals/NORMAL2-IM-0744-0001.jpeg"))
+    assert not is_small_raster(fixture_bytes("dicom/person1946_bacteria_4874.dcm"))
+    # A few hundred bytes of PNG that would inflate to 20 000 x 20 000 pixels.
+    bomb = encode(Image.new("1", (20_000, 20_000)), "PNG", optimize=True)
+    assert len(bomb) < 256 * 1024
+    assert not is_small_raster(bomb)
+    assert not is_small_raster(small[:40])
+    assert not is_small_raster(b"GIF89a" + bytes(100))

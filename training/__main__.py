@@ -45,6 +45,18 @@ def parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=0, help="at most this many images per class (smoke runs)"
     )
     train.add_argument("--no-augment", action="store_true")
+    train.add_argument(
+        "--augmentation",
+        default="shift",
+        choices=["basic", "shift"],
+        help="basic: geometry + exposure (v1); shift: also flips, markers, collimation bands",
+    )
+    train.add_argument(
+        "--ema",
+        type=float,
+        default=0.995,
+        help="momentum of the weight moving average that is validated and kept (0 = off)",
+    )
 
     evaluate = sub.add_parser("evaluate", help="score a store version on a labelled folder")
     evaluate.add_argument("--model", required=True, help="model_store/<name>/<version>")
@@ -62,6 +74,12 @@ def parser() -> argparse.ArgumentParser:
         "--originals",
         help="Kaggle-layout folder of full-resolution originals (e.g. ../shared/data/originals): "
         "scores those of internal-test patients through the service's decode path",
+    )
+    evaluate.add_argument(
+        "--part",
+        choices=["train", "validation", "internal_test"],
+        help="score only this part of the version's recorded patient split (read from --data's "
+        "train split); 'validation' is what choosing between versions may use",
     )
     card = sub.add_parser("card", help="print a version's model card as Markdown")
     card.add_argument("--model", required=True, help="model_store/<name>/<version>")
@@ -97,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         strategy=args.strategy,
         limit=args.limit,
         augment=not args.no_augment,
+        augmentation=args.augmentation,
+        ema=args.ema,
     )
     try:
         _version, folder = train(config)

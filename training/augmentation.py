@@ -49,12 +49,60 @@ def photometric(images: tf.Tensor, seed: int) -> tf.Tensor:
     return tf.clip_by_value(x, 0.0, 1.0) * 255.0
 
 
-def augment_fn(seed: int) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+def _boxes(n: tf.Tensor, y0, x0, h, w) -> tf.Tensor:
+    """Boolean masks [n, 224, 224, 1] of axis-aligned boxes given per-image corners and sizes."""
+    rows = tf.reshape(tf.range(TARGET_SIZE, dtype=tf.float32), [1, -1, 1, 1])
+    cols = tf.reshape(tf.range(TARGET_SIZE, dtype=tf.float32), [1, 1, -1, 1])
+    return (rows >= y0) & (rows < y0 + h) & (cols >= x0) & (cols < x0 + w)
+
+
+def acquisition_artifacts(images: tf.Tensor) -> tf.Tensor:
+    """What other sites burn into the image, on 0..255 floats: bright text and side markers
+    near the edges (half the images) and a bright unexposed collimation band along one side
+    (a fifth of them)."""
+    n = tf.shape(images)[0]
+
+    def u(low: float, high: float) -> tf.Tensor:
+        return tf.random.uniform([n, 1, 1, 1], low, high)
+
+    x = images
+    for _ in range(2):
+        h, w = u(5.0, 16.0), u(8.0, 40.0)
+        top = tf.cast(u(0.0, 1.0) < 0.5, tf.float32)
+        y0 = top * u(2.0, 30.0) + (1.0 - top) * u(TARGET_SIZE - 46.0, TARGET_SIZE - 16.0)
+        x0 = u(2.0, TARGET_SIZE - 42.0)
+        on = u(0.0, 1.0) < 0.5
+        x = tf.where(_boxes(n, y0, x0, h, w) & on, u(200.0, 255.0), x)
+    width = u(4.0, 22.0)
+    side = tf.floor(u(0.0, 4.0))  # 0 top, 1 bottom, 2 left, 3 right
+    full = tf.fill([n, 1, 1, 1], float(TARGET_SIZE))
+    zero = tf.zeros([n, 1, 1, 1])
+    y0 = tf.where(side == 1.0, TARGET_SIZE - width, zero)
+    x0 = tf.where(side == 3.0, TARGET_SIZE - width, zero)
+    h = tf.where(side < 2.0, width, full)
+    w = tf.where(side < 2.0, full, width)
+    on = u(0.0, 1.0) < 0.2
+    return tf.where(_boxes(n, y0, x0, h, w) & on, u(150.0, 255.0), x)
+
+
+AUGMENTATIONS = ("basic", "shift")
+
+
+def augment_fn(
+    seed: int, level: str = "shift"
+) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+    """'basic' is the v1 recipe (geometry + exposure); 'shift' adds left-right flips and the
+    markers and collimation bands of other sites."""
+    if level not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {level!r}; choose from {AUGMENTATIONS}")
     geometric = geometric_layers(seed)
+    flip = keras.layers.RandomFlip("horizontal", seed=seed + 3)
 
     def augment(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         images = tf.cast(images, tf.float32)
         images = geometric(images, training=True)
+        if level == "shift":
+            images = acquisition_artifacts(flip(images, training=True))
         return photometric(images, seed), labels
 
     return augment

@@ -75,6 +75,21 @@ def originals_report(
     return {"note": note, **classification_report(labels, predict(images), threshold)}
 
 
+def split_part(samples: list, version_dir: Path, part: str) -> list:
+    """Keep the samples that the version's recorded patient split put in `part`."""
+    split_file = version_dir / "split.json"
+    if not split_file.exists():
+        raise DataError(f"{version_dir} has no split.json, so --part {part} cannot be used")
+    parts = json.loads(split_file.read_text())
+    if part not in parts:
+        raise DataError(f"--part must be one of {', '.join(parts)}, not {part!r}")
+    chosen = set(parts[part])
+    kept = [s for s in samples if f"{s.path.parent.name}/{s.path.name}" in chosen]
+    if not kept:
+        raise DataError(f"none of the {part} files of {version_dir} are in the data folder")
+    return kept
+
+
 def evaluate(
     model: Path,
     data: Path,
@@ -82,19 +97,25 @@ def evaluate(
     plots: Path | None = None,
     robustness: bool = False,
     originals: Path | None = None,
+    part: str | None = None,
 ) -> dict:
     predict, card = load_savedmodel(model)
     samples = scan(data, split)
+    if part:
+        samples = split_part(samples, model, part)
     images, labels = load_arrays(samples)
     threshold = float(card["threshold"])
     p = predict(images)
     result = {
         "model": {"name": card.get("name"), "version": card.get("version")},
         "data": str(data),
+        **({"part": part} if part else {}),
         **classification_report(labels, p, threshold),
     }
     if robustness:
-        result["robustness"] = robustness_report(predict, images, labels, threshold)
+        # The same seeded perturbations the training run reported with.
+        seed = int(card.get("training", {}).get("seed", 0))
+        result["robustness"] = robustness_report(predict, images, labels, threshold, seed=seed)
     if originals:
         result["originals"] = originals_report(predict, model, originals, threshold)
     if plots:
@@ -117,6 +138,7 @@ def main_evaluate(args) -> int:
             Path(args.plots) if args.plots else None,
             args.robustness,
             Path(args.originals) if args.originals else None,
+            args.part,
         )
     except DataError as exc:
         raise SystemExit(f"error: {exc}") from exc

@@ -23,7 +23,7 @@ from app.errors import (
     PneumoscanError,
     UnsupportedMediaError,
 )
-from app.imaging import decode_image
+from app.imaging import decode_image, is_small_raster
 from app.records import PredictionRecord
 from app.reports import build_fhir, build_sr
 from app.schemas import (
@@ -126,6 +126,26 @@ async def read_upload(request: Request, max_bytes: int, timeout_s: float) -> byt
     return data
 
 
+async def decode_in_pool(services, data: bytes):
+    """Large uploads (full-resolution radiographs, DICOM) decode on the bounded pool."""
+    settings = services.settings
+    if services.decode_slots.locked():
+        services.metrics.rejected.labels("decode_queue_full").inc()
+        raise OverloadedError("Too many uploads are being decoded; retry shortly.", 1)
+    async with services.decode_slots:
+        loop = asyncio.get_running_loop()
+        services.batcher.incoming += 1
+        try:
+            return await loop.run_in_executor(
+                services.decode_pool,
+                lambda: decode_image(
+                    data, max_pixels=settings.max_pixels, min_side=settings.min_side
+                ),
+            )
+        finally:
+            services.batcher.incoming -= 1
+
+
 @router.post(
     "/predict",
     response_model=PredictionPublic,
@@ -155,23 +175,12 @@ async def predict(
     settings = services.settings
     services.manager.get()  # 503 before reading a large body when no model is loaded
     data = await read_upload(request, settings.max_upload_bytes, settings.upload_timeout_s)
-    if services.decode_slots.locked():
-        services.metrics.rejected.labels("decode_queue_full").inc()
-        raise OverloadedError("Too many uploads are being decoded; retry shortly.", 1)
-    async with services.decode_slots:
-        loop = asyncio.get_running_loop()
-        decode_started = time.perf_counter()
-        services.batcher.incoming += 1
-        try:
-            decoded = await loop.run_in_executor(
-                services.decode_pool,
-                lambda: decode_image(
-                    data, max_pixels=settings.max_pixels, min_side=settings.min_side
-                ),
-            )
-        finally:
-            services.batcher.incoming -= 1
-        decode_ms = (time.perf_counter() - decode_started) * 1000
+    decode_started = time.perf_counter()
+    if is_small_raster(data):
+        decoded = decode_image(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
+    else:
+        decoded = await decode_in_pool(services, data)
+    decode_ms = (time.perf_counter() - decode_started) * 1000
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
     try:
         result = await services.batcher.predict(decoded.pixels)
@@ -232,7 +241,7 @@ async def predict(
             "label": label,
         },
     )
-    return PredictionPublic(
+    body = PredictionPublic(
         prediction_id=prediction_id,
         label=label,
         probabilities=Probabilities(NORMAL=p_normal, PNEUMONIA=p_pneumonia),
@@ -261,3 +270,5 @@ async def predict(
             batch_size=result.batch_size,
         ),
     )
+    # Serialised once by pydantic-core; returning the model would validate it a second time.
+    return Response(body.model_dump_json(), media_type="application/json")
