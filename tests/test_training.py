@@ -129,6 +129,16 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     for key in ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "ece"):
         assert key in result
 
+    # Scoring one part of the version's recorded patient split (what choosing versions uses).
+    validation = json.loads((folder / "split.json").read_text())["validation"]
+    args = ["evaluate", "--model", str(folder), "--data", str(small_data), "--split", "train"]
+    assert main([*args, "--part", "validation", "--robustness"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["part"] == "validation" and result["n"] == len(validation)
+    assert {"clean", "gamma_0.6", "worst"} <= set(result["robustness"])
+    assert "robustness_validation" in card["metrics"]
+    assert card["training"]["selection_monitor"].startswith("val_auc")
+
 
 def test_missing_class_folder_is_a_clear_error(tmp_path: Path, capsys) -> None:
     (tmp_path / "train" / "NORMAL").mkdir(parents=True)
@@ -164,3 +174,54 @@ def test_distribution_strategies(monkeypatch) -> None:
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(SystemExit, match="TF_CONFIG"):
         make_strategy("multi-worker")
+
+
+def test_shift_augmentation_adds_markers_and_bands_within_range() -> None:
+    import tensorflow as tf
+
+    from training.augmentation import acquisition_artifacts, augment_fn
+
+    tf.random.set_seed(3)
+    images = tf.fill([64, 224, 224, 1], 60.0)
+    marked = acquisition_artifacts(images).numpy()
+    changed = marked != 60.0
+    # Only brightening boxes are burned in, on a good share of the images, never all pixels.
+    assert marked.min() >= 60.0 and marked.max() <= 255.0
+    assert 8 < changed.any(axis=(1, 2, 3)).sum() < 64
+    assert changed.mean() < 0.2
+    labels = tf.zeros([64])
+    for level in ("basic", "shift"):
+        out, same = augment_fn(0, level)(tf.cast(images, tf.uint8), labels)
+        assert out.shape == (64, 224, 224, 1) and same is labels
+        assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 255.0
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augment_fn(0, "wild")
+
+
+def test_restore_best_keeps_the_best_epoch_in_either_direction() -> None:
+    import keras
+
+    from training.train import RestoreBest
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    for mode, values, best in (("max", [0.9, 0.95, 0.93], 1), ("min", [0.3, 0.2, 0.25], 1)):
+        restore = RestoreBest("val_auc", mode)
+        restore.set_model(model)
+        for epoch, value in enumerate(values):
+            model.layers[0].kernel.assign([[float(epoch)]])
+            restore.on_epoch_end(epoch, {"val_auc": value})
+        restore.on_train_end()
+        assert restore.best_epoch == best
+        assert float(model.layers[0].kernel.numpy()[0, 0]) == float(best)
+
+
+def test_evaluate_part_needs_a_recorded_split(tmp_path: Path) -> None:
+    from training.evaluate import split_part
+
+    with pytest.raises(DataError, match=r"no split\.json"):
+        split_part([], tmp_path, "validation")
+    (tmp_path / "split.json").write_text(json.dumps({"validation": ["NORMAL/x.jpeg"]}))
+    with pytest.raises(DataError, match="must be one of"):
+        split_part([], tmp_path, "elsewhere")
+    with pytest.raises(DataError, match="none of the validation files"):
+        split_part(scan(FIXTURES / "val", None), tmp_path, "validation")
