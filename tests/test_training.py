@@ -139,6 +139,22 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     assert "robustness_validation" in card["metrics"]
     assert card["training"]["selection_monitor"].startswith("val_auc")
 
+    # Promoting a candidate into a serving store: next number, same files, verifiable.
+    serving = tmp_path / "serving" / "pneumonia"
+    (serving / "7").mkdir(parents=True)  # an existing (even broken) version is never touched
+    assert main(["promote", str(folder), "--model-store", str(serving.parent)]) == 0
+    promoted = serving / "8"
+    from app.model_store import verify_version
+
+    promoted_card = verify_version(promoted)
+    assert promoted_card["version"] == 8 and promoted_card["promoted_from"]["version"] == 1
+    assert promoted_card["threshold"] == card["threshold"]
+    assert (promoted / "saved_model.pb").read_bytes() == (folder / "saved_model.pb").read_bytes()
+    assert not list((serving / "7").iterdir())
+    (folder / "model.json").write_text("{}")
+    with pytest.raises(SystemExit, match="checksum mismatch"):
+        main(["promote", str(folder), "--model-store", str(serving.parent)])
+
 
 def test_missing_class_folder_is_a_clear_error(tmp_path: Path, capsys) -> None:
     (tmp_path / "train" / "NORMAL").mkdir(parents=True)

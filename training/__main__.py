@@ -81,6 +81,12 @@ def parser() -> argparse.ArgumentParser:
         help="score only this part of the version's recorded patient split (read from --data's "
         "train split); 'validation' is what choosing between versions may use",
     )
+    promote = sub.add_parser(
+        "promote", help="publish a candidate version (e.g. from runs/store) as the next version"
+    )
+    promote.add_argument("source", help="a version folder, e.g. runs/store/pneumonia/1")
+    promote.add_argument("--model-store", default=str(DEFAULT_STORE))
+    promote.add_argument("--model-name", default="pneumonia")
     card = sub.add_parser("card", help="print a version's model card as Markdown")
     card.add_argument("--model", required=True, help="model_store/<name>/<version>")
     return root
@@ -93,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.card import main_card
 
         return main_card(args)
+    if args.command == "promote":
+        from training.promote import main_promote
+
+        return main_promote(args)
     if args.command == "evaluate":
         from training.evaluate import main_evaluate
 
