@@ -140,15 +140,23 @@ INLINE_MAX_PIXELS = 640 * 640
 
 
 def is_small_raster(data: bytes) -> bool:
-    """True for a JPEG or PNG whose header promises a small decode (no pixels are decoded)."""
+    """True for a baseline JPEG or a PNG whose header promises a small decode (no pixels are
+    decoded). Progressive JPEGs stay off the event loop: a crafted one with
+    thousands of scans can take seconds to decode at any size."""
     if len(data) > INLINE_MAX_BYTES or not (
         data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"
     ):
         return False
     try:
-        with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as image:
-            width, height = image.size
-            return width * height <= INLINE_MAX_PIXELS and getattr(image, "n_frames", 1) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as image:
+                width, height = image.size
+                return (
+                    width * height <= INLINE_MAX_PIXELS
+                    and not image.info.get("progressive")
+                    and getattr(image, "n_frames", 1) == 1
+                )
     except Exception:  # noqa: BLE001 - not ours to judge here: the full decode reports it
         return False
 

@@ -176,4 +176,6 @@ def test_small_raster_fast_path_is_chosen_from_the_header_only() -> None:
     assert len(bomb) < 256 * 1024
     assert not is_small_raster(bomb)
     assert not is_small_raster(small[:40])
+    gray = Image.new("L", (224, 224), 90)
+    assert not is_small_raster(encode(gray, "JPEG", progressive=True))
     assert not is_small_raster(b"GIF89a" + bytes(100))
