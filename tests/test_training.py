@@ -85,7 +85,13 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     import tensorflow as tf
 
     store = tmp_path / "store"
-    code = main(tiny_run(small_data, store, "--max-minutes", "2"))
+    # The candidate options (weight averaging, shift augmentation) in the first run; the
+    # shipped recipe's defaults in the second.
+    code = main(
+        tiny_run(
+            small_data, store, "--max-minutes", "2", "--ema", "0.99", "--augmentation", "shift"
+        )
+    )
     assert code == 0
     folder = store / "pneumonia" / "1"
     card = json.loads((folder / "model.json").read_text())
@@ -116,6 +122,9 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
 
     # A second run is version 2: never an overwrite.
     assert main(tiny_run(small_data, store, "--limit", "4")) == 0
+    second = json.loads((store / "pneumonia" / "2" / "model.json").read_text())["training"]
+    assert second["augmentation"] == "basic" and second["ema"] == 0.0
+    assert second["selection_monitor"].startswith("val_loss")
     assert sorted(p.name for p in (store / "pneumonia").iterdir()) == ["1", "2"]
 
     capsys.readouterr()

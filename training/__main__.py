@@ -47,15 +47,17 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--no-augment", action="store_true")
     train.add_argument(
         "--augmentation",
-        default="shift",
+        default="basic",
         choices=["basic", "shift"],
-        help="basic: geometry + exposure (v1); shift: also flips, markers, collimation bands",
+        help="basic: geometry + exposure (the shipped recipe); shift: also flips, burned-in "
+        "markers and collimation bands",
     )
     train.add_argument(
         "--ema",
         type=float,
-        default=0.995,
-        help="momentum of the weight moving average that is validated and kept (0 = off)",
+        default=0.0,
+        help="momentum of a weight moving average that is validated, selected on validation "
+        "AUC and exported (e.g. 0.995; 0 = off, select raw weights on validation loss)",
     )
 
     evaluate = sub.add_parser("evaluate", help="score a store version on a labelled folder")
