@@ -44,6 +44,24 @@ class LoadedModel:
         return out.numpy()
 
 
+def configure_threads(intra_op: int) -> int:
+    """Set TensorFlow's intra-op thread count (0 keeps its default) before the first op runs;
+    returns the count in effect. TensorFlow fixes it at initialisation, so a second app in the
+    same process (tests) keeps what the first one set."""
+    import tensorflow as tf
+
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    if intra_op and intra_op != current:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+            current = intra_op
+        except RuntimeError:
+            log.warning(
+                "TensorFlow is already initialised; model threads stay at %s", current or "default"
+            )
+    return current
+
+
 def load_version(model_dir: Path, version: int) -> LoadedModel:
     """Verify and load one version; raise ModelStoreError if it is not servable."""
     import tensorflow as tf

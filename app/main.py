@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.batching import MicroBatcher
-from app.classifier import ModelManager
+from app.classifier import ModelManager, configure_threads
 from app.errors import OverloadedError, PneumoscanError
 from app.observability import Metrics, ObservabilityMiddleware, configure_logging
 from app.records import RecordStore, RecordWriter
@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "AUTHENTICATION IS OFF (PNEUMOSCAN_ALLOW_NO_AUTH=true): development "
                 "only, never on a hospital network"
             )
+        configure_threads(current.model_threads)
         services = build_services(current, metrics)
         app.state.services = services
         await asyncio.to_thread(services.manager.refresh)

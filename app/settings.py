@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(3.0, ge=0, le=1000, description="Micro-batch gather wait.")
     queue_max: int = Field(256, ge=1, description="Queued predictions before 503 Retry-After.")
     decode_workers: int = Field(2, ge=1, le=64, description="Threads decoding uploads.")
+    model_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="TensorFlow intra-op threads (0 = TensorFlow's default, one per core). On a "
+        "2-core host 1 leaves a core to HTTP and decoding: faster /predict under load, slower "
+        "explanations (README, Benchmarks).",
+    )
     explain_workers: int = Field(1, ge=1, le=8, description="Concurrent LIME explanations.")
     explain_queue_max: int = Field(8, ge=1, description="Waiting explanations before 503.")
     explain_num_samples: int = Field(1000, ge=100, le=5000, description="Default LIME samples.")

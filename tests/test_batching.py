@@ -70,3 +70,41 @@ def test_full_queue_answers_503_with_retry_after(tiny_store: Path, tmp_path: Pat
                 assert response.json()["error"]["code"] == "overloaded"
         assert client.get("/healthz").status_code == 200
         assert client.post("/predict", files={"file": ("a.jpeg", image)}).status_code == 200
+
+
+def test_model_threads_setting_reaches_tensorflow(tmp_path: Path) -> None:
+    """PNEUMOSCAN_MODEL_THREADS sets TensorFlow's intra-op pool before the first op; in a
+    process where TensorFlow already runs, the setting is reported, not crashed on."""
+    import subprocess
+    import sys
+
+    import pytest
+    from pydantic import ValidationError
+
+    from app.classifier import configure_threads
+    from app.settings import Settings
+
+    code = (
+        "import tensorflow as tf\n"
+        "from app.classifier import configure_threads\n"
+        "assert configure_threads(1) == 1\n"
+        "tf.constant(1) + 1\n"
+        "print(tf.config.threading.get_intra_op_parallelism_threads())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=True,
+    ).stdout
+    assert out.strip().splitlines()[-1] == "1"
+    import tensorflow as tf
+
+    tf.constant(1) + 1  # this process's runtime is initialised by now
+    before = tf.config.threading.get_intra_op_parallelism_threads()
+    assert configure_threads(0) == before
+    assert configure_threads(before + 3) == before
+    with pytest.raises(ValidationError):
+        Settings(model_threads=-1, api_keys="k" * 16)
