@@ -23,7 +23,7 @@ from app.errors import (
     PneumoscanError,
     UnsupportedMediaError,
 )
-from app.imaging import decode_image, is_small_raster
+from app.imaging import DecodedImage, decode_image, is_small_raster
 from app.records import PredictionRecord
 from app.reports import build_fhir, build_sr
 from app.schemas import (
@@ -35,6 +35,7 @@ from app.schemas import (
     Timings,
     error_responses,
 )
+from app.services import Services
 
 log = logging.getLogger("pneumoscan.predict")
 router = APIRouter(tags=["predict"])
@@ -126,7 +127,7 @@ async def read_upload(request: Request, max_bytes: int, timeout_s: float) -> byt
     return data
 
 
-async def decode_in_pool(services, data: bytes):
+async def decode_in_pool(services: Services, data: bytes) -> DecodedImage:
     """Large uploads (full-resolution radiographs, DICOM) decode on the bounded pool."""
     settings = services.settings
     if services.decode_slots.locked():
