@@ -143,14 +143,16 @@ def is_small_raster(data: bytes) -> bool:
     """True for a baseline JPEG or a PNG whose header promises a small decode (no pixels are
     decoded). Progressive JPEGs stay off the event loop: a crafted one with
     thousands of scans can take seconds to decode at any size."""
-    if len(data) > INLINE_MAX_BYTES or not (
-        data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"
-    ):
+    try:
+        fmt = sniff_format(data)
+    except UnsupportedMediaError:
+        return False  # the full decode path names the problem
+    if fmt == "DICOM" or len(data) > INLINE_MAX_BYTES:
         return False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as image:
+            with Image.open(io.BytesIO(data), formats=[fmt]) as image:
                 width, height = image.size
                 return (
                     width * height <= INLINE_MAX_PIXELS

@@ -57,6 +57,12 @@ def _short(report: dict) -> dict:
     return {k: report[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")}
 
 
+def in_split(samples: list, names: list[str]) -> list:
+    """The samples named in a split.json list ("CLASS/file.jpeg")."""
+    chosen = set(names)
+    return [s for s in samples if f"{s.path.parent.name}/{s.path.name}" in chosen]
+
+
 def originals_report(
     predict: Predict, version_dir: Path, originals: Path, threshold: float
 ) -> dict:
@@ -66,8 +72,8 @@ def originals_report(
     split_file = version_dir / "split.json"
     note = "all originals (no split.json in the version)"
     if split_file.exists():
-        held_out = set(json.loads(split_file.read_text()).get("internal_test", []))
-        samples = [s for s in samples if f"{s.path.parent.name}/{s.path.name}" in held_out]
+        held_out = json.loads(split_file.read_text()).get("internal_test", [])
+        samples = in_split(samples, held_out)
         note = "originals whose patients are in the internal test split"
     if not samples:
         return {"n": 0, "note": note}
@@ -83,8 +89,7 @@ def split_part(samples: list, version_dir: Path, part: str) -> list:
     parts = json.loads(split_file.read_text())
     if part not in parts:
         raise DataError(f"--part must be one of {', '.join(parts)}, not {part!r}")
-    chosen = set(parts[part])
-    kept = [s for s in samples if f"{s.path.parent.name}/{s.path.name}" in chosen]
+    kept = in_split(samples, parts[part])
     if not kept:
         raise DataError(f"none of the {part} files of {version_dir} are in the data folder")
     return kept

@@ -43,8 +43,8 @@ def main_promote(args) -> int:
     from app.errors import ModelStoreError
 
     try:
-        version, folder = promote(Path(args.source), Path(args.model_store) / args.model_name)
+        _version, folder = promote(Path(args.source), Path(args.model_store) / args.model_name)
     except ModelStoreError as exc:
         raise SystemExit(f"error: {exc}") from exc
     print(folder)
-    return 0 if version else 1
+    return 0
