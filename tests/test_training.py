@@ -85,11 +85,20 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     import tensorflow as tf
 
     store = tmp_path / "store"
-    # The candidate options (weight averaging, shift augmentation) in the first run; the
-    # shipped recipe's defaults in the second.
+    # The candidate options (weight averaging, shift augmentation, label smoothing) in the
+    # first run; the shipped recipe's defaults in the second.
     code = main(
         tiny_run(
-            small_data, store, "--max-minutes", "2", "--ema", "0.99", "--augmentation", "shift"
+            small_data,
+            store,
+            "--max-minutes",
+            "2",
+            "--ema",
+            "0.99",
+            "--augmentation",
+            "shift",
+            "--label-smoothing",
+            "0.1",
         )
     )
     assert code == 0
@@ -109,6 +118,7 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     ):
         assert key in card
     assert card["data"]["manifest_sha256"] and card["version"] == 1
+    assert card["training"]["label_smoothing"] == 0.1
     for plot in ("training_curves.png", "roc.png", "confusion_matrix.png", "reliability.png"):
         assert (folder / plot).stat().st_size > 1000
     listed = (folder / "checksums.sha256").read_text()
@@ -124,6 +134,7 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     assert main(tiny_run(small_data, store, "--limit", "4")) == 0
     second = json.loads((store / "pneumonia" / "2" / "model.json").read_text())["training"]
     assert second["augmentation"] == "basic" and second["ema"] == 0.0
+    assert second["label_smoothing"] == 0.0
     assert second["selection_monitor"].startswith("val_loss")
     assert sorted(p.name for p in (store / "pneumonia").iterdir()) == ["1", "2"]
 

@@ -59,6 +59,13 @@ def parser() -> argparse.ArgumentParser:
         help="momentum of a weight moving average that is validated, selected on validation "
         "AUC and exported (e.g. 0.995; 0 = off, select raw weights on validation loss)",
     )
+    train.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="pull the training targets towards 0.5 by this much (e.g. 0.1; 0 = off); "
+        "temperature scaling recalibrates afterwards",
+    )
 
     evaluate = sub.add_parser("evaluate", help="score a store version on a labelled folder")
     evaluate.add_argument("--model", required=True, help="model_store/<name>/<version>")
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         augment=not args.no_augment,
         augmentation=args.augmentation,
         ema=args.ema,
+        label_smoothing=args.label_smoothing,
     )
     try:
         _version, folder = train(config)
