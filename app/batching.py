@@ -2,7 +2,9 @@
 
 Requests wait at most `max_wait` for company, batches hold at most `max_size` images, and the
 queue is bounded: when it is full the caller gets 503 with Retry-After instead of the process
-growing memory. The model runs on one dedicated thread, off the event loop.
+growing memory. The model runs off the event loop on `instances` dedicated threads (TensorFlow
+Serving's and Triton's "model instances"): while one batch is in the model, the next one is
+gathered and can start on another core.
 """
 
 from __future__ import annotations
@@ -39,26 +41,37 @@ class _Item:
 
 class MicroBatcher:
     def __init__(
-        self, manager: ModelManager, max_size: int, max_wait_ms: float, queue_max: int
+        self,
+        manager: ModelManager,
+        max_size: int,
+        max_wait_ms: float,
+        queue_max: int,
+        instances: int = 1,
     ) -> None:
         self.manager = manager
         self.max_size = max_size
         self.max_wait = max_wait_ms / 1000.0
+        self.instances = instances
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_max)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._task: asyncio.Task | None = None
+        self.executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix="inference")
+        self._tasks: list[asyncio.Task] = []
         # Requests between upload and queue (decoding). The gather wait only makes sense when
         # more are on their way: a lone request goes straight to the model.
         self.incoming = 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run(), name=f"micro-batcher-{index}")
+            for index in range(self.instances)
+        ]
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
         while not self.queue.empty():

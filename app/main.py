@@ -89,12 +89,19 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         keyring=KeyRing(tuple(settings.key_list), settings.allow_no_auth),
         manager=manager,
         batcher=MicroBatcher(
-            manager, settings.batch_max_size, settings.batch_max_wait_ms, settings.queue_max
+            manager,
+            settings.batch_max_size,
+            settings.batch_max_wait_ms,
+            settings.queue_max,
+            settings.instances,
         ),
         records=records,
         writer=RecordWriter(records),
         decode_pool=ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode"),
         explain_pool=ThreadPoolExecutor(settings.explain_workers, thread_name_prefix="explain"),
+        explain_model_pool=ThreadPoolExecutor(
+            settings.instances, thread_name_prefix="explain-model"
+        ),
         decode_slots=asyncio.Semaphore(settings.queue_max),
         explain_slots=asyncio.Semaphore(settings.explain_workers + settings.explain_queue_max),
     )
@@ -122,7 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "AUTHENTICATION IS OFF (PNEUMOSCAN_ALLOW_NO_AUTH=true): development "
                 "only, never on a hospital network"
             )
-        configure_threads(current.model_threads)
+        threads = configure_threads(current.model_threads)
         services = build_services(current, metrics)
         app.state.services = services
         await asyncio.to_thread(services.manager.refresh)
@@ -130,9 +137,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services.batcher.start()
         purger = asyncio.create_task(purge_loop(services), name="retention-purge")
         log.info(
-            "pneumoscan started: model store %s, serving %s",
+            "pneumoscan started: model store %s, serving %s, %d model instances x %s threads",
             current.model_store.name,
             services.manager.current.version if services.manager.current else "nothing",
+            current.instances,
+            threads or "default",
         )
         try:
             yield
@@ -142,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.manager.stop()
             services.decode_pool.shutdown(wait=False, cancel_futures=True)
             services.explain_pool.shutdown(wait=False, cancel_futures=True)
+            services.explain_model_pool.shutdown(wait=False, cancel_futures=True)
             services.writer.close()
             services.records.close()
 

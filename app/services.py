@@ -27,6 +27,7 @@ class Services:
     writer: RecordWriter
     decode_pool: ThreadPoolExecutor
     explain_pool: ThreadPoolExecutor
+    explain_model_pool: ThreadPoolExecutor  # one LIME batch per model instance
     decode_slots: asyncio.Semaphore
     explain_slots: asyncio.Semaphore
     explain_cache: OrderedDict[tuple[str, int, int], bytes] = field(default_factory=OrderedDict)

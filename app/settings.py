@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -34,12 +35,20 @@ class Settings(BaseSettings):
     queue_max: int = Field(256, ge=1, description="Queued predictions before 503 Retry-After.")
     decode_workers: int = Field(2, ge=1, le=64, description="Threads decoding uploads.")
     model_threads: int = Field(
-        0,
+        1,
         ge=0,
         le=256,
-        description="TensorFlow intra-op threads (0 = TensorFlow's default, one per core). On a "
-        "2-core host 1 leaves a core to HTTP and decoding: faster /predict under load, slower "
-        "explanations (README, Benchmarks).",
+        description="TensorFlow intra-op threads per model call (0 = TensorFlow's default, one "
+        "per core). One thread per call, with one call per core (model_instances), was faster "
+        "than one call spread over the cores for both /predict and explanations (README, "
+        "Benchmarks).",
+    )
+    model_instances: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Model calls that may run at once (0 = one per CPU this process may use, "
+        "at most 8); explanations split their LIME batches over as many threads.",
     )
     explain_workers: int = Field(1, ge=1, le=8, description="Concurrent LIME explanations.")
     explain_queue_max: int = Field(8, ge=1, description="Waiting explanations before 503.")
@@ -64,6 +73,13 @@ class Settings(BaseSettings):
             if len(key) < 16:
                 raise ValueError("every PNEUMOSCAN_API_KEYS entry must be at least 16 characters")
         return self
+
+    @property
+    def instances(self) -> int:
+        """model_instances with 0 resolved to the CPUs this process may run on (at most 8)."""
+        if self.model_instances:
+            return self.model_instances
+        return max(1, min(8, len(os.sched_getaffinity(0))))
 
     @property
     def key_list(self) -> list[str]:

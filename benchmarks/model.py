@@ -1,20 +1,27 @@
 """Raw model ceiling: the served SavedModel in-process, batch-1 latency and batch-32 throughput.
 
-python -m benchmarks.model [--model model_store/pneumonia/<v>]
+python -m benchmarks.model [--threads N] [--callers N] [--seconds S]
+
+TensorFlow fixes its intra-op thread count once per process, so one run measures one setting
+(default: the service's, PNEUMOSCAN_MODEL_THREADS). Batch-32 throughput is measured with one
+caller and with `callers` concurrent callers (the service's model instances); the higher is
+the ceiling the service is compared with.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 
-from app.classifier import load_version
+from app.classifier import configure_threads, load_version
 from app.model_store import list_versions
+from app.settings import Settings
 from benchmarks.common import default_store, percentiles, report
 
 
@@ -32,26 +39,68 @@ def measure(model, batch: int, seconds: float) -> list[float]:
     return times
 
 
-def run(model_dir=None, seconds: float = 8.0) -> dict:
+def throughput(model, batch: int, seconds: float, callers: int = 1) -> float:
+    """Images/s with `callers` threads each calling the model back to back."""
+    if callers == 1:
+        times = measure(model, batch, seconds)
+        return batch * len(times) / sum(times)
+    counts = [0] * callers
+    started = time.perf_counter()
+
+    def caller(index: int) -> None:
+        counts[index] = len(measure(model, batch, seconds))
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return batch * sum(counts) / (time.perf_counter() - started)
+
+
+def ceiling_batch32(model, seconds: float, callers: int) -> dict[str, float]:
+    """Batch-32 images/s with one caller and with `callers`; `best` is the ceiling."""
+    one = throughput(model, 32, seconds)
+    many = throughput(model, 32, seconds, callers) if callers > 1 else one
+    return {
+        "one_caller": round(one, 1),
+        f"{callers}_callers": round(many, 1),
+        "best": max(one, many),
+    }
+
+
+def run(
+    model_dir=None, seconds: float = 8.0, threads: int | None = None, callers: int | None = None
+) -> dict:
+    settings = Settings()
+    threads = settings.model_threads if threads is None else threads
+    callers = callers or settings.instances
+    in_effect = configure_threads(threads)
     model_dir = model_dir or default_store() / "pneumonia"
     version = max(list_versions(model_dir))
     model = load_version(model_dir, version)
     b1 = [t * 1000 for t in measure(model, 1, seconds)]
-    b32 = measure(model, 32, seconds)
+    b32 = ceiling_batch32(model, seconds, callers)
     result = {
         "version": version,
+        "intra_op_threads": in_effect or "default",
         "batch1_ms": percentiles(b1, (50, 95)),
-        "batch32_images_per_s": round(32 * len(b32) / sum(b32), 1),
+        "batch32": b32,
+        "batch32_images_per_s": round(b32["best"], 1),
     }
     report(
         "raw model (SavedModel in-process)",
         [
             ("model version", version),
+            ("TensorFlow intra-op threads", result["intra_op_threads"]),
             (
                 "batch 1 p50 / p95 (ms)",
                 f"{result['batch1_ms']['p50']} / {result['batch1_ms']['p95']}",
             ),
-            ("batch 32 throughput (img/s)", result["batch32_images_per_s"]),
+            (
+                f"batch 32 img/s: one caller, {callers} callers",
+                f"{b32['one_caller']}, {b32[f'{callers}_callers']}",
+            ),
         ],
         result,
     )
@@ -61,5 +110,9 @@ def run(model_dir=None, seconds: float = 8.0) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads (0 = TensorFlow's default)"
+    )
+    parser.add_argument("--callers", type=int, default=None, help="concurrent batch-32 callers")
     args = parser.parse_args()
-    run(seconds=args.seconds)
+    run(seconds=args.seconds, threads=args.threads, callers=args.callers)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ import numpy as np
 
 from app.classifier import load_version
 from app.model_store import list_versions
+from app.settings import Settings
 from benchmarks import model as model_bench
 from benchmarks import preprocess as preprocess_bench
 from benchmarks.common import (
@@ -92,10 +95,24 @@ def interleaved_one_client(url: str, model, data: bytes, rounds: int, n: int) ->
     }
 
 
-def raw_batch32_now(model, seconds: float) -> float:
-    """Raw batch-32 images/s measured right now, next to the load level it is compared with."""
-    times = model_bench.measure(model, 32, seconds)
-    return 32 * len(times) / sum(times)
+def raw_batch32_now(model, seconds: float, callers: int) -> float:
+    """Raw batch-32 images/s measured right now, next to the load level it is compared with:
+    the better of one caller and `callers` concurrent callers."""
+    return model_bench.ceiling_batch32(model, seconds / 2, callers)["best"]
+
+
+def default_threads_reference(seconds: float) -> dict:
+    """The raw model at TensorFlow's default thread count, in a process of its own (the count
+    is fixed per process): the yardstick the service's own setting has to beat."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.model", "--threads", "0", "--seconds", str(seconds)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
 def batch_totals(url: str) -> tuple[float, float]:
@@ -266,7 +283,9 @@ def lime_stability(samples: int, features: int) -> dict:
 
 
 def run(seconds: float) -> dict:
+    reference = default_threads_reference(4)
     raw = model_bench.run(seconds=5)
+    callers = Settings().instances
     decode = preprocess_bench.run()
     small = (SHARED / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg").read_bytes()
     name, full = preprocess_bench.median_original()
@@ -281,7 +300,7 @@ def run(seconds: float) -> dict:
         single_full = interleaved_one_client(url, model, full, rounds=3, n=40)
         concurrency = []
         for clients in (1, 8, 32):
-            before = raw_batch32_now(model, 3)
+            before = raw_batch32_now(model, 4, callers)
             if shutil.which("wrk"):
                 level = with_batch_size(
                     url, lambda c=clients: many_clients_wrk(url, small, c, seconds)
@@ -294,7 +313,7 @@ def run(seconds: float) -> dict:
                         "client": "httpx",
                     },
                 )
-            raw_now = (before + raw_batch32_now(model, 3)) / 2
+            raw_now = (before + raw_batch32_now(model, 4, callers)) / 2
             concurrency.append(
                 {
                     **level,
@@ -315,9 +334,15 @@ def run(seconds: float) -> dict:
         "explain": explain,
         "lime_stability_seeds_1_vs_2": stability,
         "raw": raw,
+        "raw_default_threads": reference,
         "decode": decode["decode_ms"],
     }
     rows = [
+        (
+            "raw b1 p50 (ms) / b32 img/s: service's threads, TensorFlow default threads",
+            f"{raw['batch1_ms']['p50']} / {raw['batch32_images_per_s']}, "
+            f"{reference['batch1_ms']['p50']} / {reference['batch32_images_per_s']}",
+        ),
         ("start to ready (s)", ready_s),
         ("RSS after load (MB)", rss),
         (

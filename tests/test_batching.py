@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -23,16 +24,18 @@ def slow_down(app, seconds: float) -> None:
     model.predict = slow
 
 
-def hammer(client: TestClient, n: int, image: bytes) -> list:
+def hammer(client: TestClient, n: int, image: bytes | list[bytes]) -> list:
+    """n concurrent uploads; a list of images is cycled through."""
+    images = image if isinstance(image, list) else [image]
     responses: list = []
     lock = threading.Lock()
 
-    def one() -> None:
-        response = client.post("/predict", files={"file": ("a.jpeg", image)})
+    def one(data: bytes) -> None:
+        response = client.post("/predict", files={"file": ("a.jpeg", data)})
         with lock:
             responses.append(response)
 
-    threads = [threading.Thread(target=one) for _ in range(n)]
+    threads = [threading.Thread(target=one, args=(images[i % len(images)],)) for i in range(n)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -51,6 +54,59 @@ def test_concurrent_requests_share_model_calls(tiny_store: Path, tmp_path: Path)
         assert max(sizes) > 1
         probabilities = {round(r.json()["probabilities"]["PNEUMONIA"], 6) for r in responses}
         assert len(probabilities) == 1  # batching never mixes up answers
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_model_instances_bound_concurrent_model_calls(
+    tiny_store: Path, tmp_path: Path, instances: int
+) -> None:
+    """With N instances up to N batches are in the model at once, never more, and every caller
+    still gets its own image's answer."""
+    normal = fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg")
+    pneumonia = fixture_bytes("chest_xray/PNEUMONIA/person495_bacteria_2094.jpeg")
+    settings = make_settings(tiny_store, tmp_path / "d", model_instances=instances)
+    app = create_app(settings)
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as client:
+        expected = [
+            client.post("/predict", files={"file": ("a.jpeg", data)}).json()
+            for data in (normal, pneumonia)
+        ]
+        model = app.state.services.manager.current
+        original = model.predict
+        lock = threading.Lock()
+        active = [0]
+        peak = [0]
+
+        def counted(batch):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                time.sleep(0.15)
+                return original(batch)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+        model.predict = counted
+        responses = hammer(client, 16, [normal, pneumonia])
+        assert {r.status_code for r in responses} == {200}
+        assert peak[0] == instances
+        by_sha = {body["input"]["sha256"]: body["probabilities"] for body in expected}
+        assert len(by_sha) == 2
+        for response in responses:
+            body = response.json()
+            assert body["probabilities"] == pytest.approx(by_sha[body["input"]["sha256"]], abs=1e-6)
+
+
+def test_instances_default_to_the_cpus_this_process_may_use() -> None:
+    import os
+
+    from app.settings import Settings
+
+    cpus = len(os.sched_getaffinity(0))
+    assert Settings(api_keys="k" * 16).instances == max(1, min(8, cpus))
+    assert Settings(api_keys="k" * 16, model_instances=3).instances == 3
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_store: Path, tmp_path: Path) -> None:

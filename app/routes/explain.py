@@ -66,7 +66,13 @@ async def get_explanation(
 
         def run() -> bytes:
             mask, _ = explain(
-                pixels, model.predict, model.class_names, record.label, num_samples, num_features
+                pixels,
+                model.predict,
+                model.class_names,
+                record.label,
+                num_samples,
+                num_features,
+                pool=services.explain_model_pool,
             )
             return overlay_png(pixels, mask, record.label)
 
