@@ -61,6 +61,36 @@ def test_same_image_in_any_container_gives_the_same_answer(client) -> None:
     assert max(answers) - min(answers) < 0.02
 
 
+def test_raw_body_upload_matches_multipart(client) -> None:
+    """The bytes as the body (image/jpeg, image/png, application/dicom, octet-stream) give the
+    same answer as the same bytes in multipart field `file`; the format is sniffed either way."""
+    jpeg = fixture_bytes("chest_xray/PNEUMONIA/person495_bacteria_2094.jpeg")
+    gray = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"))
+    png = io.BytesIO()
+    Image.fromarray(gray).save(png, format="PNG")
+    dicom = make_dicom(gray, bits=16)
+    for data, media_type, fmt in (
+        (jpeg, "image/jpeg", "JPEG"),
+        (png.getvalue(), "image/png", "PNG"),
+        (dicom, "application/dicom", "DICOM"),
+        (jpeg, "application/octet-stream", "JPEG"),
+        (dicom, "image/jpeg; charset=binary", "DICOM"),  # a wrong label changes nothing
+    ):
+        raw = client.post("/predict", content=data, headers={"Content-Type": media_type})
+        assert raw.status_code == 200, raw.text
+        wrapped = post(client, data, content_type=media_type.split(";")[0])
+        assert raw.json()["input"] == wrapped.json()["input"]
+        assert raw.json()["input"]["format"] == fmt
+        assert raw.json()["probabilities"] == pytest.approx(
+            wrapped.json()["probabilities"], abs=1e-6
+        )
+    assert_error(
+        client.post("/predict", content=b"%PDF-1.7", headers={"Content-Type": "image/png"}),
+        415,
+        "unsupported_media_type",
+    )
+
+
 def test_predict_dicom_echoes_uids_only(client) -> None:
     gray = np.asarray(
         Image.open(
@@ -128,7 +158,12 @@ def test_missing_or_misnamed_field(client, normal_jpeg: bytes) -> None:
     )
     assert_error(client.post("/predict", data={"file": "not a file"}), 415)
     assert_error(
-        client.post("/predict", content=normal_jpeg, headers={"Content-Type": "image/jpeg"}), 415
+        client.post("/predict", content=normal_jpeg, headers={"Content-Type": "text/plain"}), 415
+    )
+    assert_error(
+        client.post("/predict", content=b"", headers={"Content-Type": "image/jpeg"}),
+        422,
+        "missing_file",
     )
     many = [("file", (f"{i}.jpeg", normal_jpeg)) for i in range(3)]
     assert_error(client.post("/predict", files=many), 422, "missing_file")
@@ -154,6 +189,9 @@ def test_upload_size_limit(tiny_store, tmp_path, normal_jpeg: bytes) -> None:
         assert post(limited, normal_jpeg).status_code == 200
         padded = normal_jpeg + b"\x00" * 20
         assert_error(post(limited, padded), 413, "payload_too_large")
+        raw = {"Content-Type": "image/jpeg"}
+        assert limited.post("/predict", content=normal_jpeg, headers=raw).status_code == 200
+        assert_error(limited.post("/predict", content=padded, headers=raw), 413)
         huge = normal_jpeg + b"\x00" * 200_000
         assert_error(post(limited, huge), 413, "payload_too_large")
         assert post(limited, normal_jpeg).status_code == 200

@@ -41,6 +41,9 @@ log = logging.getLogger("pneumoscan.predict")
 router = APIRouter(tags=["predict"])
 
 MULTIPART_OVERHEAD = 64 * 1024
+RAW_BODY_TYPES = frozenset(
+    {"image/jpeg", "image/png", "application/dicom", "application/octet-stream"}
+)
 
 OPENAPI_BODY = {
     "requestBody": {
@@ -58,7 +61,11 @@ OPENAPI_BODY = {
                         }
                     },
                 }
-            }
+            },
+            **{
+                media_type: {"schema": {"type": "string", "format": "binary"}}
+                for media_type in ("image/jpeg", "image/png", "application/dicom")
+            },
         },
     }
 }
@@ -96,12 +103,22 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
 
 
 async def read_upload(request: Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The bytes of multipart field `file`, with every way to get that wrong named."""
+    """The uploaded file's bytes: multipart field `file`, or the whole body when it is sent as
+    `image/jpeg`, `image/png`, `application/dicom` or `application/octet-stream` (what a
+    DICOMweb-minded integrator sends, and one parse less). The format is always sniffed from
+    the bytes; the content type only says how they are wrapped."""
     content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type in RAW_BODY_TYPES:
+        data = await read_body(request, max_bytes, timeout_s)
+        if not data:
+            raise MissingFileError("The request body is empty: send the image bytes.")
+        return data
+    if media_type != "multipart/form-data":
         raise UnsupportedMediaError(
-            "Send the image as multipart/form-data with the file in field 'file' "
-            f"(got Content-Type {content_type[:60]!r})."
+            "Send the image as multipart/form-data with the file in field 'file', or as the "
+            "request body with Content-Type image/jpeg, image/png, application/dicom or "
+            f"application/octet-stream (got Content-Type {content_type[:60]!r})."
         )
     body = await read_body(request, max_bytes + MULTIPART_OVERHEAD, timeout_s)
 
