@@ -46,11 +46,11 @@ from benchmarks.common import (
 )
 
 
-def one_client(url: str, data: bytes, n: int) -> list[float]:
+def one_client(url: str, data: bytes, n: int, raw_body: bool = False) -> list[float]:
     """Sequential requests on one keep-alive connection from the standard library's client,
     which adds far less of its own time than httpx (this is the service's latency, not the
-    client's)."""
-    body, headers = multipart(data)
+    client's). Multipart by default; `raw_body` sends the bytes as an image/jpeg body."""
+    body, headers = (data, {"Content-Type": "image/jpeg"}) if raw_body else multipart(data)
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     times = []
@@ -69,7 +69,9 @@ def one_client(url: str, data: bytes, n: int) -> list[float]:
     return times
 
 
-def interleaved_one_client(url: str, model, data: bytes, rounds: int, n: int) -> dict:
+def interleaved_one_client(
+    url: str, model, data: bytes, rounds: int, n: int, raw_body: bool = False
+) -> dict:
     """One client against its yardstick, in alternating rounds: n x (decode + raw batch-1 model
     in this process), then n sequential HTTP requests. On a shared VM the speed of the machine
     drifts by more than the effect measured within minutes; alternating lets both sides of the
@@ -83,7 +85,7 @@ def interleaved_one_client(url: str, model, data: bytes, rounds: int, n: int) ->
             t = time.perf_counter()
             model.predict(decode_image(data).pixels[None, :, :, None])
             base.append((time.perf_counter() - t) * 1000)
-        http = one_client(url, data, n)
+        http = one_client(url, data, n, raw_body)
         ratios.append(float(np.median(http) / np.median(base)))
         http_all += http
         base_all += base
@@ -298,6 +300,7 @@ def run(seconds: float) -> dict:
         url = server["url"]
         single_small = interleaved_one_client(url, model, small, rounds=5, n=60)
         single_full = interleaved_one_client(url, model, full, rounds=3, n=40)
+        single_raw = interleaved_one_client(url, model, small, rounds=5, n=60, raw_body=True)
         concurrency = []
         for clients in (1, 8, 32):
             before = raw_batch32_now(model, 4, callers)
@@ -330,6 +333,7 @@ def run(seconds: float) -> dict:
         "rss_after_load_mb": rss,
         "one_client_224": single_small,
         "one_client_full": single_full,
+        "one_client_224_raw_body": single_raw,
         "concurrency": concurrency,
         "explain": explain,
         "lime_stability_seeds_1_vs_2": stability,
@@ -352,6 +356,14 @@ def run(seconds: float) -> dict:
         (
             "  ratio p50 / (decode + raw b1), median of rounds (per round)",
             f"{single_small['ratio_p50_to_decode_plus_batch1']} {single_small['ratio_per_round']}",
+        ),
+        (
+            "1 client 224 px, bytes as the body (no multipart) p50/p95/p99 (ms)",
+            f"{single_raw['p50']} / {single_raw['p95']} / {single_raw['p99']}",
+        ),
+        (
+            "  ratio p50 / (decode + raw b1), median of rounds (per round)",
+            f"{single_raw['ratio_p50_to_decode_plus_batch1']} {single_raw['ratio_per_round']}",
         ),
         (
             f"1 client full-res {name} p50/p95/p99 (ms)",
