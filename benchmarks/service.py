@@ -50,7 +50,9 @@ def one_client(url: str, data: bytes, n: int, raw_body: bool = False) -> list[fl
     """Sequential requests on one keep-alive connection from the standard library's client,
     which adds far less of its own time than httpx (this is the service's latency, not the
     client's). Multipart by default; `raw_body` sends the bytes as an image/jpeg body."""
-    body, headers = (data, {"Content-Type": "image/jpeg"}) if raw_body else multipart(data)
+    body, headers = multipart(data)
+    if raw_body:
+        body, headers = data, {**headers, "Content-Type": "image/jpeg"}
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     times = []
