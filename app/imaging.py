@@ -109,13 +109,54 @@ def decode_raster(
     fmt = sniff_format(data)
     if fmt == "DICOM":
         raise UnsupportedMediaError("DICOM must go through app.dicom.decode_dicom.")
+    decoded = _decode_raster(data, fmt, max_pixels, min_side, only_if_small=False)
+    assert decoded is not None
+    return decoded
+
+
+# Uploads this small decode in well under a millisecond (a 224 px JPEG: ~0.3 ms), cheaper than
+# handing them to a decode thread and back; anything larger goes to the decode pool.
+INLINE_MAX_BYTES = 256 * 1024
+INLINE_MAX_PIXELS = 640 * 640
+
+
+def decode_small_raster(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE
+) -> DecodedImage | None:
+    """The model input for a baseline JPEG or a PNG whose header promises a small decode (the
+    caller may run it on the event loop); None for anything else, which then goes through
+    `decode_image` on the decode pool, where every problem is named. Progressive JPEGs return
+    None: a crafted one with thousands of scans can take seconds to decode at any size."""
+    try:
+        fmt = sniff_format(data)
+    except UnsupportedMediaError:
+        return None
+    if fmt == "DICOM" or len(data) > INLINE_MAX_BYTES:
+        return None
+    return _decode_raster(data, fmt, max_pixels, min_side, only_if_small=True)
+
+
+def _decode_raster(
+    data: bytes, fmt: str, max_pixels: int, min_side: int, *, only_if_small: bool
+) -> DecodedImage | None:
+    """Open the header once; with `only_if_small`, stop (None) unless the decode is small."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[fmt])
+            try:
+                image = Image.open(io.BytesIO(data), formats=[fmt])
+            except Exception:
+                if only_if_small:
+                    return None  # not ours to judge here: the full decode reports it
+                raise
             width, height = image.size
+            frames = getattr(image, "n_frames", 1)
+            if only_if_small and (
+                width * height > INLINE_MAX_PIXELS or image.info.get("progressive") or frames > 1
+            ):
+                return None
             check_dimensions(width, height, max_pixels, min_side)
-            if getattr(image, "n_frames", 1) > 1:
+            if frames > 1:
                 raise UnsupportedMediaError("Animated or multi-frame images are not accepted.")
             if fmt == "JPEG":
                 draft_mode = "L" if image.mode in ("L", "RGB", "YCbCr") else None
@@ -131,36 +172,6 @@ def decode_raster(
             f"The {fmt} file could not be decoded (truncated or corrupt): {type(exc).__name__}."
         ) from exc
     return DecodedImage(pixels=resize_to_model(gray), format=fmt, width=width, height=height)
-
-
-# Uploads this small decode in well under a millisecond (a 224 px JPEG: ~0.3 ms), cheaper than
-# handing them to a decode thread and back; anything larger goes to the decode pool.
-INLINE_MAX_BYTES = 256 * 1024
-INLINE_MAX_PIXELS = 640 * 640
-
-
-def is_small_raster(data: bytes) -> bool:
-    """True for a baseline JPEG or a PNG whose header promises a small decode (no pixels are
-    decoded). Progressive JPEGs stay off the event loop: a crafted one with
-    thousands of scans can take seconds to decode at any size."""
-    try:
-        fmt = sniff_format(data)
-    except UnsupportedMediaError:
-        return False  # the full decode path names the problem
-    if fmt == "DICOM" or len(data) > INLINE_MAX_BYTES:
-        return False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data), formats=[fmt]) as image:
-                width, height = image.size
-                return (
-                    width * height <= INLINE_MAX_PIXELS
-                    and not image.info.get("progressive")
-                    and getattr(image, "n_frames", 1) == 1
-                )
-    except Exception:  # noqa: BLE001 - not ours to judge here: the full decode reports it
-        return False
 
 
 def decode_image(

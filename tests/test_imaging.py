@@ -16,7 +16,12 @@ from app.errors import (
     UndecodableImageError,
     UnsupportedMediaError,
 )
-from app.imaging import decode_image, is_small_raster, resize_to_model, to_grayscale_u8
+from app.imaging import (
+    decode_image,
+    decode_small_raster,
+    resize_to_model,
+    to_grayscale_u8,
+)
 from tests.conftest import FIXTURES, fixture_bytes
 from tests.utils.mutation import assert_decodes_or_refuses, mutate
 
@@ -158,15 +163,28 @@ def test_mutated_real_images_decode_or_raise_the_domain_error(data: st.DataObjec
 def test_small_raster_fast_path_is_chosen_from_the_header_only() -> None:
     """224 px uploads decode inline; full-resolution, DICOM, bombs and junk go to the pool."""
     small = next((FIXTURES / "chest_xray" / "NORMAL").iterdir()).read_bytes()
-    assert is_small_raster(small)
-    assert is_small_raster(encode(Image.new("L", (300, 300), 128), "PNG"))
-    assert not is_small_raster(fixture_bytes("originals/NORMAL2-IM-0744-0001.jpeg"))
-    assert not is_small_raster(fixture_bytes("dicom/person1946_bacteria_4874.dcm"))
+    png = encode(Image.new("L", (300, 300), 128), "PNG")
+    for data in (small, png):
+        inline = decode_small_raster(data)
+        assert inline is not None
+        reference = decode_image(data)
+        assert np.array_equal(inline.pixels, reference.pixels)
+        assert (inline.format, inline.width, inline.height) == (
+            reference.format,
+            reference.width,
+            reference.height,
+        )
+    assert decode_small_raster(fixture_bytes("originals/NORMAL2-IM-0744-0001.jpeg")) is None
+    assert decode_small_raster(fixture_bytes("dicom/person1946_bacteria_4874.dcm")) is None
     # A few hundred bytes of PNG that would inflate to 20 000 x 20 000 pixels.
     bomb = encode(Image.new("1", (20_000, 20_000)), "PNG", optimize=True)
     assert len(bomb) < 256 * 1024
-    assert not is_small_raster(bomb)
-    assert not is_small_raster(small[:40])
+    assert decode_small_raster(bomb) is None
+    assert decode_small_raster(small[:40]) is None
     gray = Image.new("L", (224, 224), 90)
-    assert not is_small_raster(encode(gray, "JPEG", progressive=True))
-    assert not is_small_raster(b"GIF89a" + bytes(100))
+    assert decode_small_raster(encode(gray, "JPEG", progressive=True)) is None
+    assert decode_small_raster(b"GIF89a" + bytes(100)) is None
+    assert decode_small_raster(b"") is None
+    # Small but refused: the same domain errors as the full decode.
+    with pytest.raises(ImageTooSmallError):
+        decode_small_raster(encode(Image.new("L", (20, 20), 90), "PNG"))

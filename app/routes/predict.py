@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.deps import KeyIdDep, ServicesDep
+from app.deps import API_KEY_SECURITY, services_and_key_id
 from app.errors import (
     MissingFileError,
     NotAcceptableError,
@@ -23,7 +23,7 @@ from app.errors import (
     PneumoscanError,
     UnsupportedMediaError,
 )
-from app.imaging import DecodedImage, decode_image, is_small_raster
+from app.imaging import DecodedImage, decode_image, decode_small_raster
 from app.records import PredictionRecord
 from app.reports import build_fhir, build_sr
 from app.schemas import (
@@ -168,7 +168,7 @@ async def decode_in_pool(services: Services, data: bytes) -> DecodedImage:
     "/predict",
     response_model=PredictionPublic,
     summary="Score a chest radiograph (JPEG, PNG or DICOM)",
-    openapi_extra=OPENAPI_BODY,
+    openapi_extra={**OPENAPI_BODY, **API_KEY_SECURITY},
     responses={
         200: {
             "content": {
@@ -185,19 +185,17 @@ async def decode_in_pool(services: Services, data: bytes) -> DecodedImage:
         **error_responses(401, 406, 408, 413, 415, 422, 503),
     },
 )
-async def predict(
-    request: Request, services: ServicesDep, key_id: KeyIdDep
-) -> PredictionPublic | Response:
+async def predict(request: Request) -> PredictionPublic | Response:
     """Pneumonia / normal probabilities for one radiograph; a clinician reads every image."""
     started = time.perf_counter()
+    services, key_id = services_and_key_id(request)
     settings = services.settings
     services.manager.get()  # 503 before reading a large body when no model is loaded
     data = await read_upload(request, settings.max_upload_bytes, settings.upload_timeout_s)
     decode_started = time.perf_counter()
-    if is_small_raster(data):
-        decoded = decode_image(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
-    else:
-        decoded = await decode_in_pool(services, data)
+    decoded = decode_small_raster(
+        data, max_pixels=settings.max_pixels, min_side=settings.min_side
+    ) or await decode_in_pool(services, data)
     decode_ms = (time.perf_counter() - decode_started) * 1000
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
     try:
@@ -265,7 +263,8 @@ async def predict(
         probabilities=Probabilities(NORMAL=p_normal, PNEUMONIA=p_pneumonia),
         threshold=model.threshold,
         model=ModelRef(name=model.name, version=model.version),
-        explain_url=str(request.url_for("explain", prediction_id=prediction_id).path),
+        # What url_for("explain") gives, without its route search on every request.
+        explain_url=f"{request.scope.get('root_path', '')}/explain/{prediction_id}",
         input=InputInfo(
             format=decoded.format,
             width=decoded.width,
