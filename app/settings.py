@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -9,6 +10,20 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may use: its affinity mask, lowered to a cgroup v2 CPU quota (a
+    container started with --cpus) when one is set."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 class Settings(BaseSettings):
@@ -48,7 +63,8 @@ class Settings(BaseSettings):
         ge=0,
         le=64,
         description="Model calls that may run at once (0 = one per CPU this process may use, "
-        "at most 8); explanations split their LIME batches over as many threads.",
+        "by affinity and cgroup quota, at most 8); explanations split their LIME batches over "
+        "as many threads.",
     )
     explain_workers: int = Field(1, ge=1, le=8, description="Concurrent LIME explanations.")
     explain_queue_max: int = Field(8, ge=1, description="Waiting explanations before 503.")
@@ -76,10 +92,10 @@ class Settings(BaseSettings):
 
     @property
     def instances(self) -> int:
-        """model_instances with 0 resolved to the CPUs this process may run on (at most 8)."""
+        """model_instances with 0 resolved to the CPUs this process may use (at most 8)."""
         if self.model_instances:
             return self.model_instances
-        return max(1, min(8, len(os.sched_getaffinity(0))))
+        return max(1, min(8, usable_cpus()))
 
     @property
     def key_list(self) -> list[str]:

@@ -99,14 +99,22 @@ def test_model_instances_bound_concurrent_model_calls(
             assert body["probabilities"] == pytest.approx(by_sha[body["input"]["sha256"]], abs=1e-6)
 
 
-def test_instances_default_to_the_cpus_this_process_may_use() -> None:
+def test_instances_default_to_the_cpus_this_process_may_use(tmp_path: Path) -> None:
     import os
 
-    from app.settings import Settings
+    from app.settings import Settings, usable_cpus
 
     cpus = len(os.sched_getaffinity(0))
-    assert Settings(api_keys="k" * 16).instances == max(1, min(8, cpus))
+    assert Settings(api_keys="k" * 16).instances == max(1, min(8, usable_cpus()))
     assert Settings(api_keys="k" * 16, model_instances=3).instances == 3
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(cpu_max) == cpus
+    cpu_max.write_text("50000 100000\n")  # docker run --cpus 0.5
+    assert usable_cpus(cpu_max) == 1
+    cpu_max.write_text(f"{cpus * 300000} 100000\n")  # a quota above the affinity mask
+    assert usable_cpus(cpu_max) == cpus
+    assert usable_cpus(tmp_path / "absent") == cpus
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_store: Path, tmp_path: Path) -> None:
