@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         workers=1,
         log_level="warning",
         timeout_graceful_shutdown=10,
+        # Longer than the idle expiry of common client pools (httpx 5 s, urllib3 none, nginx
+        # upstream 60 s): with uvicorn's 5 s default a pooled connection could be closed by the
+        # server just as the client reused it, and a POST on it fails (seen once in 4000
+        # requests under the 64-client overload run).
+        timeout_keep_alive=75,
     )
     return 0
 

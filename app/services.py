@@ -1,5 +1,5 @@
 """The long-lived objects one app instance owns, built in the lifespan and reached through
-dependencies (tests swap them with `app.dependency_overrides`)."""
+dependencies (`app.deps`; POST /predict reads them from `app.state` directly, see there)."""
 
 from __future__ import annotations
 

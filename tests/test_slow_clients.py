@@ -42,3 +42,29 @@ def test_slow_and_aborted_uploads(tiny_store: Path, tmp_path: Path) -> None:
         assert httpx.post(f"{url}/predict", content=body, headers=headers).status_code == 200
         metrics = httpx.get(f"{url}/metrics").text
         assert 'status="500"' not in metrics
+
+
+def test_idle_keep_alive_connection_outlives_client_pool_expiry(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """A pooled connection idle for longer than httpx's 5 s expiry is still open: the server
+    must not be the side that closes first (a POST on a just-closed connection fails)."""
+    import http.client
+
+    with running_server(tiny_store, tmp_path / "data") as server:
+        parsed = urlparse(server["url"])
+        connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
+        try:
+            connection.request("GET", "/healthz")
+            first = connection.getresponse()
+            first.read()
+            assert first.status == 200
+            sock = connection.sock
+            time.sleep(6)
+            connection.request("GET", "/healthz")
+            second = connection.getresponse()
+            second.read()
+            assert second.status == 200
+            assert connection.sock is sock  # the same TCP connection, not a reconnect
+        finally:
+            connection.close()

@@ -193,9 +193,9 @@ async def predict(request: Request) -> PredictionPublic | Response:
     services.manager.get()  # 503 before reading a large body when no model is loaded
     data = await read_upload(request, settings.max_upload_bytes, settings.upload_timeout_s)
     decode_started = time.perf_counter()
-    decoded = decode_small_raster(
-        data, max_pixels=settings.max_pixels, min_side=settings.min_side
-    ) or await decode_in_pool(services, data)
+    decoded = decode_small_raster(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
+    if decoded is None:  # large, progressive or DICOM: off the event loop
+        decoded = await decode_in_pool(services, data)
     decode_ms = (time.perf_counter() - decode_started) * 1000
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
     try:
