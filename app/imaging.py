@@ -10,8 +10,10 @@ from the bytes, never taken from a file name or a content type.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -133,7 +135,8 @@ def decode_small_raster(
         return None
     if fmt == "DICOM" or len(data) > INLINE_MAX_BYTES:
         return None
-    return _decode_raster(data, fmt, max_pixels, min_side, only_if_small=True)
+    with domain_errors(fmt):
+        return _decode_raster(data, fmt, max_pixels, min_side, only_if_small=True)
 
 
 def _decode_raster(
@@ -181,20 +184,26 @@ def decode_image(
     if not data:
         raise UndecodableImageError("The uploaded file is empty.")
     fmt = sniff_format(data)
-    try:
+    with domain_errors(fmt):
         if fmt == "DICOM":
             from app.dicom import decode_dicom  # pydicom is only imported when DICOM arrives
 
             return decode_dicom(data, max_pixels=max_pixels, min_side=min_side)
         return decode_raster(data, max_pixels=max_pixels, min_side=min_side)
+
+
+@contextlib.contextmanager
+def domain_errors(fmt: str) -> Iterator[None]:
+    """Whatever a decoder raises on hostile bytes (pydicom's lazy element parsing, pyo3's
+    PanicException from the Rust decoders, which is a BaseException, zlib errors) becomes the
+    caller's bad file, reported as the one domain error type."""
+    try:
+        yield
     except InputError:
         raise
     except MemoryError as exc:
         raise ImageTooLargeError(f"The {fmt} file needs too much memory to decode.") from exc
     except BaseException as exc:
-        # Whatever a decoder raises on hostile bytes (pydicom's lazy element parsing, pyo3's
-        # PanicException from the Rust decoders, which is a BaseException) is the caller's
-        # bad file, reported as the one domain error type.
         if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
             raise
         raise UndecodableImageError(

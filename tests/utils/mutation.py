@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from app.errors import InputError
-from app.imaging import decode_image
+from app.imaging import decode_image, decode_small_raster
 
 
 def mutate(data: st.DataObject, blob: bytes, first: int, min_flips: int) -> bytes:
@@ -20,9 +20,18 @@ def mutate(data: st.DataObject, blob: bytes, first: int, min_flips: int) -> byte
 
 
 def assert_decodes_or_refuses(blob: bytes) -> None:
-    """Either the model input comes out, or the one domain error; nothing else escapes."""
+    """Either the model input comes out, or the one domain error; nothing else escapes. The
+    event-loop fast path for small uploads declines (None) or agrees with the full decode."""
     try:
         decoded = decode_image(blob)
-    except InputError:
+    except InputError as exc:
+        try:
+            fast = decode_small_raster(blob)
+        except InputError as fast_exc:
+            assert type(fast_exc) is type(exc)
+        else:
+            assert fast is None
         return
     assert decoded.pixels.shape == (224, 224) and decoded.pixels.dtype == np.uint8
+    fast = decode_small_raster(blob)
+    assert fast is None or np.array_equal(fast.pixels, decoded.pixels)
