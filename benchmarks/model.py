@@ -69,16 +69,22 @@ def ceiling_batch32(model, seconds: float, callers: int) -> dict[str, float]:
     }
 
 
-def run(
-    model_dir=None, seconds: float = 8.0, threads: int | None = None, callers: int | None = None
-) -> dict:
+def load_served(threads: int | None = None):
+    """Set TensorFlow's threads (default: the service's setting) and load the version the
+    service would serve; returns (model, threads in effect)."""
     settings = Settings()
-    threads = settings.model_threads if threads is None else threads
-    callers = callers or settings.instances
-    in_effect = configure_threads(threads)
-    model_dir = model_dir or default_store() / "pneumonia"
-    version = max(list_versions(model_dir))
-    model = load_version(model_dir, version)
+    in_effect = configure_threads(settings.model_threads if threads is None else threads)
+    model_dir = default_store() / "pneumonia"
+    return load_version(model_dir, max(list_versions(model_dir))), in_effect
+
+
+def run(
+    seconds: float = 8.0, threads: int | None = None, callers: int | None = None, loaded=None
+) -> dict:
+    """`loaded`: a (model, threads in effect) pair from `load_served`, to measure that one."""
+    callers = callers or Settings().instances
+    model, in_effect = loaded or load_served(threads)
+    version = model.version
     b1 = [t * 1000 for t in measure(model, 1, seconds)]
     b32 = ceiling_batch32(model, seconds, callers)
     result = {

@@ -29,8 +29,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import httpx
 import numpy as np
 
-from app.classifier import load_version
-from app.model_store import list_versions
 from app.settings import Settings
 from benchmarks import model as model_bench
 from benchmarks import preprocess as preprocess_bench
@@ -250,15 +248,11 @@ def explain_latency(url: str, data: bytes, n: int) -> dict:
     return {"cold_ms": percentiles(cold, (50, 95)), "cached_ms": percentiles(cached, (50, 95))}
 
 
-def lime_stability(samples: int, features: int) -> dict:
+def lime_stability(model, samples: int, features: int) -> dict:
     """Jaccard overlap of the explained pixels between two LIME seeds, on a few radiographs."""
-    from app.classifier import load_version
     from app.explain import explain
     from app.imaging import decode_image
-    from app.model_store import list_versions
 
-    model_dir = default_store() / "pneumonia"
-    model = load_version(model_dir, max(list_versions(model_dir)))
     scores = []
     for label in ("NORMAL", "PNEUMONIA"):
         for path in sorted((SHARED / "originals" / "train" / label).iterdir())[:3]:
@@ -286,15 +280,28 @@ def lime_stability(samples: int, features: int) -> dict:
     }
 
 
+def one_client_rows(label: str, measured: dict) -> list[tuple[str, str]]:
+    return [
+        (
+            f"{label} p50/p95/p99 (ms)",
+            f"{measured['p50']} / {measured['p95']} / {measured['p99']}",
+        ),
+        (
+            "  ratio p50 / (decode + raw b1), median of rounds (per round)",
+            f"{measured['ratio_p50_to_decode_plus_batch1']} {measured['ratio_per_round']}",
+        ),
+    ]
+
+
 def run(seconds: float) -> dict:
     reference = default_threads_reference(4)
-    raw = model_bench.run(seconds=5)
+    loaded = model_bench.load_served()
+    model = loaded[0]
+    raw = model_bench.run(seconds=5, loaded=loaded)
     callers = Settings().instances
     decode = preprocess_bench.run()
     small = (SHARED / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg").read_bytes()
     name, full = preprocess_bench.median_original()
-    model_dir = default_store() / "pneumonia"
-    model = load_version(model_dir, max(list_versions(model_dir)))
     with (
         tempfile.TemporaryDirectory() as data_dir,
         running_server(default_store(), Path(data_dir)) as server,
@@ -329,7 +336,7 @@ def run(seconds: float) -> dict:
         explain = explain_latency(url, full, 5)
         rss = rss_mb(server["pid"])
         ready_s = round(server["ready_s"], 2)
-    stability = lime_stability(1000, 5)
+    stability = lime_stability(model, 1000, 5)
     result = {
         "start_to_ready_s": ready_s,
         "rss_after_load_mb": rss,
@@ -351,30 +358,9 @@ def run(seconds: float) -> dict:
         ),
         ("start to ready (s)", ready_s),
         ("RSS after load (MB)", rss),
-        (
-            "1 client 224 px p50/p95/p99 (ms)",
-            f"{single_small['p50']} / {single_small['p95']} / {single_small['p99']}",
-        ),
-        (
-            "  ratio p50 / (decode + raw b1), median of rounds (per round)",
-            f"{single_small['ratio_p50_to_decode_plus_batch1']} {single_small['ratio_per_round']}",
-        ),
-        (
-            "1 client 224 px, bytes as the body (no multipart) p50/p95/p99 (ms)",
-            f"{single_raw['p50']} / {single_raw['p95']} / {single_raw['p99']}",
-        ),
-        (
-            "  ratio p50 / (decode + raw b1), median of rounds (per round)",
-            f"{single_raw['ratio_p50_to_decode_plus_batch1']} {single_raw['ratio_per_round']}",
-        ),
-        (
-            f"1 client full-res {name} p50/p95/p99 (ms)",
-            f"{single_full['p50']} / {single_full['p95']} / {single_full['p99']}",
-        ),
-        (
-            "  ratio p50 / (decode + raw b1), median of rounds (per round)",
-            f"{single_full['ratio_p50_to_decode_plus_batch1']} {single_full['ratio_per_round']}",
-        ),
+        *one_client_rows("1 client 224 px", single_small),
+        *one_client_rows("1 client 224 px, bytes as the body (no multipart)", single_raw),
+        *one_client_rows(f"1 client full-res {name}", single_full),
     ]
     for c in result["concurrency"]:
         rows.append(

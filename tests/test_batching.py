@@ -142,7 +142,6 @@ def test_model_threads_setting_reaches_tensorflow(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    import pytest
     from pydantic import ValidationError
 
     from app.classifier import configure_threads

@@ -89,7 +89,7 @@ AUGMENTATIONS = ("basic", "shift")
 
 
 def augment_fn(
-    seed: int, level: str = "shift"
+    seed: int, level: str = "basic"
 ) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """'basic' is the v1 recipe (geometry + exposure); 'shift' adds left-right flips and the
     markers and collimation bands of other sites."""
