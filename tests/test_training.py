@@ -261,3 +261,22 @@ def test_evaluate_part_needs_a_recorded_split(tmp_path: Path) -> None:
         split_part([], tmp_path, "elsewhere")
     with pytest.raises(DataError, match="none of the validation files"):
         split_part(scan(FIXTURES / "val", None), tmp_path, "validation")
+
+
+def test_seed_architecture_keeps_the_notebook_recipe(tmp_path: Path) -> None:
+    from training.train import TrainConfig, effective_config
+
+    asked = TrainConfig(
+        tmp_path,
+        tmp_path,
+        arch="seed",
+        batch_size=64,
+        augment=True,
+        ema=0.99,
+        label_smoothing=0.1,
+    )
+    seed = effective_config(asked)
+    assert (seed.batch_size, seed.patience, seed.augment) == (32, 5, False)
+    assert seed.ema == 0.0 and seed.label_smoothing == 0.0
+    ours = effective_config(TrainConfig(tmp_path, tmp_path, label_smoothing=0.1))
+    assert ours.label_smoothing == 0.1 and ours.arch == "sepcnn"

@@ -139,15 +139,25 @@ def _limit(samples, limit: int):
     return out
 
 
-SEED_RECIPE = {"batch_size": 32, "patience": 5, "augment": False, "ema": 0.0}
+SEED_RECIPE = {
+    "batch_size": 32,
+    "patience": 5,
+    "augment": False,
+    "ema": 0.0,
+    "label_smoothing": 0.0,
+}
+
+
+def effective_config(config: TrainConfig) -> TrainConfig:
+    """The notebook's recipe for `--arch seed`, whatever else was asked: batch 32, early
+    stopping patience 5, no augmentation, no weight averaging, hard labels (RMSprop with its
+    default LR is chosen in `train`)."""
+    return replace(config, **SEED_RECIPE) if config.arch == "seed" else config
 
 
 def train(config: TrainConfig) -> tuple[int, Path]:
     started = time.monotonic()
-    if config.arch == "seed":
-        # The notebook's recipe, whatever else was asked: batch 32, early stopping patience 5,
-        # no augmentation (RMSprop with its default LR is chosen below).
-        config = replace(config, **SEED_RECIPE)
+    config = effective_config(config)
     keras.utils.set_random_seed(config.seed)
     samples = _limit(scan(config.data, "train"), config.limit)
     parts = patient_split(samples, seed=config.seed)
