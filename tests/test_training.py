@@ -99,6 +99,8 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
             "shift",
             "--label-smoothing",
             "0.1",
+            "--mixup",
+            "0.2",
         )
     )
     assert code == 0
@@ -118,7 +120,7 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     ):
         assert key in card
     assert card["data"]["manifest_sha256"] and card["version"] == 1
-    assert card["training"]["label_smoothing"] == 0.1
+    assert card["training"]["label_smoothing"] == 0.1 and card["training"]["mixup"] == 0.2
     for plot in ("training_curves.png", "roc.png", "confusion_matrix.png", "reliability.png"):
         assert (folder / plot).stat().st_size > 1000
     listed = (folder / "checksums.sha256").read_text()
@@ -134,7 +136,7 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     assert main(tiny_run(small_data, store, "--limit", "4")) == 0
     second = json.loads((store / "pneumonia" / "2" / "model.json").read_text())["training"]
     assert second["augmentation"] == "basic" and second["ema"] == 0.0
-    assert second["label_smoothing"] == 0.0
+    assert second["label_smoothing"] == 0.0 and second["mixup"] == 0.0
     assert second["selection_monitor"].startswith("val_loss")
     assert sorted(p.name for p in (store / "pneumonia").iterdir()) == ["1", "2"]
 
@@ -274,9 +276,33 @@ def test_seed_architecture_keeps_the_notebook_recipe(tmp_path: Path) -> None:
         augment=True,
         ema=0.99,
         label_smoothing=0.1,
+        mixup=0.2,
     )
     seed = effective_config(asked)
     assert (seed.batch_size, seed.patience, seed.augment) == (32, 5, False)
-    assert seed.ema == 0.0 and seed.label_smoothing == 0.0
+    assert seed.ema == 0.0 and seed.label_smoothing == 0.0 and seed.mixup == 0.0
     ours = effective_config(TrainConfig(tmp_path, tmp_path, label_smoothing=0.1))
     assert ours.label_smoothing == 0.1 and ours.arch == "sepcnn"
+
+
+def test_mixup_blends_images_labels_and_class_weights_by_the_same_amount() -> None:
+    import tensorflow as tf
+
+    from training.augmentation import mixup_fn
+
+    tf.random.set_seed(3)
+    n = 64
+    labels = np.array([0.0, 1.0] * (n // 2), np.float32)
+    # Each image is filled with its own label (0 or 1), so its mixed value is its lam-blend.
+    images = np.broadcast_to(labels[:, None, None, None], (n, 224, 224, 1)).astype(np.float32)
+    mixed, soft, weight = mixup_fn(0.4, {0: 3.0, 1: 1.0})(tf.constant(images), tf.constant(labels))
+    mixed, soft, weight = mixed.numpy(), soft.numpy(), weight.numpy()
+    assert mixed.shape == images.shape and soft.shape == weight.shape == (n,)
+    # The image blend, the label blend and the weight blend use one lam per example:
+    # weight = 3 - 2 * (share of PNEUMONIA) when NORMAL weighs 3 and PNEUMONIA 1.
+    assert np.allclose(mixed[:, 0, 0, 0], soft, atol=1e-6)
+    assert np.allclose(mixed.min(axis=(1, 2, 3)), mixed.max(axis=(1, 2, 3)))
+    assert np.allclose(weight, 3.0 - 2.0 * soft, atol=1e-5)
+    assert ((soft >= 0) & (soft <= 1)).all()
+    # Some pairs blend; same-class pairs and lam near 0 or 1 (Beta(0.4)) stay near 0 or 1.
+    assert 0 < ((soft > 0.01) & (soft < 0.99)).sum() < n

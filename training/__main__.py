@@ -66,6 +66,14 @@ def parser() -> argparse.ArgumentParser:
         help="pull the training targets towards 0.5 by this much (e.g. 0.1; 0 = off); "
         "temperature scaling recalibrates afterwards",
     )
+    train.add_argument(
+        "--mixup",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="blend training images, labels and class weights in pairs by Beta(ALPHA, ALPHA) "
+        "(e.g. 0.2; 0 = off)",
+    )
 
     evaluate = sub.add_parser("evaluate", help="score a store version on a labelled folder")
     evaluate.add_argument("--model", required=True, help="model_store/<name>/<version>")
@@ -137,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         augmentation=args.augmentation,
         ema=args.ema,
         label_smoothing=args.label_smoothing,
+        mixup=args.mixup,
     )
     try:
         _version, folder = train(config)

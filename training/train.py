@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from training import architectures
-from training.augmentation import augment_fn, shifted_copy
+from training.augmentation import augment_fn, mixup_fn, shifted_copy
 from training.data import CLASS_NAMES, load_arrays, manifest, patient_split, scan
 from training.evaluate import robustness_report
 from training.export import export_version
@@ -56,6 +56,8 @@ class TrainConfig:
     # Targets pulled towards 0.5 by this much (0 = off). Temperature scaling afterwards undoes
     # the deliberate under-confidence, so the card's probabilities stay calibrated.
     label_smoothing: float = 0.0
+    # Mixup's Beta(alpha, alpha) (0 = off): images, labels and class weights blended in pairs.
+    mixup: float = 0.0
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -145,13 +147,14 @@ SEED_RECIPE = {
     "augment": False,
     "ema": 0.0,
     "label_smoothing": 0.0,
+    "mixup": 0.0,
 }
 
 
 def effective_config(config: TrainConfig) -> TrainConfig:
     """The notebook's recipe for `--arch seed`, whatever else was asked: batch 32, early
-    stopping patience 5, no augmentation, no weight averaging, hard labels (RMSprop with its
-    default LR is chosen in `train`)."""
+    stopping patience 5, no augmentation or mixup, no weight averaging, hard labels (RMSprop
+    with its default LR is chosen in `train`)."""
     return replace(config, **SEED_RECIPE) if config.arch == "seed" else config
 
 
@@ -222,6 +225,11 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         )
     else:
         train_ds = train_ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    fit_class_weight: dict[int, float] | None = class_weight
+    if config.mixup > 0:
+        # The class weights travel with the mixed pairs as per-sample weights.
+        train_ds = train_ds.map(mixup_fn(config.mixup, class_weight))
+        fit_class_weight = None
     train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
     val_ds = tf.data.Dataset.from_tensor_slices(
         (x_sel.astype(np.float32), y_sel.astype(np.float32))
@@ -252,7 +260,7 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         train_ds,
         validation_data=val_ds,
         epochs=config.epochs,
-        class_weight=class_weight,
+        class_weight=fit_class_weight,
         callbacks=callbacks,
         verbose=2,
     )
