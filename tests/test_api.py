@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -42,6 +43,18 @@ def test_predict_jpeg(client, pneumonia_jpeg: bytes) -> None:
     assert body["dicom"] is None
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["x-request-id"]
+
+
+def test_recorded_sha256_is_the_uploads_small_or_large(client) -> None:
+    from app.routes.predict import HASH_INLINE_MAX_BYTES
+
+    small = fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg")
+    large = fixture_bytes("originals/NORMAL2-IM-0746-0001.jpeg")
+    assert len(small) <= HASH_INLINE_MAX_BYTES < len(large)  # hashed inline / on a thread
+    for data in (small, large):
+        body = post(client, data).json()
+        assert body["input"]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert body["input"]["bytes"] == len(data)
 
 
 def test_same_image_in_any_container_gives_the_same_answer(client) -> None:

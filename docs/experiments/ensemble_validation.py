@@ -1,0 +1,84 @@
+"""Would averaging store versions help? Scored by the selection rule, on validation only.
+
+Every version of v1's seed and patient split (model_store/pneumonia/1 and the candidates kept in
+runs/store/pneumonia/<n>) is run on the validation patients, clean and under the 10 fixed
+perturbations. An ensemble averages the versions' calibrated logits, then gets its own
+temperature and threshold fitted as `train` fits them (selection set = validation + the seeded
+shifted copy, sensitivity >= 0.97). Printed per combination: the rule's mean balanced accuracy,
+mean AUC, worst specificity and the threshold. The internal test split is not touched.
+
+    .venv/bin/python docs/experiments/ensemble_validation.py > runs/ensemble_validation.txt
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from training.augmentation import PERTURBATIONS, perturb, shifted_copy  # noqa: E402
+from training.data import load_arrays, scan  # noqa: E402
+from training.evaluate import load_savedmodel, split_part  # noqa: E402
+from training.metrics import (  # noqa: E402
+    classification_report,
+    fit_temperature,
+    screening_threshold,
+    sigmoid,
+)
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def main() -> None:
+    versions = {"v1": ROOT / "model_store/pneumonia/1"}
+    for folder in sorted((ROOT / "runs/store/pneumonia").glob("*"), key=lambda p: int(p.name)):
+        versions[f"c{folder.name}"] = folder
+    samples = split_part(
+        scan(ROOT.parent / "shared/data/chest_xray", "train"), versions["v1"], "validation"
+    )
+    x, y = load_arrays(samples)
+    x_sel = np.concatenate([x, shifted_copy(x, seed=42)])
+    y_sel = np.concatenate([y, y])
+    conditions = {"clean": x, **{name: perturb(x, name, 42) for name in PERTURBATIONS}}
+    logits = {}
+    for key, folder in versions.items():
+        predict, _ = load_savedmodel(folder)
+        logits[key] = {"sel": logit(predict(x_sel))}
+        logits[key].update({c: logit(predict(images)) for c, images in conditions.items()})
+
+    def rule(keys: tuple[str, ...]) -> tuple[float, float, float, float]:
+        sel = np.mean([logits[k]["sel"] for k in keys], axis=0)
+        temperature = fit_temperature(y_sel, sel)
+        threshold = screening_threshold(y_sel, sigmoid(sel / temperature), 0.97)
+        balanced, aucs, specificity = [], [], []
+        for condition in conditions:
+            z = np.mean([logits[k][condition] for k in keys], axis=0)
+            report = classification_report(y, sigmoid(z / temperature), threshold)
+            balanced.append((report["sensitivity"] + report["specificity"]) / 2)
+            aucs.append(report["auc"])
+            specificity.append(report["specificity"])
+        return (
+            round(statistics.mean(balanced), 4),
+            round(statistics.mean(aucs), 4),
+            round(min(specificity), 3),
+            round(float(threshold), 4),
+        )
+
+    print("versions:", {k: str(v.relative_to(ROOT)) for k, v in versions.items()})
+    print("combination: (mean balanced accuracy, mean AUC, worst specificity, threshold)")
+    for size in (1, 2, 3):
+        for keys in itertools.combinations(versions, size):
+            print(keys, rule(keys), flush=True)
+
+
+if __name__ == "__main__":
+    main()
