@@ -7,7 +7,7 @@ temperature and threshold fitted as `train` fits them (selection set = validatio
 shifted copy, sensitivity >= 0.97). Printed per combination: the rule's mean balanced accuracy,
 mean AUC, worst specificity and the threshold. The internal test split is not touched.
 
-    .venv/bin/python docs/experiments/ensemble_validation.py > docs/experiments/ensemble_validation.txt
+    cd docs/experiments && ../../.venv/bin/python ensemble_validation.py > ensemble_validation.txt
 """
 
 from __future__ import annotations
