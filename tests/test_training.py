@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import FIXTURES
 from training.__main__ import main
-from training.data import DataError, patient_id, patient_split, scan
+from training.data import DataError, manifest, patient_id, patient_split, scan
 from training.metrics import fit_temperature, roc_auc, screening_threshold, sigmoid
 
 
@@ -101,6 +101,8 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
             "0.1",
             "--mixup",
             "0.2",
+            "--init-seed",
+            "7",
         )
     )
     assert code == 0
@@ -121,6 +123,10 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
         assert key in card
     assert card["data"]["manifest_sha256"] and card["version"] == 1
     assert card["training"]["label_smoothing"] == 0.1 and card["training"]["mixup"] == 0.2
+    assert card["training"]["init_seed"] == 7 and card["training"]["seed"] == 42
+    # The patient split follows --seed alone, whatever --init-seed says.
+    split = manifest(patient_split(scan(small_data, "train"), seed=42))
+    assert card["data"]["manifest_sha256"] == split["sha256"]
     for plot in ("training_curves.png", "roc.png", "confusion_matrix.png", "reliability.png"):
         assert (folder / plot).stat().st_size > 1000
     listed = (folder / "checksums.sha256").read_text()
@@ -137,6 +143,7 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     second = json.loads((store / "pneumonia" / "2" / "model.json").read_text())["training"]
     assert second["augmentation"] == "basic" and second["ema"] == 0.0
     assert second["label_smoothing"] == 0.0 and second["mixup"] == 0.0
+    assert second["init_seed"] is None
     assert second["selection_monitor"].startswith("val_loss")
     assert sorted(p.name for p in (store / "pneumonia").iterdir()) == ["1", "2"]
 

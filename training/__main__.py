@@ -67,6 +67,13 @@ def parser() -> argparse.ArgumentParser:
         "temperature scaling recalibrates afterwards",
     )
     train.add_argument(
+        "--init-seed",
+        type=int,
+        default=None,
+        help="seed for weight initialisation, shuffling and augmentation (default: --seed); "
+        "the patient split and the selection set follow --seed only",
+    )
+    train.add_argument(
         "--mixup",
         type=float,
         default=0.0,
@@ -146,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         ema=args.ema,
         label_smoothing=args.label_smoothing,
         mixup=args.mixup,
+        init_seed=args.init_seed,
     )
     try:
         _version, folder = train(config)
