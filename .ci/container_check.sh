@@ -24,6 +24,9 @@ cleanup() {
       -f "$WORK/compose.ci.yml" --profile pacs down -v --remove-orphans >/dev/null 2>&1)
   fi
   if [[ -n "$DOCKERD_PID" ]]; then
+    # Each build leaves the previous pneumoscan image dangling (~7 GB with TensorFlow); the
+    # base image stays for the next run. Without this, repeated local runs fill the disk.
+    DOCKER_HOST="$SOCK" docker image prune -f >/dev/null 2>&1
     kill "$DOCKERD_PID" 2>/dev/null
     for _ in $(seq 1 30); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
     kill -9 "$DOCKERD_PID" 2>/dev/null
