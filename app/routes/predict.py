@@ -149,13 +149,19 @@ async def read_upload(request: Request, max_bytes: int, timeout_s: float) -> byt
 HASH_INLINE_MAX_BYTES = 64 * 1024
 
 
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def upload_digest(data: bytes) -> asyncio.Future[str]:
-    """The SHA-256 the audit trail records, started now and awaited when the record is built."""
+    """The SHA-256 the audit trail records, started now and awaited when the record is built.
+    A plain executor future, not a task: if the request fails first, the hash just finishes."""
+    loop = asyncio.get_running_loop()
     if len(data) <= HASH_INLINE_MAX_BYTES:
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        future.set_result(hashlib.sha256(data).hexdigest())
+        future: asyncio.Future[str] = loop.create_future()
+        future.set_result(sha256_hex(data))
         return future
-    return asyncio.ensure_future(asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest()))
+    return loop.run_in_executor(None, sha256_hex, data)
 
 
 async def decode_in_pool(services: Services, data: bytes) -> DecodedImage:
@@ -207,22 +213,6 @@ async def predict(request: Request) -> PredictionPublic | Response:
     services.manager.get()  # 503 before reading a large body when no model is loaded
     data = await read_upload(request, settings.max_upload_bytes, settings.upload_timeout_s)
     digest = upload_digest(data)
-    try:
-        return await score_upload(request, services, key_id, data, digest, started)
-    finally:
-        if not digest.done():
-            digest.cancel()
-
-
-async def score_upload(
-    request: Request,
-    services: Services,
-    key_id: str,
-    data: bytes,
-    digest: asyncio.Future[str],
-    started: float,
-) -> PredictionPublic | Response:
-    settings = services.settings
     decode_started = time.perf_counter()
     decoded = decode_small_raster(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
     if decoded is None:  # large, progressive or DICOM: off the event loop
