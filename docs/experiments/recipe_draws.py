@@ -1,0 +1,81 @@
+"""Several draws of one recipe, side by side: how far apart are two recipes once each has been
+trained more than once?
+
+Reads the model cards kept in this folder (and v1's validation report) and prints, per recipe,
+every draw's selection-rule score (mean over the 11 validation conditions of balanced accuracy
+at the version's own threshold), its worst validation specificity and its mean validation AUC,
+then each recipe's mean and range. The internal-test columns are printed for the record only:
+nothing here chooses on them.
+
+    cd docs/experiments && ../../.venv/bin/python recipe_draws.py > recipe_draws.txt
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+# recipe -> draws (label, card or report); v1 itself is init seed 42 (= --seed)
+RECIPES: dict[str, list[tuple[str, Path]]] = {
+    "v1 recipe (shipped defaults)": [
+        ("init seed 42 = v1", HERE / "v1-validation-robustness.json"),
+        ("init seed 1", HERE / "v1-recipe-init-seed-1.model.json"),
+        ("init seed 2", HERE / "v1-recipe-init-seed-2.model.json"),
+        ("init seed 3", HERE / "v1-recipe-init-seed-3.model.json"),
+    ],
+    "--mixup 0.2": [
+        ("init seed 42", HERE / "mixup.model.json"),
+        ("init seed 1", HERE / "mixup-init-seed-1.model.json"),
+        ("init seed 2", HERE / "mixup-init-seed-2.model.json"),
+        ("init seed 3", HERE / "mixup-init-seed-3.model.json"),
+    ],
+}
+
+
+def conditions(path: Path) -> dict[str, dict]:
+    data = json.loads(path.read_text())
+    rows = data["robustness"] if "robustness" in data else data["metrics"]["robustness_validation"]
+    return {name: row for name, row in rows.items() if name != "worst"}
+
+
+def internal_test(path: Path) -> dict | None:
+    if path.name == "v1-validation-robustness.json":
+        path = ROOT / "model_store/pneumonia/1/model.json"
+    return json.loads(path.read_text())["metrics"].get("internal_test")
+
+
+def main() -> None:
+    print(
+        f"{'recipe':30} {'draw':18} {'rule':>7} {'worst spec':>10} {'mean AUC':>9}"
+        f" {'| int. test AUC':>15} {'acc':>6}"
+    )
+    for recipe, draws in RECIPES.items():
+        scores = []
+        for label, path in draws:
+            if not path.exists():
+                print(f"{recipe:30} {label:18} (not trained)")
+                continue
+            rows = conditions(path)
+            rule = statistics.mean((r["sensitivity"] + r["specificity"]) / 2 for r in rows.values())
+            worst = min(r["specificity"] for r in rows.values())
+            auc = statistics.mean(r["auc"] for r in rows.values())
+            test = internal_test(path) or {}
+            test_auc, test_acc = test.get("auc", float("nan")), test.get("accuracy", float("nan"))
+            scores.append(rule)
+            print(
+                f"{recipe:30} {label:18} {rule:7.4f} {worst:10.3f} {auc:9.4f}"
+                f" | {test_auc:13.4f} {test_acc:6.3f}"
+            )
+        if scores:
+            print(
+                f"{recipe:30} {'mean (range)':18} {statistics.mean(scores):7.4f}"
+                f"   ({min(scores):.4f}-{max(scores):.4f}, n={len(scores)})"
+            )
+
+
+if __name__ == "__main__":
+    main()
