@@ -21,17 +21,29 @@ ROOT = HERE.parents[1]
 
 # recipe -> draws (label, card or report); v1 itself is init seed 42 (= --seed)
 RECIPES: dict[str, list[tuple[str, Path]]] = {
-    "v1 recipe (shipped defaults)": [
+    "v1 recipe (patience 8)": [
         ("init seed 42 = v1", HERE / "v1-validation-robustness.json"),
         ("init seed 1", HERE / "v1-recipe-init-seed-1.model.json"),
         ("init seed 2", HERE / "v1-recipe-init-seed-2.model.json"),
-        ("init seed 3", HERE / "v1-recipe-init-seed-3.model.json"),
     ],
-    "--mixup 0.2": [
+    "whole schedule (patience 40)": [
+        ("init seed 1", HERE / "v1-recipe-init-seed-1-whole-schedule.model.json"),
+        ("init seed 2", HERE / "whole-schedule-init-seed-2.model.json"),
+        ("init seed 3", HERE / "whole-schedule-init-seed-3.model.json"),
+    ],
+    "--mixup 0.2 (patience 8)": [
         ("init seed 42", HERE / "mixup.model.json"),
         ("init seed 1", HERE / "mixup-init-seed-1.model.json"),
         ("init seed 2", HERE / "mixup-init-seed-2.model.json"),
-        ("init seed 3", HERE / "mixup-init-seed-3.model.json"),
+    ],
+    "--mixup 0.2 --patience 40": [
+        ("init seed 42", HERE / "mixup-whole-schedule.model.json"),
+    ],
+    "--label-smoothing 0.1 (patience 8)": [
+        ("init seed 42", HERE / "label-smoothing-loss-stop.model.json"),
+    ],
+    "--label-smoothing 0.1 --patience 40": [
+        ("init seed 42", HERE / "label-smoothing-full-schedule.model.json"),
     ],
 }
 
@@ -50,14 +62,14 @@ def internal_test(path: Path) -> dict | None:
 
 def main() -> None:
     print(
-        f"{'recipe':30} {'draw':18} {'rule':>7} {'worst spec':>10} {'mean AUC':>9}"
+        f"{'recipe':36} {'draw':18} {'rule':>7} {'worst spec':>10} {'mean AUC':>9}"
         f" {'| int. test AUC':>15} {'acc':>6}"
     )
     for recipe, draws in RECIPES.items():
         scores = []
         for label, path in draws:
             if not path.exists():
-                print(f"{recipe:30} {label:18} (not trained)")
+                print(f"{recipe:36} {label:18} (not trained)")
                 continue
             rows = conditions(path)
             rule = statistics.mean((r["sensitivity"] + r["specificity"]) / 2 for r in rows.values())
@@ -67,12 +79,12 @@ def main() -> None:
             test_auc, test_acc = test.get("auc", float("nan")), test.get("accuracy", float("nan"))
             scores.append(rule)
             print(
-                f"{recipe:30} {label:18} {rule:7.4f} {worst:10.3f} {auc:9.4f}"
+                f"{recipe:36} {label:18} {rule:7.4f} {worst:10.3f} {auc:9.4f}"
                 f" | {test_auc:13.4f} {test_acc:6.3f}"
             )
         if scores:
             print(
-                f"{recipe:30} {'mean (range)':18} {statistics.mean(scores):7.4f}"
+                f"{recipe:36} {'mean (range)':18} {statistics.mean(scores):7.4f}"
                 f"   ({min(scores):.4f}-{max(scores):.4f}, n={len(scores)})"
             )
 
