@@ -25,19 +25,18 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
         ("init seed 42 = v1", HERE / "v1-validation-robustness.json"),
         ("init seed 1", HERE / "v1-recipe-init-seed-1.model.json"),
         ("init seed 2", HERE / "v1-recipe-init-seed-2.model.json"),
+        ("init seed 3", HERE / "v1-recipe-init-seed-3.model.json"),
     ],
     "whole schedule (patience 40)": [
         ("init seed 1", HERE / "v1-recipe-init-seed-1-whole-schedule.model.json"),
         ("init seed 2", HERE / "whole-schedule-init-seed-2.model.json"),
         ("init seed 3", HERE / "whole-schedule-init-seed-3.model.json"),
+        ("init seed 4", HERE / "whole-schedule-init-seed-4.model.json"),
     ],
     "--mixup 0.2 (patience 8)": [
         ("init seed 42", HERE / "mixup.model.json"),
         ("init seed 1", HERE / "mixup-init-seed-1.model.json"),
         ("init seed 2", HERE / "mixup-init-seed-2.model.json"),
-    ],
-    "--mixup 0.2 --patience 40": [
-        ("init seed 42", HERE / "mixup-whole-schedule.model.json"),
     ],
     "--label-smoothing 0.1 (patience 8)": [
         ("init seed 42", HERE / "label-smoothing-loss-stop.model.json"),
