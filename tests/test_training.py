@@ -272,6 +272,23 @@ def test_evaluate_part_needs_a_recorded_split(tmp_path: Path) -> None:
         split_part(scan(FIXTURES / "val", None), tmp_path, "validation")
 
 
+def test_train_command_defaults_are_the_documented_recipe() -> None:
+    """`pneumoscan train` with no options runs TrainConfig's recipe (the one the README and the
+    model card describe), not a second set of defaults kept in the argument parser."""
+    from dataclasses import MISSING, fields
+
+    from training.__main__ import parser
+    from training.train import TrainConfig
+
+    args = vars(parser().parse_args(["train"]))
+    shared = [f for f in fields(TrainConfig) if f.name in args and f.default is not MISSING]
+    assert len(shared) >= 14
+    for field in shared:
+        assert args[field.name] == field.default, field.name
+    assert not args["no_augment"] and TrainConfig.augment
+    assert TrainConfig.patience >= TrainConfig.epochs  # the whole schedule, best epoch kept
+
+
 def test_seed_architecture_keeps_the_notebook_recipe(tmp_path: Path) -> None:
     from training.train import TrainConfig, effective_config
 
