@@ -12,7 +12,13 @@ import pytest
 from tests.conftest import FIXTURES
 from training.__main__ import main
 from training.data import DataError, manifest, patient_id, patient_split, scan
-from training.metrics import fit_temperature, roc_auc, screening_threshold, sigmoid
+from training.metrics import (
+    fit_temperature,
+    roc_auc,
+    screening_threshold,
+    selection_score,
+    sigmoid,
+)
 
 
 def test_patient_ids_follow_the_data_set_naming() -> None:
@@ -287,6 +293,18 @@ def test_train_command_defaults_are_the_documented_recipe() -> None:
         assert args[field.name] == field.default, field.name
     assert not args["no_augment"] and TrainConfig.augment
     assert TrainConfig.patience >= TrainConfig.epochs  # the whole schedule, best epoch kept
+
+
+def test_selection_score_is_mean_balanced_accuracy_then_auc_and_worst_specificity() -> None:
+    reports = [
+        {"sensitivity": 1.0, "specificity": 0.9, "auc": 0.99},
+        {"sensitivity": 0.9, "specificity": 0.7, "auc": 0.97},
+    ]
+    balanced, auc, worst = selection_score(reports)
+    assert balanced == pytest.approx((0.95 + 0.8) / 2)
+    assert auc == pytest.approx(0.98) and worst == 0.7
+    with pytest.raises(ValueError, match="at least one"):
+        selection_score([])
 
 
 def test_seed_architecture_keeps_the_notebook_recipe(tmp_path: Path) -> None:

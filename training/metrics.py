@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import statistics
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -118,3 +120,15 @@ def classification_report(
             "matrix": [[tn, fp], [fn, tp]],
         },
     }
+
+
+def selection_score(reports: Iterable[Mapping]) -> tuple[float, float, float]:
+    """The rule for choosing between versions (docs/experiments/selection_rule.txt), from one
+    classification report per validation condition (clean + the fixed perturbations): mean
+    balanced accuracy ((sensitivity + specificity) / 2), then mean AUC for ties, and the worst
+    specificity, which the model card reports beside them."""
+    rows = list(reports)
+    if not rows:
+        raise ValueError("selection_score needs at least one condition's report")
+    balanced = statistics.mean((r["sensitivity"] + r["specificity"]) / 2 for r in rows)
+    return balanced, statistics.mean(r["auc"] for r in rows), min(r["specificity"] for r in rows)

@@ -13,7 +13,6 @@ mean AUC, worst specificity and the threshold. The internal test split is not to
 from __future__ import annotations
 
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from training.metrics import (  # noqa: E402
     classification_report,
     fit_temperature,
     screening_threshold,
+    selection_score,
     sigmoid,
 )
 
@@ -59,17 +59,15 @@ def main() -> None:
         sel = np.mean([logits[k]["sel"] for k in keys], axis=0)
         temperature = fit_temperature(y_sel, sel)
         threshold = screening_threshold(y_sel, sigmoid(sel / temperature), 0.97)
-        balanced, aucs, specificity = [], [], []
+        reports = []
         for condition in conditions:
             z = np.mean([logits[k][condition] for k in keys], axis=0)
-            report = classification_report(y, sigmoid(z / temperature), threshold)
-            balanced.append((report["sensitivity"] + report["specificity"]) / 2)
-            aucs.append(report["auc"])
-            specificity.append(report["specificity"])
+            reports.append(classification_report(y, sigmoid(z / temperature), threshold))
+        balanced, auc, worst_specificity = selection_score(reports)
         return (
-            round(statistics.mean(balanced), 4),
-            round(statistics.mean(aucs), 4),
-            round(min(specificity), 3),
+            round(balanced, 4),
+            round(auc, 4),
+            round(worst_specificity, 3),
             round(float(threshold), 4),
         )
 

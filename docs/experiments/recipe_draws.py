@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.metrics import selection_score  # noqa: E402
 
 # recipe -> draws (label, card or report); v1 itself is init seed 42 (= --seed)
 RECIPES: dict[str, list[tuple[str, Path]]] = {
@@ -71,9 +75,7 @@ def main() -> None:
                 print(f"{recipe:36} {label:18} (not trained)")
                 continue
             rows = conditions(path)
-            rule = statistics.mean((r["sensitivity"] + r["specificity"]) / 2 for r in rows.values())
-            worst = min(r["specificity"] for r in rows.values())
-            auc = statistics.mean(r["auc"] for r in rows.values())
+            rule, auc, worst = selection_score(rows.values())
             test = internal_test(path) or {}
             test_auc, test_acc = test.get("auc", float("nan")), test.get("accuracy", float("nan"))
             scores.append(rule)
