@@ -348,3 +348,52 @@ def test_mixup_blends_images_labels_and_class_weights_by_the_same_amount() -> No
     assert ((soft >= 0) & (soft <= 1)).all()
     # Some pairs blend; same-class pairs and lam near 0 or 1 (Beta(0.4)) stay near 0 or 1.
     assert 0 < ((soft > 0.01) & (soft < 0.99)).sum() < n
+
+
+def test_average_last_epochs_keeps_only_the_last_ones() -> None:
+    import keras
+
+    from training.train import AverageLastEpochs
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    average = AverageLastEpochs(2)
+    average.set_model(model)
+    with pytest.raises(RuntimeError, match="no epoch"):
+        average.average()
+    for epoch in range(3):  # kernels 0, 1, 2: the mean of the last two is 1.5
+        model.layers[0].kernel.assign([[float(epoch)]])
+        average.on_epoch_end(epoch)
+    kernel, _bias = average.average()
+    assert float(kernel[0, 0]) == pytest.approx(1.5)
+
+
+def test_batchnorm_recalibration_is_the_exact_average_over_the_batches() -> None:
+    import keras
+    import tensorflow as tf
+
+    from training.batchnorm import recalibrate_batchnorm
+
+    inputs = keras.Input((3,))
+    bn = keras.layers.BatchNormalization(momentum=0.99)
+    model = keras.Model(inputs, bn(inputs))
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc, 2.0, (16, 3)).astype(np.float32) for loc in (1.0, 5.0, 9.0)]
+    assert recalibrate_batchnorm(model, (tf.constant(b) for b in batches)) == 3
+    expected_mean = np.mean([b.mean(axis=0) for b in batches], axis=0)
+    expected_var = np.mean([b.var(axis=0) for b in batches], axis=0)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), expected_mean, rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), expected_var, rtol=1e-4)
+    assert bn.momentum == 0.99  # restored for any later training
+    assert recalibrate_batchnorm(keras.Sequential([keras.Input((1,))]), iter(batches)) == 0
+
+
+def test_weight_averaging_run_exports_the_average(small_data: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with pytest.raises(SystemExit, match="two kinds of weight averaging"):
+        main(tiny_run(small_data, store, "--swa-epochs", "2", "--ema", "0.99"))
+    run = tiny_run(small_data, store, "--swa-epochs", "2", "--limit", "6")
+    run[run.index("--epochs") + 1] = "3"
+    assert main(run) == 0
+    training = json.loads((store / "pneumonia" / "1" / "model.json").read_text())["training"]
+    assert training["swa_epochs"] == 2 and training["epochs_run"] == 3
+    assert training["selection_monitor"].startswith("mean weights of the last 2 epochs")

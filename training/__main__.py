@@ -87,6 +87,14 @@ def parser() -> argparse.ArgumentParser:
         help="blend training images, labels and class weights in pairs by Beta(ALPHA, ALPHA) "
         "(e.g. 0.2; 0 = off)",
     )
+    train.add_argument(
+        "--swa-epochs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stochastic weight averaging: export the mean of the last N epochs' weights with "
+        "batch-norm statistics recomputed (runs every epoch; 0 = off, keep the best epoch)",
+    )
 
     evaluate = sub.add_parser("evaluate", help="score a store version on a labelled folder")
     evaluate.add_argument("--model", required=True, help="model_store/<name>/<version>")
@@ -159,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         ema=args.ema,
         label_smoothing=args.label_smoothing,
         mixup=args.mixup,
+        swa_epochs=args.swa_epochs,
         init_seed=args.init_seed,
     )
     try:

@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ import tensorflow as tf
 
 from training import architectures
 from training.augmentation import augment_fn, mixup_fn, shifted_copy
+from training.batchnorm import recalibrate_batchnorm
 from training.data import CLASS_NAMES, load_arrays, manifest, patient_split, scan
 from training.evaluate import robustness_report
 from training.export import export_version
@@ -64,6 +66,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # Mixup's Beta(alpha, alpha) (0 = off): images, labels and class weights blended in pairs.
     mixup: float = 0.0
+    # Stochastic weight averaging (0 = off): export the mean of the last N epochs' weights, with
+    # batch-norm statistics recomputed over the train part, instead of the best single epoch.
+    swa_epochs: int = 0
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -106,6 +111,22 @@ class RestoreBest(keras.callbacks.Callback):
     def on_train_end(self, logs=None) -> None:
         if self.weights is not None:
             self.model.set_weights(self.weights)
+
+
+class AverageLastEpochs(keras.callbacks.Callback):
+    """Keep the trainable weights of the last `count` epochs; `average()` is their mean."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.snapshots: deque[list[np.ndarray]] = deque(maxlen=count)
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        self.snapshots.append([w.numpy().copy() for w in self.model.trainable_weights])
+
+    def average(self) -> list[np.ndarray]:
+        if not self.snapshots:
+            raise RuntimeError("no epoch finished, so there are no weights to average")
+        return [np.mean(group, axis=0) for group in zip(*self.snapshots, strict=True)]
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -154,19 +175,22 @@ SEED_RECIPE = {
     "ema": 0.0,
     "label_smoothing": 0.0,
     "mixup": 0.0,
+    "swa_epochs": 0,
 }
 
 
 def effective_config(config: TrainConfig) -> TrainConfig:
     """The notebook's recipe for `--arch seed`, whatever else was asked: batch 32, early
-    stopping patience 5, no augmentation or mixup, no weight averaging, hard labels (RMSprop
-    with its default LR is chosen in `train`)."""
+    stopping patience 5, no augmentation or mixup, no weight averaging of either kind, hard
+    labels (RMSprop with its default LR is chosen in `train`)."""
     return replace(config, **SEED_RECIPE) if config.arch == "seed" else config
 
 
 def train(config: TrainConfig) -> tuple[int, Path]:
     started = time.monotonic()
     config = effective_config(config)
+    if config.swa_epochs > 0 and config.ema > 0:
+        raise SystemExit("--swa-epochs and --ema are two kinds of weight averaging: choose one")
     run_seed = config.seed if config.init_seed is None else config.init_seed
     keras.utils.set_random_seed(run_seed)
     samples = _limit(scan(config.data, "train"), config.limit)
@@ -227,11 +251,13 @@ def train(config: TrainConfig) -> tuple[int, Path]:
     train_ds = train_ds.shuffle(len(x_train), seed=run_seed, reshuffle_each_iteration=True)
     train_ds = train_ds.batch(config.batch_size)
     if config.augment and config.arch != "seed":
-        train_ds = train_ds.map(
-            augment_fn(run_seed, config.augmentation), num_parallel_calls=tf.data.AUTOTUNE
-        )
+        prepare = augment_fn(run_seed, config.augmentation)
     else:
-        train_ds = train_ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+
+        def prepare(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            return tf.cast(x, tf.float32), y
+
+    train_ds = train_ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     fit_class_weight: dict[int, float] | None = class_weight
     if config.mixup > 0:
         # The class weights travel with the mixed pairs as per-sample weights.
@@ -254,11 +280,14 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         # Validate, select and keep the averaged weights: epoch-to-epoch validation loss of the
         # raw weights swung by 10x in the v1 run, which made "best epoch" partly luck.
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    callbacks += [
-        restore,
-        keras.callbacks.EarlyStopping(monitor, patience=config.patience, mode=mode),
-        TimeBudget(config.max_minutes),
-    ]
+    callbacks += [restore, TimeBudget(config.max_minutes)]
+    swa = AverageLastEpochs(config.swa_epochs) if config.swa_epochs > 0 else None
+    if swa is not None:
+        # The average needs the schedule's low-learning-rate tail, so nothing stops it early.
+        callbacks.append(swa)
+    else:
+        stop = keras.callbacks.EarlyStopping(monitor, patience=config.patience, mode=mode)
+        callbacks.append(stop)
     log.info(
         "training %s for up to %d epochs / %.0f min", config.arch, config.epochs, config.max_minutes
     )
@@ -273,11 +302,21 @@ def train(config: TrainConfig) -> tuple[int, Path]:
     )
     fit_seconds = time.monotonic() - fit_started
     log.info(
-        "best epoch %d (%s %.4f); calibrating",
-        restore.best_epoch + 1,
-        monitor,
-        restore.sign * restore.best,
+        "best epoch %d (%s %.4f)", restore.best_epoch + 1, monitor, restore.sign * restore.best
     )
+    selection = f"{monitor} ({mode}) on the selection set"
+    if swa is not None:
+        for weight, value in zip(model.trainable_weights, swa.average(), strict=True):
+            weight.assign(value)
+        stats_ds = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32)))
+        stats_ds = stats_ds.shuffle(len(x_train), seed=run_seed).batch(64).map(prepare)
+        batches = recalibrate_batchnorm(model, (images for images, _ in stats_ds))
+        selection = (
+            f"mean weights of the last {len(swa.snapshots)} epochs, batch-norm statistics "
+            f"recomputed over {batches} training batches"
+        )
+        log.info("exporting the %s", selection)
+    log.info("calibrating")
 
     sel_logits = predict_logits(model, x_sel)
     temperature = fit_temperature(y_sel, sel_logits)
@@ -338,7 +377,7 @@ def train(config: TrainConfig) -> tuple[int, Path]:
             "class_weight": class_weight,
             "epochs_run": len(history.history["loss"]),
             "best_epoch": restore.best_epoch + 1,
-            "selection_monitor": f"{monitor} ({mode}) on the selection set",
+            "selection_monitor": selection,
             "fit_seconds": round(fit_seconds, 1),
             "total_seconds": round(time.monotonic() - started, 1),
             "history": {
