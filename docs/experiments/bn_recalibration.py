@@ -4,7 +4,7 @@ For each version: rebuild the Keras model, load the version's weights, then scor
 rule three ways, each with temperature and threshold refitted as `train` fits them on the
 selection set (validation + seeded shifted copy): as exported; with batch-norm statistics
 recomputed over one pass of the version's train part, clean; and augmented as in training.
-The internal test split is not touched. Registered in selection_rule.txt (2026-11-28 00:55).
+The internal test split is not touched. Registered in selection_rule.txt (2026-11-28 00:37).
 
     cd docs/experiments && ../../.venv/bin/python bn_recalibration.py > bn_recalibration.txt
 """
