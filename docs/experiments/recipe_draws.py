@@ -37,6 +37,11 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
         ("init seed 3", HERE / "whole-schedule-init-seed-3.model.json"),
         ("init seed 4", HERE / "whole-schedule-init-seed-4.model.json"),
     ],
+    "--swa-epochs 10 (whole schedule)": [
+        ("init seed 1", HERE / "swa-init-seed-1.model.json"),
+        ("init seed 2", HERE / "swa-init-seed-2.model.json"),
+        ("init seed 3", HERE / "swa-init-seed-3.model.json"),
+    ],
     "--mixup 0.2 (patience 8)": [
         ("init seed 42", HERE / "mixup.model.json"),
         ("init seed 1", HERE / "mixup-init-seed-1.model.json"),
