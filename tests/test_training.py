@@ -397,3 +397,6 @@ def test_weight_averaging_run_exports_the_average(small_data: Path, tmp_path: Pa
     training = json.loads((store / "pneumonia" / "1" / "model.json").read_text())["training"]
     assert training["swa_epochs"] == 2 and training["epochs_run"] == 3
     assert training["selection_monitor"].startswith("mean weights of the last 2 epochs")
+    from training.card import render
+
+    assert "3 epochs (weights averaged over the last 2 epochs)" in render(store / "pneumonia/1")

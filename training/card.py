@@ -36,12 +36,16 @@ def render(version_dir: Path) -> str:
         "internal test (threshold)": metrics["internal_test"],
         "internal test (0.5)": metrics["internal_test_at_0.5"],
     }
+    if training.get("swa_epochs"):
+        kept = f"weights averaged over the last {training['swa_epochs']} epochs"
+    else:
+        kept = f"best {training['best_epoch']}"
     lines = [
         f"**{card['name']} v{card['version']}** — `{card['architecture']}`, "
         f"{card['parameters']:,} parameters, {card['flops_per_image'] / 1e6:.0f} MFLOPs/image; "
         f"threshold {card['threshold']:.4f} ({card['threshold_rule']}); temperature "
-        f"{card['temperature']:.3f}; trained {training['epochs_run']} epochs (best "
-        f"{training['best_epoch']}) in {training['fit_seconds'] / 60:.1f} min on "
+        f"{card['temperature']:.3f}; trained {training['epochs_run']} epochs ({kept}) in"
+        f" {training['fit_seconds'] / 60:.1f} min on "
         f"{training['host']}; data manifest {card['data']['manifest_sha256'][:12]}; split "
         f"{card['data']['counts']}.",
         "",
