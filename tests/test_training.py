@@ -109,6 +109,8 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
             "0.2",
             "--init-seed",
             "7",
+            "--swa-epochs",
+            "0",
         )
     )
     assert code == 0
@@ -150,7 +152,8 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     assert second["augmentation"] == "basic" and second["ema"] == 0.0
     assert second["label_smoothing"] == 0.0 and second["mixup"] == 0.0
     assert second["init_seed"] is None
-    assert second["selection_monitor"].startswith("val_loss")
+    assert second["swa_epochs"] == 10  # the default recipe averages the last epochs' weights
+    assert second["selection_monitor"].startswith("mean weights of the last 1 epochs")
     assert sorted(p.name for p in (store / "pneumonia").iterdir()) == ["1", "2"]
 
     capsys.readouterr()

@@ -90,10 +90,11 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--swa-epochs",
         type=int,
-        default=0,
+        default=10,
         metavar="N",
         help="stochastic weight averaging: export the mean of the last N epochs' weights with "
-        "batch-norm statistics recomputed (runs every epoch; 0 = off, keep the best epoch)",
+        "batch-norm statistics recomputed (runs every epoch; 0 = keep the best epoch, as v1 "
+        "was made; --ema needs 0)",
     )
 
     evaluate = sub.add_parser("evaluate", help="score a store version on a labelled folder")
