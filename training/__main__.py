@@ -31,8 +31,9 @@ def parser() -> argparse.ArgumentParser:
         "--patience",
         type=int,
         default=40,
-        help="stop after this many epochs without a better selection-set loss; the default "
-        "runs the whole 40-epoch cosine schedule and keeps the best epoch (v1 was made with 8)",
+        help="with --swa-epochs 0: stop after this many epochs without a better selection-set "
+        "loss; 40 runs the whole cosine schedule and keeps the best epoch (v1 was made with 8); "
+        "weight averaging always runs the whole schedule",
     )
     train.add_argument("--seed", type=int, default=42)
     train.add_argument(
