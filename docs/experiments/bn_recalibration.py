@@ -74,7 +74,6 @@ def main() -> None:
     print("version: rule (mean balanced accuracy, mean AUC, worst specificity)")
     gains: dict[str, list[float]] = {"clean": [], "augmented": []}
     for label, folder in VERSIONS.items():
-        card_seed = 42
         x_val, y_val = load_arrays(split_part(samples, folder, "validation"))
         x_train, y_train = load_arrays(split_part(samples, folder, "train"))
         model = load_keras(folder)
@@ -83,11 +82,11 @@ def main() -> None:
         for variant in ("clean", "augmented"):
             model = load_keras(folder)
             ds = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
-                len(x_train), seed=card_seed
+                len(x_train), seed=SEED
             )
             ds = ds.batch(64)
             if variant == "augmented":
-                ds = ds.map(augment_fn(card_seed, "basic"))
+                ds = ds.map(augment_fn(SEED, "basic"))
             else:
                 ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
             recalibrate_batchnorm(model, (images for images, _ in ds))
