@@ -24,6 +24,12 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--model-store", default=str(DEFAULT_STORE))
     train.add_argument("--model-name", default="pneumonia")
     train.add_argument("--arch", default="sepcnn", choices=["sepcnn", "seed"])
+    train.add_argument(
+        "--width",
+        type=int,
+        default=32,
+        help="sepcnn's stem filters; every stage scales with it (32 = the shipped models)",
+    )
     train.add_argument("--epochs", type=int, default=40)  # the shipped v1 recipe
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--learning-rate", type=float, default=2e-3)
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         model_store=Path(args.model_store),
         model_name=args.model_name,
         arch=args.arch,
+        width=args.width,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,

@@ -40,6 +40,8 @@ class TrainConfig:
     model_store: Path
     model_name: str = "pneumonia"
     arch: str = "sepcnn"
+    # sepcnn's stem filters; every stage scales with it (32: v1 and v2, 66 MFLOPs per image).
+    width: int = architectures.DEFAULT_WIDTH
     epochs: int = 40
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -193,6 +195,8 @@ def train(config: TrainConfig) -> tuple[int, Path]:
     config = effective_config(config)
     if config.swa_epochs > 0 and config.ema > 0:
         raise SystemExit("--swa-epochs and --ema are two kinds of weight averaging: choose one")
+    if config.arch == "seed" and config.width != architectures.DEFAULT_WIDTH:
+        raise SystemExit("--width sizes sepcnn; the seed architecture is fixed")
     run_seed = config.seed if config.init_seed is None else config.init_seed
     keras.utils.set_random_seed(run_seed)
     samples = _limit(scan(config.data, "train"), config.limit)
@@ -219,7 +223,7 @@ def train(config: TrainConfig) -> tuple[int, Path]:
     strategy = make_strategy(config.strategy)
     steps = max(1, int(np.ceil(len(x_train) / config.batch_size)))
     with strategy.scope():
-        model = architectures.build(config.arch)
+        model = architectures.build(config.arch, width=config.width)
         if config.arch == "seed":
             optimizer = keras.optimizers.RMSprop()
         else:
