@@ -330,6 +330,20 @@ def test_seed_architecture_keeps_the_notebook_recipe(tmp_path: Path) -> None:
     assert ours.label_smoothing == 0.1 and ours.arch == "sepcnn"
 
 
+def test_width_scales_every_sepcnn_stage_and_not_the_seed(tmp_path: Path) -> None:
+    from training import architectures
+    from training.train import TrainConfig, train
+
+    default = architectures.build("sepcnn")
+    wider = architectures.build("sepcnn", width=40)
+    assert architectures.build_sepcnn().count_params() == default.count_params()
+    assert wider.get_layer("stem").filters == 40 and default.get_layer("stem").filters == 32
+    assert wider.get_layer("s3_1_sep").filters == 7 * 40
+    assert 1.4 < architectures.flops_per_image(wider) / architectures.flops_per_image(default) < 1.6
+    with pytest.raises(SystemExit, match="seed architecture is fixed"):
+        train(TrainConfig(tmp_path, tmp_path, arch="seed", width=40))
+
+
 def test_mixup_blends_images_labels_and_class_weights_by_the_same_amount() -> None:
     import tensorflow as tf
 
