@@ -42,6 +42,11 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
         ("init seed 2", HERE / "swa-init-seed-2.model.json"),
         ("init seed 3", HERE / "swa-init-seed-3.model.json"),
     ],
+    "--width 40 --swa-epochs 10": [
+        ("init seed 1", HERE / "width40-init-seed-1.model.json"),
+        ("init seed 2", HERE / "width40-init-seed-2.model.json"),
+        ("init seed 3", HERE / "width40-init-seed-3.model.json"),
+    ],
     "--mixup 0.2 (patience 8)": [
         ("init seed 42", HERE / "mixup.model.json"),
         ("init seed 1", HERE / "mixup-init-seed-1.model.json"),
