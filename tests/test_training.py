@@ -244,12 +244,27 @@ def test_shift_augmentation_adds_markers_and_bands_within_range() -> None:
     assert 8 < changed.any(axis=(1, 2, 3)).sum() < 64
     assert changed.mean() < 0.2
     labels = tf.zeros([64])
-    for level in ("basic", "shift"):
+    for level in ("basic", "shift", "framing"):
         out, same = augment_fn(0, level)(tf.cast(images, tf.uint8), labels)
         assert out.shape == (64, 224, 224, 1) and same is labels
         assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 255.0
     with pytest.raises(ValueError, match="unknown augmentation"):
         augment_fn(0, "wild")
+
+
+def test_framing_augmentation_zooms_in_further_than_basic() -> None:
+    """A bright centre square grows under zoom-in; 'framing' allows up to 25 % per axis."""
+    import tensorflow as tf
+
+    from training.augmentation import FRAMING_ZOOM_IN, geometric_layers
+
+    zooms = [geometric_layers(0, z).layers[2] for z in (0.15, FRAMING_ZOOM_IN)]
+    assert [z.height_factor[0] for z in zooms] == [-0.15, -0.25]
+    assert all(z.height_factor[1] == z.width_factor[1] == 0.12 for z in zooms)
+    square = tf.pad(tf.fill([1, 100, 100, 1], 200.0), [[0, 0], [62, 62], [62, 62], [0, 0]])
+    only_zoom = type(zooms[1])((-0.25, -0.25), (-0.25, -0.25), fill_mode="constant")
+    grown = float(tf.reduce_mean(tf.cast(only_zoom(square, training=True) > 100, tf.float32)))
+    assert grown > (100 * 100) / (224 * 224) * 1.5  # magnified by 1/0.75 per axis
 
 
 def test_restore_best_keeps_the_best_epoch_in_either_direction() -> None:

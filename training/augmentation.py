@@ -14,14 +14,16 @@ from PIL import Image, ImageFilter
 from app.imaging import TARGET_SIZE
 
 
-def geometric_layers(seed: int) -> keras.Sequential:
-    """Small rotations, shifts, zoom and aspect changes, like other machines' positioning."""
+def geometric_layers(seed: int, zoom_in: float = 0.15) -> keras.Sequential:
+    """Small rotations, shifts, zoom and aspect changes, like other machines' positioning.
+    `zoom_in` is the largest magnification per axis (0.15: up to 15 % of each side's view lost
+    to a tighter field)."""
     return keras.Sequential(
         [
             layers_random_rotation(seed),
             keras.layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 1),
             keras.layers.RandomZoom(
-                (-0.15, 0.12), (-0.15, 0.12), fill_mode="constant", seed=seed + 2
+                (-zoom_in, 0.12), (-zoom_in, 0.12), fill_mode="constant", seed=seed + 2
             ),
         ],
         name="geometric",
@@ -85,17 +87,20 @@ def acquisition_artifacts(images: tf.Tensor) -> tf.Tensor:
     return tf.where(_boxes(n, y0, x0, h, w) & on, u(150.0, 255.0), x)
 
 
-AUGMENTATIONS = ("basic", "shift")
+AUGMENTATIONS = ("basic", "shift", "framing")
+# 'framing': tighter collimation than 'basic' allows, up to a quarter of each axis's view lost.
+FRAMING_ZOOM_IN = 0.25
 
 
 def augment_fn(
     seed: int, level: str = "basic"
 ) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """'basic' is the v1 recipe (geometry + exposure); 'shift' adds left-right flips and the
-    markers and collimation bands of other sites."""
+    markers and collimation bands of other sites; 'framing' is 'basic' with a wider zoom-in
+    range (tighter fields of view)."""
     if level not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {level!r}; choose from {AUGMENTATIONS}")
-    geometric = geometric_layers(seed)
+    geometric = geometric_layers(seed, FRAMING_ZOOM_IN if level == "framing" else 0.15)
     flip = keras.layers.RandomFlip("horizontal", seed=seed + 3)
 
     def augment(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
