@@ -45,7 +45,9 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
     "--width 40 --swa-epochs 10": [
         ("init seed 1", HERE / "width40-init-seed-1.model.json"),
         ("init seed 2", HERE / "width40-init-seed-2.model.json"),
-        ("init seed 3", HERE / "width40-init-seed-3.model.json"),
+    ],
+    "--augmentation framing (SWA 10)": [
+        ("init seed 1", HERE / "framing-init-seed-1.model.json"),
     ],
     "--mixup 0.2 (patience 8)": [
         ("init seed 42", HERE / "mixup.model.json"),
