@@ -256,9 +256,9 @@ def test_framing_augmentation_zooms_in_further_than_basic() -> None:
     """A bright centre square grows under zoom-in; 'framing' allows up to 25 % per axis."""
     import tensorflow as tf
 
-    from training.augmentation import FRAMING_ZOOM_IN, geometric_layers
+    from training.augmentation import BASIC_ZOOM_IN, FRAMING_ZOOM_IN, geometric_layers
 
-    zooms = [geometric_layers(0, z).layers[2] for z in (0.15, FRAMING_ZOOM_IN)]
+    zooms = [geometric_layers(0, z).layers[2] for z in (BASIC_ZOOM_IN, FRAMING_ZOOM_IN)]
     assert [z.height_factor[0] for z in zooms] == [-0.15, -0.25]
     assert all(z.height_factor[1] == z.width_factor[1] == 0.12 for z in zooms)
     square = tf.pad(tf.fill([1, 100, 100, 1], 200.0), [[0, 0], [62, 62], [62, 62], [0, 0]])

@@ -13,8 +13,11 @@ from PIL import Image, ImageFilter
 
 from app.imaging import TARGET_SIZE
 
+# The largest zoom-in per axis of 'basic' augmentation (v1 and v2) and of 'framing'.
+BASIC_ZOOM_IN = 0.15
 
-def geometric_layers(seed: int, zoom_in: float = 0.15) -> keras.Sequential:
+
+def geometric_layers(seed: int, zoom_in: float = BASIC_ZOOM_IN) -> keras.Sequential:
     """Small rotations, shifts, zoom and aspect changes, like other machines' positioning.
     `zoom_in` is the largest magnification per axis (0.15: up to 15 % of each side's view lost
     to a tighter field)."""
@@ -88,7 +91,8 @@ def acquisition_artifacts(images: tf.Tensor) -> tf.Tensor:
 
 
 AUGMENTATIONS = ("basic", "shift", "framing")
-# 'framing': tighter collimation than 'basic' allows, up to a quarter of each axis's view lost.
+# 'framing': tighter collimation than 'basic' allows, up to a quarter of each axis's view lost
+# (lost on the selection rule in session 7; README, model card).
 FRAMING_ZOOM_IN = 0.25
 
 
@@ -100,7 +104,7 @@ def augment_fn(
     range (tighter fields of view)."""
     if level not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {level!r}; choose from {AUGMENTATIONS}")
-    geometric = geometric_layers(seed, FRAMING_ZOOM_IN if level == "framing" else 0.15)
+    geometric = geometric_layers(seed, FRAMING_ZOOM_IN if level == "framing" else BASIC_ZOOM_IN)
     flip = keras.layers.RandomFlip("horizontal", seed=seed + 3)
 
     def augment(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
