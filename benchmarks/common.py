@@ -45,6 +45,21 @@ def multipart(data: bytes, name: str = "image.jpeg") -> tuple[bytes, dict[str, s
     }
 
 
+def wrk_script(folder: Path, template: str, data: bytes) -> Path:
+    """Write `data` as a multipart body into `folder` and render the wrk Lua `template` (fields
+    `body`, `content_type`, `key`) that posts it; returns the script's path."""
+    body, headers = multipart(data)
+    body_path = folder / "body.bin"
+    body_path.write_bytes(body)
+    script = folder / "post.lua"
+    script.write_text(
+        template.format(
+            body=body_path, content_type=headers["Content-Type"], key=headers["X-API-Key"]
+        )
+    )
+    return script
+
+
 def percentiles(values: list[float], points=(50, 95, 99)) -> dict[str, float]:
     if not values:
         return {f"p{p}": float("nan") for p in points}

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import SHARED, default_store, multipart, report, running_server
+from benchmarks.common import SHARED, default_store, report, running_server, wrk_script
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -92,16 +92,8 @@ def split(pid: int, before: dict, after: dict, seconds: float) -> dict[str, floa
 
 def measure(url: str, pid: int, clients: int, seconds: float) -> dict:
     data = (SHARED / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg").read_bytes()
-    body, headers = multipart(data)
     with tempfile.TemporaryDirectory() as folder:
-        body_path = Path(folder) / "body.bin"
-        body_path.write_bytes(body)
-        script = Path(folder) / "timings.lua"
-        script.write_text(
-            WRK_TIMINGS.format(
-                body=body_path, content_type=headers["Content-Type"], key=headers["X-API-Key"]
-            )
-        )
+        script = wrk_script(Path(folder), WRK_TIMINGS, data)
         command = ["wrk", "-t1", f"-c{clients}", "--timeout", "30s", "-s", str(script)]
         # Warm the connections, the batcher and the caches first.
         subprocess.run([*command, "-d3s", f"{url}/predict"], capture_output=True, check=True)

@@ -41,6 +41,7 @@ from benchmarks.common import (
     report,
     rss_mb,
     running_server,
+    wrk_script,
 )
 
 
@@ -190,16 +191,8 @@ end
 def many_clients_wrk(url: str, data: bytes, clients: int, seconds: float) -> dict:
     """The same load from wrk, a C client: on a 2-core host a Python client spends as much CPU
     as the server it measures, so the Python figure understates the service."""
-    body, headers = multipart(data)
     with tempfile.TemporaryDirectory() as folder:
-        body_path = Path(folder) / "body.bin"
-        body_path.write_bytes(body)
-        script = Path(folder) / "post.lua"
-        script.write_text(
-            WRK_SCRIPT.format(
-                body=body_path, content_type=headers["Content-Type"], key=headers["X-API-Key"]
-            )
-        )
+        script = wrk_script(Path(folder), WRK_SCRIPT, data)
         out = subprocess.run(
             [
                 "wrk",
