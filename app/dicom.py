@@ -18,6 +18,16 @@ from app.imaging import DecodedImage, check_dimensions, resize_to_model
 
 ACCEPTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"}
 UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+# Modalities (PS3.3 C.7.3.1.1.1) whose images are never a projection chest radiograph: slices,
+# ultrasound, mammography, angiography and fluoroscopy, dental, eye, endoscopy, pathology. The
+# model would still answer NORMAL or PNEUMONIA for them, so they are refused. CR, DX, DR, and
+# OT/SC (a digitised film) or an absent Modality are scored.
+NOT_CHEST_RADIOGRAPH_MODALITIES = frozenset(
+    {
+        "CT", "MR", "PT", "NM", "US", "MG", "XA", "RF", "IO", "PX", "OP", "OPT", "OCT",
+        "IVOCT", "IVUS", "ES", "XC", "GM", "SM", "RTIMAGE", "BMD", "DG", "TG", "LS",
+    }
+)  # fmt: skip
 
 
 def _uids(ds) -> dict[str, str]:
@@ -102,6 +112,12 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
         raise UnsupportedDicomError(
             "The DICOM object has no Pixel Data: send an image object (CR/DX/DR), not a "
             "report, presentation state or other non-image SOP."
+        )
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in NOT_CHEST_RADIOGRAPH_MODALITIES:
+        raise UnsupportedDicomError(
+            f"Modality {modality} is not a projection radiograph: pneumoscan scores chest "
+            "radiographs (Modality CR or DX) only."
         )
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)

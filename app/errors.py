@@ -41,6 +41,11 @@ class ImageTooSmallError(InputError):
     code = "image_too_small"
 
 
+class BlankImageError(InputError):
+    status_code = 422
+    code = "blank_image"
+
+
 class UnsupportedDicomError(InputError):
     status_code = 422
     code = "unsupported_dicom"

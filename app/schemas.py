@@ -128,7 +128,8 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
         410: "The stored image passed its retention period.",
         413: "Upload larger than the size limit.",
         415: "Not a JPEG, PNG or DICOM Part 10 file.",
-        422: "Undecodable, truncated, too large (pixels), too small, or unsupported DICOM.",
+        422: "Undecodable, truncated, too large (pixels), too small or blank image, or "
+        "unsupported DICOM (multi-frame, colour palette, not a radiograph modality such as CT).",
         503: "No model loaded, or the queue is full (see Retry-After).",
     }
     return {code: {"model": ErrorResponse, "description": described[code]} for code in codes}

@@ -165,6 +165,48 @@ def test_unsupported_and_broken_uploads(client, normal_jpeg: bytes) -> None:
     assert_error(post(client, bomb.getvalue()), 422, "image_too_large")
 
 
+def test_blank_frames_are_refused_not_scored(client, normal_jpeg: bytes) -> None:
+    """A black, white or flat grey frame (a failed exposure, an empty secondary capture) would
+    still get NORMAL or PNEUMONIA from the model: refused with 422 in every container, and
+    nothing is recorded for it. A real radiograph with a burned-in bright label still scores."""
+    records = client.app.state.services.records
+    before = records.count()
+    for value in (0, 128, 255):
+        flat = np.full((512, 400), value, np.uint8)
+        for fmt in ("PNG", "JPEG"):
+            buffer = io.BytesIO()
+            Image.fromarray(flat).save(buffer, format=fmt)
+            response = post(client, buffer.getvalue())
+            assert_error(response, 422, "blank_image")
+            assert "blank" in response.json()["error"]["message"]
+        assert_error(post(client, make_dicom(flat, bits=12)), 422, "blank_image")
+    # Faint noise on a flat frame is still blank; a radiograph with a white band is not.
+    rng = np.random.default_rng(0)
+    noisy = np.clip(128 + rng.normal(0, 1.5, (300, 300)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, format="PNG")
+    assert_error(post(client, buffer.getvalue()), 422, "blank_image")
+    assert records.count() == before
+    labelled = np.asarray(Image.open(io.BytesIO(normal_jpeg)).convert("L")).copy()
+    labelled[:20, :] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(labelled).save(buffer, format="PNG")
+    assert post(client, buffer.getvalue()).status_code == 200
+    assert records.count() == before + 1
+
+
+def test_dicom_of_another_modality_is_refused(client, normal_jpeg: bytes) -> None:
+    """A CT slice or an ultrasound frame sent to /predict by mistake is refused by its
+    Modality, before its pixels are decoded; CR, DX, OT and a missing Modality are scored."""
+    gray = np.asarray(Image.open(io.BytesIO(normal_jpeg)).convert("L"))
+    for modality in ("CT", "MR", "US", "MG", "XA "):
+        response = post(client, make_dicom(gray, modality=modality))
+        assert_error(response, 422, "unsupported_dicom")
+        assert modality.strip().upper() in response.json()["error"]["message"]
+    for modality in ("CR", "DX", "OT", None):
+        assert post(client, make_dicom(gray, modality=modality)).status_code == 200
+
+
 def test_missing_or_misnamed_field(client, normal_jpeg: bytes) -> None:
     assert_error(
         client.post("/predict", files={"image": ("a.jpeg", normal_jpeg)}), 422, "missing_file"

@@ -114,6 +114,14 @@ def test_palette_color_refused(reference: np.ndarray) -> None:
         decode_image(_save(ds))
 
 
+def test_cross_sectional_modality_refused_before_decoding() -> None:
+    ds = eight_bit_dataset("MONOCHROME2", np.zeros((224, 224), np.uint8))
+    ds.Modality = "CT"
+    ds.PixelData = b"\x00" * 16  # never decoded: the Modality refuses it first
+    with pytest.raises(UnsupportedDicomError, match="Modality CT is not a projection"):
+        decode_image(_save(ds))
+
+
 def test_dicom_bomb_refused_before_decoding() -> None:
     ds = base_dataset(60000, 60000)
     ds.PhotometricInterpretation = "MONOCHROME2"

@@ -23,7 +23,7 @@ from app.errors import (
     PneumoscanError,
     UnsupportedMediaError,
 )
-from app.imaging import DecodedImage, decode_image, decode_small_raster
+from app.imaging import DecodedImage, check_content, decode_image, decode_small_raster
 from app.records import PredictionRecord
 from app.reports import build_fhir, build_sr
 from app.schemas import (
@@ -217,6 +217,7 @@ async def predict(request: Request) -> PredictionPublic | Response:
     decoded = decode_small_raster(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
     if decoded is None:  # large, progressive or DICOM: off the event loop
         decoded = await decode_in_pool(services, data)
+    check_content(decoded.pixels)
     decode_ms = (time.perf_counter() - decode_started) * 1000
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
     try:

@@ -49,14 +49,20 @@ def make_dicom(
     voi_lut: bool = False,
     rescale: tuple[float, float] | None = None,
     syntax: str | None = None,
+    modality: str | None = "DX",
 ) -> bytes:
     """Encode an 8-bit grayscale image so that a correct reader recovers it.
 
     bits > 8 spreads the values over the stored range; MONOCHROME1 stores the inverse; a window
-    or VOI LUT is chosen to map the stored range back to 0..255.
+    or VOI LUT is chosen to map the stored range back to 0..255. `modality` None leaves the
+    Modality attribute out.
     """
     rows, columns = gray8.shape
     ds = base_dataset(rows, columns)
+    if modality is None:
+        del ds.Modality
+    else:
+        ds.Modality = modality
     top = 2**bits - 1
     stored = np.rint(gray8.astype(np.float64) * top / 255.0)
     if photometric == "MONOCHROME1":
