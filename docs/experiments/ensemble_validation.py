@@ -8,10 +8,18 @@ shifted copy, sensitivity >= 0.97). Printed per combination: the rule's mean bal
 mean AUC, worst specificity and the threshold. The internal test split is not touched.
 
     cd docs/experiments && ../../.venv/bin/python ensemble_validation.py > ensemble_validation.txt
+    ../../.venv/bin/python ensemble_validation.py 16 17 18 19 20 --test 16,17,18 \
+        > ensemble_swa_validation.txt
+
+Arguments name the runs/store/pneumonia versions to combine with v1 (default: 1-6, the
+candidates of the first file above). `--test A,B,C` also reports one combination's internal test
+(registered beforehand in selection_rule.txt; for the record, never a choice): its temperature
+and threshold come from the selection set as above.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -39,12 +47,15 @@ def logit(p: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="*", type=int, default=[1, 2, 3, 4, 5, 6])
+    parser.add_argument("--test", default="", help="comma-separated runs: report internal test")
+    args = parser.parse_args()
     versions = {"v1": ROOT / "model_store/pneumonia/1"}
-    for folder in sorted((ROOT / "runs/store/pneumonia").glob("*"), key=lambda p: int(p.name)):
-        versions[f"c{folder.name}"] = folder
-    samples = split_part(
-        scan(ROOT.parent / "shared/data/chest_xray", "train"), versions["v1"], "validation"
-    )
+    for run in args.runs:
+        versions[f"c{run}"] = ROOT / "runs/store/pneumonia" / str(run)
+    train = scan(ROOT.parent / "shared/data/chest_xray", "train")
+    samples = split_part(train, versions["v1"], "validation")
     x, y = load_arrays(samples)
     x_sel = np.concatenate([x, shifted_copy(x, seed=42)])
     y_sel = np.concatenate([y, y])
@@ -55,10 +66,13 @@ def main() -> None:
         logits[key] = {"sel": logit(predict(x_sel))}
         logits[key].update({c: logit(predict(images)) for c, images in conditions.items()})
 
-    def rule(keys: tuple[str, ...]) -> tuple[float, float, float, float]:
+    def calibration(keys: tuple[str, ...]) -> tuple[float, float]:
         sel = np.mean([logits[k]["sel"] for k in keys], axis=0)
         temperature = fit_temperature(y_sel, sel)
-        threshold = screening_threshold(y_sel, sigmoid(sel / temperature), 0.97)
+        return temperature, screening_threshold(y_sel, sigmoid(sel / temperature), 0.97)
+
+    def rule(keys: tuple[str, ...]) -> tuple[float, float, float, float]:
+        temperature, threshold = calibration(keys)
         reports = []
         for condition in conditions:
             z = np.mean([logits[k][condition] for k in keys], axis=0)
@@ -76,6 +90,13 @@ def main() -> None:
     for size in (1, 2, 3):
         for keys in itertools.combinations(versions, size):
             print(keys, rule(keys), flush=True)
+    if args.test:
+        keys = tuple(f"c{run}" for run in args.test.split(","))
+        temperature, threshold = calibration(keys)
+        x_test, y_test = load_arrays(split_part(train, versions["v1"], "internal_test"))
+        z = np.mean([logit(load_savedmodel(versions[k])[0](x_test)) for k in keys], axis=0)
+        report = classification_report(y_test, sigmoid(z / temperature), threshold)
+        print("internal test of", keys, "(for the record):", report)
 
 
 if __name__ == "__main__":
