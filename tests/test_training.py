@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -432,3 +433,29 @@ def test_weight_averaging_run_exports_the_average(small_data: Path, tmp_path: Pa
     from training.card import render
 
     assert "3 epochs (weights averaged over the last 2 epochs)" in render(store / "pneumonia/1")
+
+
+def test_swa_learning_rate_holds_during_the_averaged_epochs() -> None:
+    from training.train import TrainConfig, learning_rate_schedule
+
+    steps = 10
+    base = TrainConfig(data=Path("."), model_store=Path("."), epochs=40, swa_epochs=10)
+    cosine = learning_rate_schedule(base, steps)
+    assert float(cosine(0)) == pytest.approx(2e-3)
+    assert float(cosine(steps * 30)) == pytest.approx(2e-3 * (0.02 + 0.98 * 0.5 * (1 - 0.5**0.5)))
+    assert float(cosine(steps * 40)) == pytest.approx(2e-3 * 0.02)
+    held = learning_rate_schedule(replace(base, swa_lr=5e-4), steps)
+    assert float(held(0)) == pytest.approx(2e-3)
+    assert float(held(steps * 15)) == pytest.approx(5e-4 + (2e-3 - 5e-4) * 0.5)
+    for step in (steps * 30, steps * 31, steps * 35, steps * 40 - 1):
+        assert float(held(step)) == pytest.approx(5e-4)
+
+
+def test_swa_learning_rate_needs_averaging_and_a_lower_value(
+    small_data: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    for extra in (("--swa-epochs", "0", "--swa-lr", "5e-4"), ("--swa-lr", "5e-3")):
+        with pytest.raises(SystemExit, match="--swa-lr needs"):
+            main(tiny_run(small_data, store, *extra))
+    assert not (store / "pneumonia").exists()

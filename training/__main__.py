@@ -104,6 +104,14 @@ def parser() -> argparse.ArgumentParser:
         "batch-norm statistics recomputed (runs every epoch; 0 = keep the best epoch, as v1 "
         "was made; --ema needs 0)",
     )
+    train.add_argument(
+        "--swa-lr",
+        type=float,
+        default=0.0,
+        metavar="LR",
+        help="hold this learning rate during the averaged epochs, the cosine decaying to it "
+        "before them (e.g. 5e-4; 0 = the averaged epochs follow the cosine tail, as v2 was made)",
+    )
 
     evaluate = sub.add_parser("evaluate", help="score a store version on a labelled folder")
     evaluate.add_argument("--model", required=True, help="model_store/<name>/<version>")
@@ -178,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         label_smoothing=args.label_smoothing,
         mixup=args.mixup,
         swa_epochs=args.swa_epochs,
+        swa_lr=args.swa_lr,
         init_seed=args.init_seed,
     )
     try:

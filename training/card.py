@@ -38,6 +38,8 @@ def render(version_dir: Path) -> str:
     }
     if training.get("swa_epochs"):
         kept = f"weights averaged over the last {training['swa_epochs']} epochs"
+        if training.get("swa_lr"):
+            kept += f" at a constant learning rate {training['swa_lr']:g}"
     else:
         kept = f"best {training['best_epoch']}"
     lines = [
