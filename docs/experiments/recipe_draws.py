@@ -51,7 +51,6 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
     ],
     "--swa-lr 5e-4 (SWA 10)": [
         ("init seed 1", HERE / "swa-lr-init-seed-1.model.json"),
-        ("init seed 2", HERE / "swa-lr-init-seed-2.model.json"),
     ],
     "--mixup 0.2 (patience 8)": [
         ("init seed 42", HERE / "mixup.model.json"),
