@@ -5,7 +5,8 @@ runs/store/pneumonia/<n>) is run on the validation patients, clean and under the
 perturbations. An ensemble averages the versions' calibrated logits, then gets its own
 temperature and threshold fitted as `train` fits them (selection set = validation + the seeded
 shifted copy, sensitivity >= 0.97). Printed per combination: the rule's mean balanced accuracy,
-mean AUC, worst specificity and the threshold. The internal test split is not touched.
+mean AUC, worst specificity and the threshold. The internal test split is not touched, except
+by `--test` (below), which is never used to pick a combination.
 
     cd docs/experiments && ../../.venv/bin/python ensemble_validation.py > ensemble_validation.txt
     ../../.venv/bin/python ensemble_validation.py 16 17 18 19 20 --test 16,17,18 \
