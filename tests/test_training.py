@@ -424,11 +424,12 @@ def test_weight_averaging_run_exports_the_average(small_data: Path, tmp_path: Pa
     store = tmp_path / "store"
     with pytest.raises(SystemExit, match="two kinds of weight averaging"):
         main(tiny_run(small_data, store, "--swa-epochs", "2", "--ema", "0.99"))
-    run = tiny_run(small_data, store, "--swa-epochs", "2", "--limit", "6")
+    run = tiny_run(small_data, store, "--swa-epochs", "2", "--limit", "6", "--weight-decay", "3e-3")
     run[run.index("--epochs") + 1] = "3"
     assert main(run) == 0
     training = json.loads((store / "pneumonia" / "1" / "model.json").read_text())["training"]
     assert training["swa_epochs"] == 2 and training["epochs_run"] == 3
+    assert training["weight_decay"] == 3e-3
     assert training["selection_monitor"].startswith("mean weights of the last 2 epochs")
     from training.card import render
 

@@ -34,6 +34,12 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--learning-rate", type=float, default=2e-3)
     train.add_argument(
+        "--weight-decay",
+        type=float,
+        default=1e-4,
+        help="AdamW's decoupled weight decay (1e-4: v1 and v2)",
+    )
+    train.add_argument(
         "--patience",
         type=int,
         default=40,
@@ -175,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
         patience=args.patience,
         seed=args.seed,
         max_minutes=args.max_minutes,
