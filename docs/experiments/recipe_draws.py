@@ -52,6 +52,9 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
     "--swa-lr 5e-4 (SWA 10)": [
         ("init seed 1", HERE / "swa-lr-init-seed-1.model.json"),
     ],
+    "--weight-decay 1e-2 (SWA 10)": [
+        ("init seed 1", HERE / "weight-decay-init-seed-1.model.json"),
+    ],
     "--mixup 0.2 (patience 8)": [
         ("init seed 42", HERE / "mixup.model.json"),
         ("init seed 1", HERE / "mixup-init-seed-1.model.json"),
