@@ -202,14 +202,11 @@ def learning_rate_schedule(
     """Cosine decay over the whole run to 2 % of the peak; with `swa_lr`, cosine decay to
     `swa_lr` over the epochs before the averaged ones, then constant (CosineDecay holds its
     floor once its decay steps are spent)."""
-    if config.swa_lr:
-        return keras.optimizers.schedules.CosineDecay(
-            config.learning_rate,
-            decay_steps=steps_per_epoch * max(1, config.epochs - config.swa_epochs),
-            alpha=config.swa_lr / config.learning_rate,
-        )
+    decay_epochs = config.epochs - config.swa_epochs if config.swa_lr else config.epochs
     return keras.optimizers.schedules.CosineDecay(
-        config.learning_rate, decay_steps=steps_per_epoch * config.epochs, alpha=0.02
+        config.learning_rate,
+        decay_steps=steps_per_epoch * max(1, decay_epochs),
+        alpha=config.swa_lr / config.learning_rate if config.swa_lr else 0.02,
     )
 
 
