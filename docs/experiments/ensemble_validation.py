@@ -61,9 +61,10 @@ def main() -> None:
     x_sel = np.concatenate([x, shifted_copy(x, seed=42)])
     y_sel = np.concatenate([y, y])
     conditions = {"clean": x, **{name: perturb(x, name, 42) for name in PERTURBATIONS}}
-    logits = {}
+    logits, predictors = {}, {}
     for key, folder in versions.items():
         predict, _ = load_savedmodel(folder)
+        predictors[key] = predict
         logits[key] = {"sel": logit(predict(x_sel))}
         logits[key].update({c: logit(predict(images)) for c, images in conditions.items()})
 
@@ -95,7 +96,7 @@ def main() -> None:
         keys = tuple(f"c{run}" for run in args.test.split(","))
         temperature, threshold = calibration(keys)
         x_test, y_test = load_arrays(split_part(train, versions["v1"], "internal_test"))
-        z = np.mean([logit(load_savedmodel(versions[k])[0](x_test)) for k in keys], axis=0)
+        z = np.mean([logit(predictors[k](x_test)) for k in keys], axis=0)
         report = classification_report(y_test, sigmoid(z / temperature), threshold)
         print("internal test of", keys, "(for the record):", report)
 
