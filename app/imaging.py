@@ -103,6 +103,30 @@ def to_grayscale_u8(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
+# EXIF Orientation -> the transposition that shows the image as every viewer displays it
+# (Pillow's `ImageOps.exif_transpose` table). A JPEG exported by a phone or a viewer may store
+# its pixels sideways with this tag; the model must see the radiograph upright.
+EXIF_ORIENTATION = 0x0112
+ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def upright(gray: Image.Image, source: Image.Image) -> Image.Image:
+    """`gray` turned as `source`'s EXIF Orientation tag says (unchanged without one)."""
+    if "exif" not in source.info:
+        return gray
+    orientation = source.getexif().get(EXIF_ORIENTATION, 1)
+    method = ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return gray.transpose(method) if method is not None else gray
+
+
 def resize_to_model(image: Image.Image) -> np.ndarray:
     """Stretch-resize an 8-bit grayscale image to the model input, as the training copies were."""
     if image.mode != "L":
@@ -184,6 +208,10 @@ def _decode_raster(
                 image.draft(draft_mode, (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))
             image.load()
             gray = to_grayscale_u8(image)
+            turned = upright(gray, image)
+            if turned.size != gray.size:  # a quarter turn: report the size as displayed
+                width, height = height, width
+            gray = turned
     except (ImageTooLargeError, ImageTooSmallError, UnsupportedMediaError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -17,6 +17,8 @@ from app.errors import (
     UnsupportedMediaError,
 )
 from app.imaging import (
+    EXIF_ORIENTATION,
+    ORIENTATION_TRANSPOSE,
     decode_image,
     decode_small_raster,
     resize_to_model,
@@ -188,3 +190,39 @@ def test_small_raster_fast_path_is_chosen_from_the_header_only() -> None:
     # Small but refused: the same domain errors as the full decode.
     with pytest.raises(ImageTooSmallError):
         decode_small_raster(encode(Image.new("L", (20, 20), 90), "PNG"))
+
+
+INVERSE = {
+    Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270,
+    Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90,
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_is_applied(orientation: int, fmt: str) -> None:
+    """Pixels stored sideways with an EXIF Orientation tag reach the model upright, as every
+    viewer shows them, and the reported size is the displayed one."""
+    upright_image = Image.open(FIXTURES / "originals" / PAIRS[0][0]).convert("L").resize((600, 500))
+    method = ORIENTATION_TRANSPOSE.get(orientation)
+    stored = (
+        upright_image if method is None else upright_image.transpose(INVERSE.get(method, method))
+    )
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    kwargs = {"quality": 95} if fmt == "JPEG" else {}
+    decoded = decode_image(encode(stored, fmt, exif=exif, **kwargs))
+    reference = decode_image(encode(upright_image, fmt, **kwargs)).pixels
+    diff = np.abs(decoded.pixels.astype(int) - reference.astype(int))
+    assert diff.mean() < (1.0 if fmt == "JPEG" else 0.5) and diff.max() <= (
+        40 if fmt == "JPEG" else 2
+    )
+    assert (decoded.width, decoded.height) == (600, 500)
+
+
+@pytest.mark.parametrize("value", [0, 9, 65535])
+def test_unknown_exif_orientation_is_ignored(gray: Image.Image, value: int) -> None:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = value
+    decoded = decode_image(encode(gray, "PNG", exif=exif))
+    assert np.array_equal(decoded.pixels, np.asarray(gray))
