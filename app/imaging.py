@@ -188,6 +188,9 @@ def _decode_raster(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Corrupt EXIF makes Pillow warn once per bad tag: a hostile upload must not fill
+            # the log with them (the tag is then read as absent).
+            warnings.simplefilter("ignore", UserWarning)
             try:
                 image = Image.open(io.BytesIO(data), formats=[fmt])
             except Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -226,3 +227,17 @@ def test_unknown_exif_orientation_is_ignored(gray: Image.Image, value: int) -> N
     exif[EXIF_ORIENTATION] = value
     decoded = decode_image(encode(gray, "PNG", exif=exif))
     assert np.array_equal(decoded.pixels, np.asarray(gray))
+
+
+def test_corrupt_exif_is_read_as_absent_without_warnings(gray: Image.Image) -> None:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    exif[0x010F] = "maker"
+    data = bytearray(encode(gray, "JPEG", quality=95, exif=exif))
+    start = data.find(b"Exif")
+    data[start + 14 : start + 30] = b"\xff" * 16  # the IFD's entry count and first tag
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decoded = decode_image(bytes(data))
+    assert caught == []
+    assert decoded.pixels.shape == (224, 224)
