@@ -139,7 +139,31 @@ def default_store() -> Path:
     return Path(os.environ.get("PNEUMOSCAN_MODEL_STORE", ROOT / "model_store"))
 
 
+def machine() -> dict[str, object]:
+    """What the numbers were measured on: ratios travel between machines, absolute figures
+    do not (this project's VM type changed between rounds and the model ran twice as fast)."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    tensorflow = sys.modules.get("tensorflow")
+    return {
+        "cpu": cpu,
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "python": sys.version.split()[0],
+        "tensorflow": getattr(tensorflow, "__version__", None),
+    }
+
+
 def report(title: str, rows: list[tuple[str, object]], payload: dict) -> None:
+    """Print a table, then the same numbers as one JSON line; both name the machine."""
+    host = machine()
+    rows = [*rows, ("machine", f"{host['cpu']}, {host['usable_cpus']} usable CPUs")]
+    payload = {**payload, "machine": host}
     width = max(len(name) for name, _ in rows) if rows else 10
     print(f"\n{title}\n" + "-" * (width + 24))
     for name, value in rows:
