@@ -1,7 +1,8 @@
 """Geometric test-time views of a uint8 radiograph batch, in TensorFlow.
 
-One implementation for the experiment that scores test-time augmentation on validation
-(docs/experiments/tta_validation.py) and for any exported graph that averages over views.
+Used by the experiment that scored test-time augmentation on validation
+(docs/experiments/tta_validation.py); no candidate won, so no exported model uses views. Kept
+here, tested, so that a later candidate is built from the same code the experiment measured.
 A view maps uint8 [N, 224, 224, 1] to uint8 [N, 224, 224, 1]: TensorFlow's bilinear resize
 (half-pixel centres; within 2 grey levels of Pillow's on smooth images, which antialiases when
 shrinking), rounded back to uint8 so that the model sees what it would see from a decoded file.
