@@ -15,6 +15,7 @@ from training.__main__ import main
 from training.data import DataError, manifest, patient_id, patient_split, scan
 from training.metrics import (
     fit_temperature,
+    logit,
     roc_auc,
     screening_threshold,
     selection_score,
@@ -57,6 +58,8 @@ def test_calibration_helpers() -> None:
     threshold = screening_threshold(labels, p, 0.97)
     assert (p[labels == 1] >= threshold).mean() >= 0.97
     assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+    np.testing.assert_allclose(logit(sigmoid(np.array([-8.0, -0.5, 0.0, 3.0]))), [-8, -0.5, 0, 3])
+    assert np.isfinite(logit(np.array([0.0, 1.0]))).all()  # clipped, not infinite
 
 
 @pytest.fixture(scope="module")

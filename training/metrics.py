@@ -15,6 +15,12 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
 
 
+def logit(p: np.ndarray) -> np.ndarray:
+    """The inverse of `sigmoid`, for probabilities clipped away from 0 and 1."""
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve via the rank statistic (ties get average ranks)."""
     labels = np.asarray(labels).astype(bool)

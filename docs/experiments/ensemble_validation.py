@@ -36,15 +36,11 @@ from training.evaluate import load_savedmodel, split_part  # noqa: E402
 from training.metrics import (  # noqa: E402
     classification_report,
     fit_temperature,
+    logit,
     screening_threshold,
     selection_score,
     sigmoid,
 )
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
 
 
 def main() -> None:

@@ -41,6 +41,8 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
         ("init seed 1", HERE / "swa-init-seed-1.model.json"),
         ("init seed 2", HERE / "swa-init-seed-2.model.json"),
         ("init seed 3", HERE / "swa-init-seed-3.model.json"),
+        # v2's own command re-run on session 9's AMD EPYC VM: a reproduction, not a candidate
+        ("seed 1, EPYC VM", HERE / "swa-init-seed-1-amd-epyc.model.json"),
     ],
     "--width 40 --swa-epochs 10": [
         ("init seed 1", HERE / "width40-init-seed-1.model.json"),

@@ -29,6 +29,7 @@ from training.evaluate import load_savedmodel, split_part  # noqa: E402
 from training.metrics import (  # noqa: E402
     classification_report,
     fit_temperature,
+    logit,
     screening_threshold,
     selection_score,
     sigmoid,
@@ -36,11 +37,6 @@ from training.metrics import (  # noqa: E402
 from training.views import VIEW_SETS, identity  # noqa: E402
 
 GEOMETRIC = {"zoom_in_16pct", "border_10pct", "aspect_80pct"}
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
 
 
 def main() -> None:
