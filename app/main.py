@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.admission import UploadBudget
 from app.batching import MicroBatcher
 from app.classifier import ModelManager, configure_threads
 from app.errors import OverloadedError, PneumoscanError
@@ -103,6 +104,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
             settings.instances, thread_name_prefix="explain-model"
         ),
         decode_slots=asyncio.Semaphore(settings.queue_max),
+        upload_budget=UploadBudget(settings.max_inflight_upload_bytes),
         explain_slots=asyncio.Semaphore(settings.explain_workers + settings.explain_queue_max),
     )
 

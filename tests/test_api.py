@@ -309,3 +309,60 @@ def test_short_keys_rejected_at_settings() -> None:
 
     with pytest.raises(ValidationError):
         Settings(api_keys="short")
+
+
+def test_upload_memory_budget_refuses_with_503_and_gives_back(
+    tiny_store, tmp_path, normal_jpeg: bytes
+) -> None:
+    """Uploads held at once are bounded: a request that would pass the budget is refused
+    before its body is read (declared length) or as it streams (chunked), and every byte a
+    request took, answered or failed, is given back."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(
+        tiny_store,
+        tmp_path / "d",
+        max_upload_bytes=2 * len(normal_jpeg),
+        max_inflight_upload_bytes=2 * len(normal_jpeg) + 64 * 1024,  # the least allowed
+    )
+    app = create_app(settings)
+    raw = {"Content-Type": "image/jpeg"}
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as client:
+        budget = app.state.services.upload_budget
+        assert client.post("/predict", content=normal_jpeg, headers=raw).status_code == 200
+        assert post(client, normal_jpeg).status_code == 200
+        assert budget.held == 0
+        # other uploads in flight hold all but a little of the budget
+        with budget.hold() as others:
+            others.take(budget.limit - len(normal_jpeg) // 2)
+            response = client.post("/predict", content=normal_jpeg, headers=raw)
+            assert_error(response, 503, "overloaded")
+            assert int(response.headers["retry-after"]) >= 1
+            assert_error(post(client, normal_jpeg), 503, "overloaded")
+
+            def chunks():  # no Content-Length: counted as it arrives
+                for start in range(0, len(normal_jpeg), 1024):
+                    yield normal_jpeg[start : start + 1024]
+
+            assert_error(client.post("/predict", content=chunks(), headers=raw), 503)
+            assert budget.held == others.bytes
+        assert budget.held == 0
+        assert client.post("/predict", content=normal_jpeg, headers=raw).status_code == 200
+        assert_error(post(client, b"not an image at all"), 415)  # failures give back too
+        assert budget.held == 0
+        metrics = client.get("/metrics").text
+        assert 'reason="upload_memory_full"' in metrics
+
+
+def test_upload_budget_must_fit_the_largest_upload(tiny_store, tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from tests.conftest import make_settings
+
+    with pytest.raises(ValidationError, match="max_inflight_upload_bytes"):
+        make_settings(
+            tiny_store, tmp_path, max_upload_bytes=1_000_000, max_inflight_upload_bytes=1_000_000
+        )

@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from app.admission import UploadHolding
 from app.deps import API_KEY_SECURITY, services_and_key_id
 from app.errors import (
     MissingFileError,
@@ -36,11 +37,11 @@ from app.schemas import (
     error_responses,
 )
 from app.services import Services
+from app.settings import MULTIPART_OVERHEAD
 
 log = logging.getLogger("pneumoscan.predict")
 router = APIRouter(tags=["predict"])
 
-MULTIPART_OVERHEAD = 64 * 1024
 RAW_BODY_TYPES = frozenset(
     {"image/jpeg", "image/png", "application/dicom", "application/octet-stream"}
 )
@@ -81,13 +82,21 @@ class UploadAbortedError(PneumoscanError):
     code = "upload_aborted"
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """Read the request body, refusing it (413) as soon as it passes the limit."""
+async def read_body(
+    request: Request, limit: int, timeout_s: float, holding: UploadHolding
+) -> bytes:
+    """Read the request body, refusing it (413) as soon as it passes the limit, and counting
+    it against the service's upload memory budget (503 when that is full): all at once when
+    the length is declared, before a byte is read, otherwise as the chunks arrive."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(
-            f"Upload of {int(declared)} bytes exceeds the limit of {limit} bytes."
-        )
+    counted = 0
+    if declared and declared.isdigit():
+        if int(declared) > limit:
+            raise PayloadTooLargeError(
+                f"Upload of {int(declared)} bytes exceeds the limit of {limit} bytes."
+            )
+        holding.take(int(declared))
+        counted = int(declared)
     body = bytearray()
     try:
         async with asyncio.timeout(timeout_s):
@@ -95,6 +104,9 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 body += chunk
                 if len(body) > limit:
                     raise PayloadTooLargeError(f"Upload exceeds the limit of {limit} bytes.")
+                if len(body) > counted:
+                    holding.take(len(body) - counted)
+                    counted = len(body)
     except ClientDisconnect:
         raise UploadAbortedError("The client closed the connection mid-upload.") from None
     except TimeoutError:
@@ -102,7 +114,9 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     return bytes(body)
 
 
-async def read_upload(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+async def read_upload(
+    request: Request, max_bytes: int, timeout_s: float, holding: UploadHolding
+) -> bytes:
     """The uploaded file's bytes: multipart field `file`, or the whole body when it is sent as
     `image/jpeg`, `image/png`, `application/dicom` or `application/octet-stream` (what a
     DICOMweb-minded integrator sends, and one parse less). The format is always sniffed from
@@ -110,7 +124,7 @@ async def read_upload(request: Request, max_bytes: int, timeout_s: float) -> byt
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type in RAW_BODY_TYPES:
-        data = await read_body(request, max_bytes, timeout_s)
+        data = await read_body(request, max_bytes, timeout_s, holding)
         if not data:
             raise MissingFileError("The request body is empty: send the image bytes.")
         return data
@@ -120,7 +134,7 @@ async def read_upload(request: Request, max_bytes: int, timeout_s: float) -> byt
             "request body with Content-Type image/jpeg, image/png, application/dicom or "
             f"application/octet-stream (got Content-Type {content_type[:60]!r})."
         )
-    body = await read_body(request, max_bytes + MULTIPART_OVERHEAD, timeout_s)
+    body = await read_body(request, max_bytes + MULTIPART_OVERHEAD, timeout_s, holding)
 
     async def replay() -> dict:
         return {"type": "http.request", "body": body, "more_body": False}
@@ -209,9 +223,23 @@ async def predict(request: Request) -> PredictionPublic | Response:
     """Pneumonia / normal probabilities for one radiograph; a clinician reads every image."""
     started = time.perf_counter()
     services, key_id = services_and_key_id(request)
-    settings = services.settings
     services.manager.get()  # 503 before reading a large body when no model is loaded
-    data = await read_upload(request, settings.max_upload_bytes, settings.upload_timeout_s)
+    # The upload counts against the memory budget until the answer is built.
+    with services.upload_budget.hold() as holding:
+        return await score_upload(request, services, key_id, started, holding)
+
+
+async def score_upload(
+    request: Request, services: Services, key_id: str, started: float, holding: UploadHolding
+) -> Response:
+    settings = services.settings
+    try:
+        data = await read_upload(
+            request, settings.max_upload_bytes, settings.upload_timeout_s, holding
+        )
+    except OverloadedError:
+        services.metrics.rejected.labels("upload_memory_full").inc()
+        raise
     digest = upload_digest(data)
     decode_started = time.perf_counter()
     decoded = decode_small_raster(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
