@@ -49,8 +49,45 @@ def _first(value) -> float:
         return float(value)
 
 
+# Integer pixel data spanning at most this many values goes through a lookup table.
+LUT_MAX_ENTRIES = 1 << 17
+LUT_ROWS_PER_CHUNK = 256
+
+
 def to_8bit(ds, stored: np.ndarray) -> np.ndarray:
-    """Modality LUT, then VOI (LUT sequence or window), then MONOCHROME1 inversion, to uint8."""
+    """Modality LUT, then VOI (LUT sequence or window), then MONOCHROME1 inversion, to uint8.
+
+    Every step is a function of the stored value alone (the min-max stretch uses the extremes
+    of the values present), so for integer pixel data the chain runs once per possible value
+    and the image is mapped through the resulting table: the same bytes as `to_8bit_direct`
+    (tested), without its several float64 copies of the image -- ~300 MB and ~0.1 s for a
+    3000 x 3500 radiograph."""
+    if stored.dtype.kind not in "ui" or stored.size == 0:
+        return to_8bit_direct(ds, stored)
+    low, high = int(stored.min()), int(stored.max())
+    if high - low + 1 > LUT_MAX_ENTRIES:
+        return to_8bit_direct(ds, stored)
+    entries = high - low + 1
+    # Row chunks bound the int64 index temporaries (a whole-image copy would be 84 MB).
+    chunks = [
+        stored[start : start + LUT_ROWS_PER_CHUNK]
+        for start in range(0, stored.shape[0], LUT_ROWS_PER_CHUNK)
+    ]
+    counts = np.zeros(entries, dtype=np.int64)
+    for rows in chunks:
+        counts += np.bincount(rows.astype(np.int64).ravel() - low, minlength=entries)
+    domain = np.arange(low, high + 1, dtype=np.int64).astype(stored.dtype)
+    table = to_8bit_direct(ds, domain, present=counts > 0)
+    out = np.empty(stored.shape, dtype=np.uint8)
+    for index, rows in enumerate(chunks):
+        start = index * LUT_ROWS_PER_CHUNK
+        out[start : start + len(rows)] = table[rows.astype(np.int64) - low]
+    return out
+
+
+def to_8bit_direct(ds, stored: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+    """`to_8bit` computed on every element; `present` (for a table over a value range) marks
+    the values that occur in the image, which alone set the min-max stretch."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
@@ -59,7 +96,8 @@ def to_8bit(ds, stored: np.ndarray) -> np.ndarray:
         # The VOI LUT is indexed by modality-LUT output, which is integral for radiographs.
         out = np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), ds), dtype=np.float64)
         bits = int(lut_item.LUTDescriptor[2]) if "LUTDescriptor" in lut_item else 16
-        top = float(2**bits - 1) if out.max() <= 2**bits - 1 else float(out.max())
+        peak = float(out.max() if present is None else out[present].max())
+        top = float(2**bits - 1) if peak <= 2**bits - 1 else peak
         eight = out * 255.0 / max(top, 1.0)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         eight = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
@@ -69,7 +107,8 @@ def to_8bit(ds, stored: np.ndarray) -> np.ndarray:
         if bits_stored <= 8 and not rescaled:
             eight = values
         else:
-            low, high = float(values.min()), float(values.max())
+            seen = values if present is None else values[present]
+            low, high = float(seen.min()), float(seen.max())
             eight = (values - low) * 255.0 / max(high - low, 1.0)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         eight = 255.0 - eight

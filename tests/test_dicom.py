@@ -168,3 +168,55 @@ def test_mutated_dicom_decodes_or_raises_the_domain_error(dicom_blobs, data) -> 
     blob = dicom_blobs[data.draw(st.sampled_from(sorted(dicom_blobs, key=str)))]
     # Mutations start after the preamble and 'DICM' prefix, so the file stays a DICOM.
     assert_decodes_or_refuses(mutate(data, blob, first=132, min_flips=1))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_lookup_table_path_gives_the_same_bytes_as_the_direct_one(data: st.DataObject) -> None:
+    """`to_8bit` maps integer pixels through a table built by the same grey-level chain that
+    `to_8bit_direct` applies to every pixel: both must give identical bytes for any bit depth,
+    sign, rescale, window, VOI LUT and photometric interpretation."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from app.dicom import to_8bit, to_8bit_direct
+
+    bits = data.draw(st.sampled_from([8, 10, 12, 14, 16]), label="bits")
+    signed = data.draw(st.booleans(), label="signed") and bits > 8
+    dtype = np.dtype(f"{'i' if signed else 'u'}{1 if bits == 8 else 2}")
+    lowest, highest = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    lo = data.draw(st.integers(lowest, highest), label="lo")
+    hi = data.draw(st.integers(lo, highest), label="hi")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    stored = rng.integers(lo, hi + 1, size=(37, 29)).astype(dtype)
+    ds = Dataset()
+    ds.BitsStored = bits
+    ds.PixelRepresentation = int(signed)
+    ds.PhotometricInterpretation = data.draw(st.sampled_from(["MONOCHROME1", "MONOCHROME2"]))
+
+    def lut_item(bits_out: int) -> Dataset:
+        """A scrambled (non-monotonic) LUT over every stored value: extremes of the output
+        then depend on which values occur, the case the table path must get right."""
+        item = Dataset()
+        entries = 2**bits
+        item.add_new(0x00283002, "US", [entries if entries < 65536 else 0, 0, bits_out])
+        item.add_new(0x00283006, "US", [(v * 7919) % 2**bits_out for v in range(entries)])
+        return item
+
+    modality = data.draw(st.sampled_from(["none", "rescale", "lut"]), label="modality")
+    if modality == "rescale":
+        ds.RescaleSlope = data.draw(st.sampled_from([1, 0.5, 2, 1.7]))
+        ds.RescaleIntercept = data.draw(st.sampled_from([0, -1024, 100.5]))
+    elif modality == "lut" and not signed:
+        ds.ModalityLUTSequence = Sequence([lut_item(16)])
+        ds.RescaleType = "US"
+    voi = data.draw(st.sampled_from(["none", "window", "lut"]), label="voi")
+    if voi == "window":
+        ds.WindowCenter = data.draw(st.floats(-3000, 70000, allow_nan=False))
+        ds.WindowWidth = data.draw(st.floats(1, 70000, allow_nan=False))
+    elif voi == "lut" and not signed and modality == "none":
+        item = lut_item(16)
+        # a descriptor narrower than the data: the stretch then uses the largest value seen
+        item[0x00283002].value = [*item[0x00283002].value[:2], data.draw(st.sampled_from([10, 16]))]
+        ds.VOILUTSequence = Sequence([item])
+    np.testing.assert_array_equal(to_8bit(ds, stored), to_8bit_direct(ds, stored))
