@@ -44,12 +44,12 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(REPO_ROOT / "data", description="Audit database and stored images.")
     max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest upload (413).")
-    # 24 clients posting 21 MB 12-bit DICOMs (3000 x 3500) at once peaked the process at
-    # 2.0 GB without a budget, 1.77 GB at 256 MiB, 1.53-1.62 GB at 128 MiB and 1.24 GB at
-    # 64 MiB (benchmarks.large_upload_burst). Senders see more 503s instead; the two decode
-    # threads bound the sustained rate of large studies either way.
+    # 24 clients posting 21 MB 12-bit DICOMs (3000 x 3500) at once, 3 times each, peaked the
+    # process at 1.50 GB without a budget, 1.18-1.21 GB at 256 MiB (35 of 72 answered, the
+    # rest 503) and 1.04-1.07 GB at 128 MiB (16-17 answered); benchmarks.large_upload_burst,
+    # with the table-driven DICOM decode (before it: 1.96 GB without a budget).
     max_inflight_upload_bytes: int = Field(
-        128 * 1024 * 1024,
+        256 * 1024 * 1024,
         gt=0,
         description="Upload bytes held in memory at once, over all requests; a request that "
         "would pass it gets 503 overloaded with Retry-After. At least max_upload_bytes + 64 KiB.",
