@@ -6,8 +6,10 @@ a burst of large studies (24 clients posting 21 MB DICOMs took the process from 
 2.0 GB before the DICOM decode used a lookup table) or a hostile client could grow the process
 until the kernel or a container limit kills it,
 taking every in-flight answer with it. A request that would pass the budget is answered
-503 `overloaded` with `Retry-After` instead, before its body is read when it declares its
-length. Used from the event loop only, so it needs no lock.
+503 `overloaded` with `Retry-After` instead: before its body is read when its declared length
+does not fit, otherwise as soon as the bytes that arrived pass it. Only bytes received are
+held, so a slow client that declares a large body pins nothing it has not sent. Used from
+the event loop only, so it needs no lock.
 """
 
 from __future__ import annotations
@@ -39,16 +41,22 @@ class UploadHolding:
         self.budget = budget
         self.bytes = 0
 
-    def take(self, n: int) -> None:
-        """Count `n` more bytes of this upload, or refuse the request (503) if the service
-        already holds as much as it may."""
-        if n <= 0:
-            return
+    def check(self, n: int) -> None:
+        """Refuse the request (503) now if `n` more bytes would not fit, without holding them:
+        a declared length is checked up front but counted only as the bytes arrive, so a
+        client that declares a large body and sends nothing pins no budget."""
         if self.budget.held + n > self.budget.limit:
             raise OverloadedError(
                 "Too many large uploads are in flight; retry shortly "
                 f"(limit {self.budget.limit} bytes held at once).",
                 retry_after=2,
             )
+
+    def take(self, n: int) -> None:
+        """Count `n` more bytes of this upload, or refuse the request (503) if the service
+        already holds as much as it may."""
+        if n <= 0:
+            return
+        self.check(n)
         self.budget.held += n
         self.bytes += n

@@ -45,9 +45,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(REPO_ROOT / "data", description="Audit database and stored images.")
     max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest upload (413).")
     # 24 clients posting 21 MB 12-bit DICOMs (3000 x 3500) at once, 3 times each, peaked the
-    # process at 1.50 GB without a budget, 1.18-1.21 GB at 256 MiB (35 of 72 answered, the
-    # rest 503) and 1.04-1.07 GB at 128 MiB (16-17 answered); benchmarks.large_upload_burst,
-    # with the table-driven DICOM decode (before it: 1.96 GB without a budget).
+    # process at 1.50 GB without a budget and 1.25 GB at 256 MiB (39-43 of 72 answered, the
+    # rest 503); benchmarks.large_upload_burst, with the table-driven DICOM decode (before
+    # it: 1.96 GB without a budget).
     max_inflight_upload_bytes: int = Field(
         256 * 1024 * 1024,
         gt=0,

@@ -366,3 +366,25 @@ def test_upload_budget_must_fit_the_largest_upload(tiny_store, tmp_path) -> None
         make_settings(
             tiny_store, tmp_path, max_upload_bytes=1_000_000, max_inflight_upload_bytes=1_000_000
         )
+
+
+def test_a_declared_length_is_checked_but_only_received_bytes_are_held() -> None:
+    """A slow client that declares a large body and sends little must not pin the budget for
+    everyone else (it would make a slow-loris attack cheaper than without a budget)."""
+    from app.admission import UploadBudget
+    from app.errors import OverloadedError
+
+    budget = UploadBudget(1000)
+    with budget.hold() as slow:
+        slow.check(900)  # fits: nothing is held yet
+        slow.take(10)
+        assert budget.held == 10
+        with budget.hold() as other:
+            other.take(900)
+            with pytest.raises(OverloadedError):
+                slow.check(900)
+            with pytest.raises(OverloadedError):
+                slow.take(100)
+            assert budget.held == 910
+        assert budget.held == 10
+    assert budget.held == 0

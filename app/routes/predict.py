@@ -86,17 +86,15 @@ async def read_body(
     request: Request, limit: int, timeout_s: float, holding: UploadHolding
 ) -> bytes:
     """Read the request body, refusing it (413) as soon as it passes the limit, and counting
-    it against the service's upload memory budget (503 when that is full): all at once when
-    the length is declared, before a byte is read, otherwise as the chunks arrive."""
+    the bytes received against the service's upload memory budget (503 when that is full; a
+    declared length that does not fit is refused before a byte is read)."""
     declared = request.headers.get("content-length")
-    counted = 0
     if declared and declared.isdigit():
         if int(declared) > limit:
             raise PayloadTooLargeError(
                 f"Upload of {int(declared)} bytes exceeds the limit of {limit} bytes."
             )
-        holding.take(int(declared))
-        counted = int(declared)
+        holding.check(int(declared))
     body = bytearray()
     try:
         async with asyncio.timeout(timeout_s):
@@ -104,9 +102,7 @@ async def read_body(
                 body += chunk
                 if len(body) > limit:
                     raise PayloadTooLargeError(f"Upload exceeds the limit of {limit} bytes.")
-                if len(body) > counted:
-                    holding.take(len(body) - counted)
-                    counted = len(body)
+                holding.take(len(chunk))
     except ClientDisconnect:
         raise UploadAbortedError("The client closed the connection mid-upload.") from None
     except TimeoutError:
