@@ -4,12 +4,12 @@ Every `/predict` keeps its upload in memory from the first byte read to its answ
 the audit hash and, for DICOM, the SR built from the parsed dataset need it). Without a bound,
 a burst of large studies (24 clients posting 21 MB DICOMs took the process from 0.8 to 1.5 GB,
 2.0 GB before the DICOM decode used a lookup table) or a hostile client could grow the process
-until the kernel or a container limit kills it,
-taking every in-flight answer with it. A request that would pass the budget is answered
-503 `overloaded` with `Retry-After` instead: before its body is read when its declared length
-does not fit, otherwise as soon as the bytes that arrived pass it. Only bytes received are
-held, so a slow client that declares a large body pins nothing it has not sent. Used from
-the event loop only, so it needs no lock.
+until the kernel or a container limit kills it, taking every in-flight answer with it.
+
+A request that would pass the budget is answered 503 `overloaded` with `Retry-After` instead:
+before its body is read when its declared length does not fit, otherwise as soon as the bytes
+that arrived pass it. Only bytes received are held, so a slow client that declares a large body
+pins nothing it has not sent. Used from the event loop only, so it needs no lock.
 """
 
 from __future__ import annotations
