@@ -107,6 +107,11 @@ def main() -> None:
     ):
         result = burst(server["url"], server["pid"], body, args.clients, args.per_client)
     result = {"dicom_mb": round(len(body) / 1e6, 1), "clients": args.clients, **result}
+    result["passed"] = (
+        all(code == "200" or code.startswith("503 overloaded/") for code in result["codes"])
+        and result["distinct_probabilities"] <= 1
+        and result["healthz"] == 200
+    )
     report(
         "large DICOM burst",
         [
@@ -123,9 +128,12 @@ def main() -> None:
             ),
             ("server RSS peak / after (MB)", f"{result['peak_rss_mb']} / {result['rss_after_mb']}"),
             ("/healthz after", result["healthz"]),
+            ("passed", result["passed"]),
         ],
         result,
     )
+    if not result["passed"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
