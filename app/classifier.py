@@ -112,6 +112,11 @@ class ModelManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # Versions other than the serving one, for explanations of earlier predictions: the
+        # one a switch replaced, then at most one loaded on demand.
+        self._retired: dict[int, LoadedModel] = {}
+        self._retired_lock = threading.Lock()
+        self.retired_max = 2
 
     def get(self) -> LoadedModel:
         model = self.current
@@ -123,6 +128,28 @@ class ModelManager:
 
     def available(self) -> list[int]:
         return list_versions(self.model_dir)
+
+    def version(self, version: int) -> LoadedModel:
+        """The model of one version: the serving one, a recently replaced one kept in memory,
+        or loaded (and verified) from the store now. Blocking: call it off the event loop.
+        Raises ModelStoreError when that version is gone or no longer valid."""
+        current = self.get()
+        if current.version == version:
+            return current
+        with self._retired_lock:
+            model = self._retired.get(version)
+            if model is None:
+                model = load_version(self.model_dir, version)
+                log.info("loaded model version %d to explain its predictions", version)
+            self._keep_retired(model)
+            return model
+
+    def _keep_retired(self, model: LoadedModel) -> None:
+        """Remember `model` as the most recently used non-serving version (bounded)."""
+        self._retired.pop(model.version, None)
+        self._retired[model.version] = model
+        while len(self._retired) > self.retired_max:
+            self._retired.pop(next(iter(self._retired)))
 
     def refresh(self) -> None:
         """Load the best candidate version if it differs from the one serving."""
@@ -163,6 +190,9 @@ class ModelManager:
                     log.error("skipping model version %d: %s", version, exc)
                     continue
                 previous = self.current.version if self.current else None
+                if self.current is not None:
+                    with self._retired_lock:
+                        self._keep_retired(self.current)
                 self.current = model
                 self.failed.pop(version, None)
                 log.info("serving model %s version %d (was %s)", model.name, version, previous)

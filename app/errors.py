@@ -71,6 +71,14 @@ class GoneError(PneumoscanError):
     code = "expired"
 
 
+class ModelVersionGoneError(PneumoscanError):
+    """The model version that made a prediction can no longer be loaded: an overlay drawn by
+    another version would not explain that call."""
+
+    status_code = 409
+    code = "model_version_unavailable"
+
+
 class UnauthorizedError(PneumoscanError):
     status_code = 401
     code = "unauthorized"

@@ -124,6 +124,7 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
         401: "Missing or wrong X-API-Key.",
         404: "Unknown prediction id (or one made with another key).",
         406: "An SR (application/dicom) was asked for a non-DICOM input.",
+        409: "The model version that made the prediction is no longer in the store.",
         408: "The upload did not arrive in time.",
         410: "The stored image passed its retention period.",
         413: "Upload larger than the size limit.",

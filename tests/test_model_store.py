@@ -128,3 +128,48 @@ def test_hot_switch_under_load_without_failed_requests(tiny_store: Path, tmp_pat
         assert client.post("/predict", files={"file": ("a.jpeg", image)}).status_code == 200
     assert versions == {1, 2}
     assert statuses and set(statuses) == {200}
+
+
+def test_explanation_is_drawn_by_the_version_that_made_the_prediction(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """After a switch, an earlier prediction is still explained by its own model (kept in
+    memory, or loaded back from the store); if that version is gone, 409, never an overlay
+    drawn by another model."""
+    from fastapi.testclient import TestClient
+
+    from app.explain import explain, overlay_png
+    from app.main import create_app
+
+    store = tmp_path / "store"
+    copy_version(tiny_store / "pneumonia" / "1", store / "pneumonia", 1)
+    image = fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg")
+    app = create_app(make_settings(store, tmp_path / "data", poll_seconds=3600))
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as client:
+        services = app.state.services
+        v1 = services.manager.get()
+        first = client.post("/predict", files={"file": ("a.jpeg", image)}).json()
+        assert first["model"]["version"] == 1
+        publish_tiny(store / "pneumonia", bias=3.0)  # version 2: other weights, other answers
+        services.manager.refresh()
+        assert services.manager.get().version == 2
+        url = f"/explain/{first['prediction_id']}?num_samples=200"
+        response = client.get(url)
+        assert response.status_code == 200 and response.headers["x-model-version"] == "1"
+        pixels = services.records.image(first["prediction_id"])
+        mask, _ = explain(pixels, v1.predict, v1.class_names, first["label"], 200, 5)
+        assert response.content == overlay_png(pixels, mask, first["label"])
+        # Not in memory any more: loaded back from the store.
+        services.manager._retired.clear()
+        again = client.get(url + "&num_features=4")
+        assert again.status_code == 200 and again.headers["x-model-version"] == "1"
+        # Gone from the store and from memory: refused, not explained by version 2.
+        shutil.rmtree(store / "pneumonia" / "1")
+        services.manager._retired.clear()
+        gone = client.get(url + "&num_features=3")
+        assert gone.status_code == 409
+        assert gone.json()["error"]["code"] == "model_version_unavailable"
+        # A prediction of the serving version is explained as before.
+        second = client.post("/predict", files={"file": ("a.jpeg", image)}).json()
+        latest = client.get(f"/explain/{second['prediction_id']}?num_samples=200")
+        assert latest.status_code == 200 and latest.headers["x-model-version"] == "2"

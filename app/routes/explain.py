@@ -10,7 +10,13 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
 from app.deps import KeyIdDep, ServicesDep
-from app.errors import GoneError, NotFoundError, OverloadedError
+from app.errors import (
+    GoneError,
+    ModelStoreError,
+    ModelVersionGoneError,
+    NotFoundError,
+    OverloadedError,
+)
 from app.explain import explain, overlay_png
 from app.schemas import error_responses
 
@@ -25,7 +31,7 @@ ID_PATTERN = r"^[0-9a-f]{32}$"
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}}, "description": "The overlay PNG."},
-        **error_responses(401, 404, 410, 422, 503),
+        **error_responses(401, 404, 409, 410, 422, 503),
     },
 )
 async def get_explanation(
@@ -61,7 +67,15 @@ async def get_explanation(
         services.metrics.rejected.labels("explain_queue_full").inc()
         raise OverloadedError("Too many explanations are queued; retry shortly.", 5)
     async with services.explain_slots:
-        model = services.manager.get()
+        # Drawn by the version that made the call, even after a switch: another version's
+        # regions would not explain this prediction.
+        try:
+            model = await asyncio.to_thread(services.manager.version, record.model_version)
+        except ModelStoreError as exc:
+            raise ModelVersionGoneError(
+                f"The prediction was made by model version {record.model_version}, which can "
+                f"no longer be loaded ({exc}); no other version's overlay would explain it."
+            ) from None
         started = time.perf_counter()
 
         def run() -> bytes:
@@ -80,5 +94,4 @@ async def get_explanation(
         services.metrics.explain_seconds.observe(time.perf_counter() - started)
     await asyncio.to_thread(services.records.add_explanation, *cache_key, png)
     services.cache_put(cache_key, png)
-    headers["X-Model-Version"] = str(model.version)
     return Response(png, media_type="image/png", headers={**headers, "X-Cache": "miss"})
