@@ -76,3 +76,5 @@ def test_sr_for_a_jpeg_is_not_acceptable(client) -> None:
     )
     assert response.status_code == 406
     assert response.json()["error"]["code"] == "not_acceptable"
+    # refused before the model ran: nothing was recorded for an answer never delivered
+    assert client.app.state.services.records.count() == 0

@@ -242,6 +242,12 @@ async def score_upload(
     if decoded is None:  # large, progressive or DICOM: off the event loop
         decoded = await decode_in_pool(services, data)
     check_content(decoded.pixels)
+    accept = request.headers.get("accept", "")
+    wants_sr = "application/dicom" in accept and "application/fhir+json" not in accept
+    if wants_sr and decoded.source is None:  # before the model runs and anything is recorded
+        raise NotAcceptableError(
+            "A DICOM SR can only be returned for a DICOM input; ask for application/json."
+        )
     decode_ms = (time.perf_counter() - decode_started) * 1000
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
     try:
@@ -277,17 +283,12 @@ async def score_upload(
     )
     await services.writer.add(record, decoded.pixels)
     services.metrics.predictions.labels(label, str(model.version)).inc()
-    accept = request.headers.get("accept", "")
     if "application/fhir+json" in accept:
         fhir = build_fhir(record, model.name, model.version)
         return JSONResponse(
             fhir, media_type="application/fhir+json", headers={"X-Prediction-Id": prediction_id}
         )
-    if "application/dicom" in accept:
-        if decoded.source is None:
-            raise NotAcceptableError(
-                "A DICOM SR can only be returned for a DICOM input; ask for application/json."
-            )
+    if wants_sr:
         sr = await asyncio.to_thread(build_sr, decoded.source, record, model.name, model.version)
         return Response(
             sr,
