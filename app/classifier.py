@@ -112,8 +112,9 @@ class ModelManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        # Versions other than the serving one, for explanations of earlier predictions: the
-        # one a switch replaced, then at most one loaded on demand.
+        # Versions other than the serving one, kept for explanations of earlier predictions
+        # (the ones a switch replaced or an explanation loaded back), least recently used
+        # dropped first beyond `retired_max`.
         self._retired: dict[int, LoadedModel] = {}
         self._retired_lock = threading.Lock()
         self.retired_max = 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated
 
@@ -20,6 +21,7 @@ from app.errors import (
 from app.explain import explain, overlay_png
 from app.schemas import error_responses
 
+log = logging.getLogger("pneumoscan.explain")
 router = APIRouter(tags=["explain"])
 ID_PATTERN = r"^[0-9a-f]{32}$"
 
@@ -72,9 +74,10 @@ async def get_explanation(
         try:
             model = await asyncio.to_thread(services.manager.version, record.model_version)
         except ModelStoreError as exc:
+            log.warning("cannot explain with model version %d: %s", record.model_version, exc)
             raise ModelVersionGoneError(
-                f"The prediction was made by model version {record.model_version}, which can "
-                f"no longer be loaded ({exc}); no other version's overlay would explain it."
+                f"The prediction was made by model version {record.model_version}, which is no "
+                "longer in the model store; no other version's overlay would explain it."
             ) from None
         started = time.perf_counter()
 
