@@ -34,6 +34,8 @@ class Services:
     explain_slots: asyncio.Semaphore
     explain_cache: OrderedDict[tuple[str, int, int], bytes] = field(default_factory=OrderedDict)
     explain_cache_max: int = 64
+    # Explanations being computed, by cache key: concurrent requests for one share the work.
+    explain_inflight: dict[tuple[str, int, int], asyncio.Task] = field(default_factory=dict)
 
     def cache_get(self, key: tuple[str, int, int]) -> bytes | None:
         png = self.explain_cache.get(key)

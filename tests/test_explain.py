@@ -37,3 +37,39 @@ def test_pooled_lime_matches_sequential_and_finds_the_driving_region() -> None:
     assert chosen, "the regions that drive the call have positive weight"
     # Most of the highlighted area lies in the quadrant the fake model looks at.
     assert sequential[:112, :112].sum() / sequential.sum() > 0.8
+
+
+def test_concurrent_requests_for_one_explanation_share_one_computation(
+    tiny_store, tmp_path, monkeypatch
+) -> None:
+    """A double click or a viewer's prefetch must not run LIME twice for the same overlay."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    import app.routes.explain as route
+    from app.main import create_app
+    from tests.conftest import API_KEY, fixture_bytes, make_settings
+
+    calls = []
+    real = route.explain
+
+    def slow_explain(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.5)  # long enough for the other requests to arrive meanwhile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(route, "explain", slow_explain)
+    image = fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg")
+    app = create_app(make_settings(tiny_store, tmp_path / "d"))
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as client:
+        pid = client.post("/predict", files={"file": ("a.jpeg", image)}).json()["prediction_id"]
+        url = f"/explain/{pid}?num_samples=200"
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda _: client.get(url), range(4)))
+        assert [r.status_code for r in responses] == [200] * 4
+        assert len({r.content for r in responses}) == 1
+        assert len(calls) == 1
+        assert app.state.services.explain_inflight == {}
+        assert client.get(url).headers["x-cache"] == "hit"
+        assert len(calls) == 1

@@ -65,36 +65,56 @@ async def get_explanation(
         raise GoneError(
             f"The stored image is past its {settings.retention_hours:g} h retention period."
         )
-    if services.explain_slots.locked():
-        services.metrics.rejected.labels("explain_queue_full").inc()
-        raise OverloadedError("Too many explanations are queued; retry shortly.", 5)
-    async with services.explain_slots:
-        # Drawn by the version that made the call, even after a switch: another version's
-        # regions would not explain this prediction.
-        try:
-            model = await asyncio.to_thread(services.manager.version, record.model_version)
-        except ModelStoreError as exc:
-            log.warning("cannot explain with model version %d: %s", record.model_version, exc)
-            raise ModelVersionGoneError(
-                f"The prediction was made by model version {record.model_version}, which is no "
-                "longer in the model store; no other version's overlay would explain it."
-            ) from None
-        started = time.perf_counter()
 
-        def run() -> bytes:
-            mask, _ = explain(
-                pixels,
-                model.predict,
-                model.class_names,
-                record.label,
-                num_samples,
-                num_features,
-                pool=services.explain_model_pool,
-            )
-            return overlay_png(pixels, mask, record.label)
+    async def draw() -> bytes:
+        async with services.explain_slots:
+            # Drawn by the version that made the call, even after a switch: another version's
+            # regions would not explain this prediction.
+            try:
+                model = await asyncio.to_thread(services.manager.version, record.model_version)
+            except ModelStoreError as exc:
+                log.warning("cannot explain with model version %d: %s", record.model_version, exc)
+                raise ModelVersionGoneError(
+                    f"The prediction was made by model version {record.model_version}, which "
+                    "is no longer in the model store; no other version's overlay would explain it."
+                ) from None
+            started = time.perf_counter()
 
-        png = await asyncio.get_running_loop().run_in_executor(services.explain_pool, run)
-        services.metrics.explain_seconds.observe(time.perf_counter() - started)
-    await asyncio.to_thread(services.records.add_explanation, *cache_key, png)
-    services.cache_put(cache_key, png)
+            def run() -> bytes:
+                mask, _ = explain(
+                    pixels,
+                    model.predict,
+                    model.class_names,
+                    record.label,
+                    num_samples,
+                    num_features,
+                    pool=services.explain_model_pool,
+                )
+                return overlay_png(pixels, mask, record.label)
+
+            png = await asyncio.get_running_loop().run_in_executor(services.explain_pool, run)
+            services.metrics.explain_seconds.observe(time.perf_counter() - started)
+        await asyncio.to_thread(services.records.add_explanation, *cache_key, png)
+        services.cache_put(cache_key, png)
+        return png
+
+    # One computation per explanation: a second request for the same overlay (a double click,
+    # a viewer's prefetch) waits for the first instead of running LIME again, and the result
+    # is stored even if the client that started it goes away.
+    task = services.explain_inflight.get(cache_key)
+    if task is None:
+        if services.explain_slots.locked():
+            services.metrics.rejected.labels("explain_queue_full").inc()
+            raise OverloadedError("Too many explanations are queued; retry shortly.", 5)
+        task = asyncio.get_running_loop().create_task(draw())
+        services.explain_inflight[cache_key] = task
+        task.add_done_callback(lambda done: _forget(services.explain_inflight, cache_key, done))
+    png = await asyncio.shield(task)
     return Response(png, media_type="image/png", headers={**headers, "X-Cache": "miss"})
+
+
+def _forget(inflight: dict, key: tuple, task: asyncio.Task) -> None:
+    """Drop a finished computation; mark its error as seen even if every waiter left."""
+    inflight.pop(key, None)
+    if not task.cancelled():
+        task.exception()
