@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from app.settings import usable_cpus
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -153,7 +155,7 @@ def machine() -> dict[str, object]:
     tensorflow = sys.modules.get("tensorflow")
     return {
         "cpu": cpu,
-        "usable_cpus": len(os.sched_getaffinity(0)),
+        "usable_cpus": usable_cpus(),  # affinity mask and cgroup quota, as the service sees
         "python": sys.version.split()[0],
         "tensorflow": getattr(tensorflow, "__version__", None),
     }
