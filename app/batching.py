@@ -30,6 +30,7 @@ class BatchResult:
     queue_ms: float
     inference_ms: float
     batch_size: int
+    ood_score: float | None = None
 
 
 @dataclass
@@ -118,17 +119,22 @@ class MicroBatcher:
                 model = self.manager.get()
                 batch = np.stack([item.pixels for item in items])[..., None]
                 started = time.perf_counter()
-                probs = await loop.run_in_executor(self.executor, model.predict, batch)
+                probs, ood = await loop.run_in_executor(self.executor, model.score, batch)
                 inference_ms = (time.perf_counter() - started) * 1000
             except Exception as exc:  # noqa: BLE001 - hand any failure to the waiting requests
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            for item, row in zip(items, probs, strict=True):
+            for index, (item, row) in enumerate(zip(items, probs, strict=True)):
                 if not item.future.done():
                     item.future.set_result(
                         BatchResult(
-                            row, model, (started - item.enqueued) * 1000, inference_ms, len(items)
+                            row,
+                            model,
+                            (started - item.enqueued) * 1000,
+                            inference_ms,
+                            len(items),
+                            None if ood is None else float(ood[index]),
                         )
                     )

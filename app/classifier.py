@@ -14,6 +14,7 @@ from app.imaging import TARGET_SIZE
 from app.model_store import list_versions, verify_version
 
 log = logging.getLogger("pneumoscan.model")
+OOD_OUTPUT = "ood_score"  # optional second output of the signature (training.ood)
 
 
 @dataclass
@@ -34,14 +35,27 @@ class LoadedModel:
     def threshold(self) -> float:
         return float(self.card["threshold"])
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 (N, 224, 224, 1) -> probabilities (N, 2) in class_names order."""
+    @property
+    def ood_threshold(self) -> float | None:
+        """The card's out-of-distribution flag threshold, when the signature has the score."""
+        if OOD_OUTPUT not in self._serve.structured_outputs:  # type: ignore[attr-defined]
+            return None
+        return float(self.card["ood"]["threshold"])
+
+    def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 (N, 224, 224, 1) -> probabilities (N, 2) in class_names order, and the
+        out-of-distribution scores (N,) when the version has them (same model call)."""
         import tensorflow as tf
 
         if batch.dtype != np.uint8 or batch.shape[1:] != (TARGET_SIZE, TARGET_SIZE, 1):
             raise ValueError(f"model input must be uint8 (N, 224, 224, 1), got {batch.shape}")
-        out = self._serve(pixels=tf.constant(batch))["probabilities"]  # type: ignore[operator]
-        return out.numpy()
+        out = self._serve(pixels=tf.constant(batch))  # type: ignore[operator]
+        ood = out.get(OOD_OUTPUT)
+        return out["probabilities"].numpy(), None if ood is None else ood.numpy()
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, 224, 224, 1) -> probabilities (N, 2) in class_names order."""
+        return self.score(batch)[0]
 
 
 def configure_threads(intra_op: int) -> int:
@@ -82,15 +96,24 @@ def load_version(model_dir: Path, version: int) -> LoadedModel:
         serve = loaded.signatures[card.get("signature", "serving_default")]
     except Exception as exc:
         raise ModelStoreError(f"{path}: SavedModel failed to load: {exc}") from exc
+    if OOD_OUTPUT in serve.structured_outputs:
+        threshold = card.get("ood", {}).get("threshold")
+        if not isinstance(threshold, int | float) or not np.isfinite(threshold):
+            raise ModelStoreError(
+                f"{path}: the signature returns {OOD_OUTPUT} but model.json "
+                "has no finite ood.threshold"
+            )
     model = LoadedModel(model_dir.name, version, path, card, serve)
     model._loaded = loaded  # type: ignore[attr-defined]  # keep the trackable alive
     # Warm up before declaring ready: the first call traces the graph.
     try:
-        probs = model.predict(np.zeros((1, TARGET_SIZE, TARGET_SIZE, 1), np.uint8))
+        probs, ood = model.score(np.zeros((1, TARGET_SIZE, TARGET_SIZE, 1), np.uint8))
     except Exception as exc:
         raise ModelStoreError(f"{path}: warm-up prediction failed: {exc}") from exc
     if probs.shape != (1, 2) or not np.all(np.isfinite(probs)):
         raise ModelStoreError(f"{path}: warm-up gave {probs!r}, expected finite (1, 2)")
+    if ood is not None and (ood.shape != (1,) or not np.all(np.isfinite(ood))):
+        raise ModelStoreError(f"{path}: warm-up gave {OOD_OUTPUT} {ood!r}, expected finite (1,)")
     return model
 
 

@@ -53,6 +53,13 @@ class Metrics:
             ["label", "model_version"],
             registry=self.registry,
         )
+        self.out_of_distribution = Counter(
+            "pneumoscan_out_of_distribution_total",
+            "Predictions whose input was flagged as unlike the training radiographs; a rising "
+            "share means the images sent have changed (new equipment, wrong export settings)",
+            ["model_version"],
+            registry=self.registry,
+        )
         self.model_version = Gauge(
             "pneumoscan_model_version", "Model version serving", ["model"], registry=self.registry
         )
@@ -98,6 +105,7 @@ class JsonFormatter(logging.Formatter):
             "prediction_id",
             "model_version",
             "label",
+            "ood_flagged",
         ):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)

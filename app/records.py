@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     height INTEGER NOT NULL,
     study_uid TEXT,
     series_uid TEXT,
-    sop_uid TEXT
+    sop_uid TEXT,
+    ood_score REAL
 );
 CREATE TABLE IF NOT EXISTS images (
     id TEXT PRIMARY KEY REFERENCES predictions(id),
@@ -76,6 +77,7 @@ class PredictionRecord:
     study_uid: str | None = None
     series_uid: str | None = None
     sop_uid: str | None = None
+    ood_score: float | None = None  # null when the model version has no such score
 
 
 RAW_SIZE = TARGET_SIZE * TARGET_SIZE
@@ -106,6 +108,13 @@ class RecordStore:
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives process kills
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after a database was created (SQLite adds them as NULL for old rows)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(predictions)")}
+        if "ood_score" not in columns:
+            self._db.execute("ALTER TABLE predictions ADD COLUMN ood_score REAL")
 
     def close(self) -> None:
         with self._lock:

@@ -18,7 +18,13 @@ FINDINGS = {"PNEUMONIA": ("233604007", "Pneumonia"), "NORMAL": ("17621005", "Nor
 PRIVATE_SCHEME = "99PNEUMOSCAN"
 
 
-def build_sr(source, record: PredictionRecord, model_name: str, model_version: int) -> bytes:
+def build_sr(
+    source,
+    record: PredictionRecord,
+    model_name: str,
+    model_version: int,
+    ood_threshold: float | None = None,
+) -> bytes:
     """A Comprehensive 3D SR with the result, in the source image's study (new series)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -55,6 +61,7 @@ def build_sr(source, record: PredictionRecord, model_name: str, model_version: i
                 value=round(record.threshold, 6),
                 unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
             ),
+            *_ood_measurements(record, ood_threshold),
         ],
     )
     device = hd.sr.ObserverContext(
@@ -111,6 +118,27 @@ TYPE2_DEFAULTS = (
 )
 
 
+def _ood_measurements(record: PredictionRecord, threshold: float | None) -> list:
+    """The out-of-distribution score and its flag threshold, when the model has them."""
+    import highdicom as hd
+
+    if record.ood_score is None or threshold is None:
+        return []
+    no_units = hd.sr.CodedConcept("1", "UCUM", "no units")
+    return [
+        hd.sr.Measurement(
+            name=hd.sr.CodedConcept("OOD-SCORE", PRIVATE_SCHEME, "Out-of-distribution score"),
+            value=round(record.ood_score, 4),
+            unit=no_units,
+        ),
+        hd.sr.Measurement(
+            name=hd.sr.CodedConcept("OOD-THRESHOLD", PRIVATE_SCHEME, "Out-of-distribution flag"),
+            value=round(threshold, 4),
+            unit=no_units,
+        ),
+    ]
+
+
 def _with_type2_attributes(source):
     """Patient/study attributes the SR copies are Type 2: present, possibly empty. Some
     modalities omit them; fill them empty on a copy rather than refuse the SR."""
@@ -123,9 +151,26 @@ def _with_type2_attributes(source):
     return ds
 
 
-def build_fhir(record: PredictionRecord, model_name: str, model_version: int) -> dict:
+def ood_warning(record: PredictionRecord, threshold: float | None) -> str | None:
+    """The warning for an input flagged as unlike the training radiographs, else None."""
+    if record.ood_score is None or threshold is None or record.ood_score <= threshold:
+        return None
+    return (
+        f"Input flagged as unlike the training radiographs (out-of-distribution score "
+        f"{record.ood_score:.1f} > {threshold:.1f}): the probability is unreliable."
+    )
+
+
+def build_fhir(
+    record: PredictionRecord,
+    model_name: str,
+    model_version: int,
+    ood_threshold: float | None = None,
+) -> dict:
     """FHIR R4 DiagnosticReport with the Observation and the model's Device contained."""
     finding_code, finding_meaning = FINDINGS[record.label]
+    warning = ood_warning(record, ood_threshold)
+    notes = [{"text": CAUTION}] + ([{"text": warning}] if warning else [])
     issued = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="seconds")
     identifiers = [{"system": "urn:pneumoscan:prediction", "value": record.id}]
     for uid in (record.study_uid, record.sop_uid):
@@ -171,7 +216,7 @@ def build_fhir(record: PredictionRecord, model_name: str, model_version: int) ->
             }
         ],
         "device": {"reference": "#model"},
-        "note": [{"text": CAUTION}],
+        "note": notes,
     }
     return {
         "resourceType": "DiagnosticReport",
@@ -203,7 +248,9 @@ def build_fhir(record: PredictionRecord, model_name: str, model_version: int) ->
         "performer": [{"display": f"pneumoscan {model_name} v{model_version}"}],
         "contained": [device, observation],
         "result": [{"reference": "#result"}],
-        "conclusion": f"{record.label} (P(pneumonia) = {record.p_pneumonia:.3f}). {CAUTION}",
+        "conclusion": f"{record.label} (P(pneumonia) = {record.p_pneumonia:.3f}). "
+        + (f"{warning} " if warning else "")
+        + CAUTION,
         "conclusionCode": [
             {"coding": [{"system": SNOMED, "code": finding_code, "display": finding_meaning}]}
         ],

@@ -36,6 +36,19 @@ class DicomInfo(BaseModel):
     sop_instance_uid: str | None = None
 
 
+class OutOfDistribution(BaseModel):
+    flagged: bool = Field(
+        description="True when the image is unlike the radiographs the model was trained on "
+        "(score above threshold): wrong photometric interpretation or orientation, not a chest "
+        "radiograph, or an acquisition far from the training data. Its probabilities are then "
+        "unreliable; a clinician reads the image as always."
+    )
+    score: float = Field(
+        description="Mahalanobis distance of the model's pooled features to the training images."
+    )
+    threshold: float = Field(description="The model card's flag threshold for the score.")
+
+
 class Timings(BaseModel):
     decode_ms: float
     queue_ms: float
@@ -55,6 +68,9 @@ class PredictionPublic(BaseModel):
     explain_url: str
     input: InputInfo
     dicom: DicomInfo | None = None
+    out_of_distribution: OutOfDistribution | None = Field(
+        None, description="Null when the model version has no out-of-distribution score."
+    )
     timings: Timings
     intended_use: str = INTENDED_USE
 
@@ -76,6 +92,7 @@ class PredictionPublic(BaseModel):
                         "sha256": "9f...",
                     },
                     "dicom": None,
+                    "out_of_distribution": {"flagged": False, "score": 6.9, "threshold": 17.9},
                     "timings": {
                         "decode_ms": 9.1,
                         "queue_ms": 0.4,

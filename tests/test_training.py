@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.imaging import load_path
 from tests.conftest import FIXTURES
 from training.__main__ import main
 from training.data import DataError, manifest, patient_id, patient_split, scan
@@ -159,6 +160,47 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     assert second["swa_epochs"] == 10  # the default recipe averages the last epochs' weights
     assert second["selection_monitor"].startswith("mean weights of the last 1 epochs")
     assert sorted(p.name for p in (store / "pneumonia").iterdir()) == ["1", "2"]
+
+    # The signature also scores how unlike the training images an input is (training.ood).
+    second_card = json.loads((store / "pneumonia" / "2" / "model.json").read_text())
+    assert second_card["ood"]["threshold"] > 0
+    assert {"validation", "internal_test", "synthetic_mistakes"} <= set(
+        second_card["ood"]["flag_rates"]
+    )
+    serve = tf.saved_model.load(str(store / "pneumonia" / "2")).signatures["serving_default"]
+    radiographs = np.stack([load_path(str(p)) for p in sorted(small_data.rglob("*.jpeg"))[:4]])
+    out = serve(pixels=tf.constant(radiographs[..., None]))
+    assert out["ood_score"].shape == (4,) and np.isfinite(out["ood_score"].numpy()).all()
+
+    # attach-ood publishes a version again with the same probabilities and a refitted score.
+    assert (
+        main(
+            [
+                "attach-ood",
+                "--source",
+                str(store / "pneumonia" / "2"),
+                "--data",
+                str(small_data),
+                "--model-store",
+                str(store),
+            ]
+        )
+        == 0
+    )
+    third = store / "pneumonia" / "3"
+    derived = json.loads((third / "model.json").read_text())
+    assert derived["derived_from"]["version"] == 2 and derived["ood"]["threshold"] > 0
+    assert derived["threshold"] == second_card["threshold"]
+    assert (third / "split.json").read_bytes() == (
+        store / "pneumonia" / "2" / "split.json"
+    ).read_bytes()
+    again = tf.saved_model.load(str(third)).signatures["serving_default"]
+    np.testing.assert_allclose(
+        again(pixels=tf.constant(radiographs[..., None]))["probabilities"].numpy(),
+        out["probabilities"].numpy(),
+        atol=1e-5,
+    )
+    shutil.rmtree(third)
 
     capsys.readouterr()
     assert main(["card", "--model", str(folder)]) == 0

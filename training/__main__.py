@@ -148,6 +148,14 @@ def parser() -> argparse.ArgumentParser:
     promote.add_argument("source", help="a version folder, e.g. runs/store/pneumonia/1")
     promote.add_argument("--model-store", default=str(DEFAULT_STORE))
     promote.add_argument("--model-name", default="pneumonia")
+    attach = sub.add_parser(
+        "attach-ood",
+        help="publish a version again as the next one, its signature also returning ood_score",
+    )
+    attach.add_argument("--source", required=True, help="the version folder to take")
+    attach.add_argument("--data", default=str(DEFAULT_DATA), help="the data its split names")
+    attach.add_argument("--model-store", default=str(DEFAULT_STORE))
+    attach.add_argument("--model-name", default="pneumonia")
     card = sub.add_parser("card", help="print a version's model card as Markdown")
     card.add_argument("--model", required=True, help="model_store/<name>/<version>")
     return root
@@ -164,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.promote import main_promote
 
         return main_promote(args)
+    if args.command == "attach-ood":
+        from training.attach_ood import main_attach
+
+        return main_attach(args)
     if args.command == "evaluate":
         from training.evaluate import main_evaluate
 

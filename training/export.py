@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import keras
@@ -11,6 +12,7 @@ import tensorflow as tf
 
 from app.imaging import TARGET_SIZE
 from app.model_store import CARD, publish_version
+from training.ood import FeatureStats, feature_model
 
 SIGNATURE = "serving_default"
 INPUT_SPEC = {
@@ -22,19 +24,34 @@ INPUT_SPEC = {
     "resize": "stretch, Pillow bilinear, from one 8-bit grayscale channel",
 }
 OUTPUT_SPEC = {"name": "probabilities", "dtype": "float32", "shape": [None, 2]}
+OOD_OUTPUT_SPEC = {"name": "ood_score", "dtype": "float32", "shape": [None]}
 
 
-def save_savedmodel(model: keras.Model, temperature: float, folder: Path) -> None:
+def save_savedmodel(
+    model: keras.Model, temperature: float, folder: Path, ood: FeatureStats | None = None
+) -> None:
     """SavedModel whose `serving_default` takes uint8 [N,224,224,1] and returns calibrated
-    probabilities [N,2] ordered (NORMAL, PNEUMONIA); the temperature is baked in."""
+    probabilities [N,2] ordered (NORMAL, PNEUMONIA); the temperature is baked in. With `ood`,
+    the same call also returns `ood_score` [N] (training.ood)."""
     archive = keras.export.ExportArchive()
     archive.track(model)
     inv_t = tf.constant(1.0 / temperature, tf.float32)
+    extractor = feature_model(model) if ood is not None else None
+    if ood is not None and extractor is None:
+        raise ValueError(f"{model.name} has no pooled feature layer for an ood_score")
 
     def serve(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        logit = model(tf.cast(pixels, tf.float32), training=False)[:, 0] * inv_t
+        x = tf.cast(pixels, tf.float32)
+        if extractor is None:
+            logit = model(x, training=False)[:, 0] * inv_t
+        else:
+            pooled, raw = extractor(x, training=False)
+            logit = raw[:, 0] * inv_t
         p = tf.sigmoid(logit)
-        return {"probabilities": tf.stack([1.0 - p, p], axis=1)}
+        outputs = {"probabilities": tf.stack([1.0 - p, p], axis=1)}
+        if extractor is not None and ood is not None:
+            outputs["ood_score"] = ood.tf_distance(pooled)
+        return outputs
 
     archive.add_endpoint(
         name=SIGNATURE,
@@ -51,11 +68,13 @@ def export_version(
     card: dict,
     plots: dict[str, object] | None = None,
     extra_files: dict[str, str] | None = None,
+    ood: FeatureStats | None = None,
+    copy_files: dict[str, Path] | None = None,
 ) -> tuple[int, Path]:
     """Publish the model as the next version of `model_dir`; returns (version, folder)."""
 
     def write(folder: Path, version: int) -> None:
-        save_savedmodel(model, temperature, folder)
+        save_savedmodel(model, temperature, folder, ood)
         full = {
             **card,
             "version": version,
@@ -63,9 +82,13 @@ def export_version(
             "output": OUTPUT_SPEC,
             "signature": SIGNATURE,
         }
+        if ood is not None:
+            full["outputs"] = [OUTPUT_SPEC, OOD_OUTPUT_SPEC]
         (folder / CARD).write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
         for name, text in (extra_files or {}).items():
             (folder / name).write_text(text)
+        for name, source in (copy_files or {}).items():
+            shutil.copy2(source, folder / name)
         if plots:
             from training.plots import write_plots
 

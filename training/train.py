@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import architectures
+from training import architectures, ood
 from training.augmentation import augment_fn, mixup_fn, shifted_copy
 from training.batchnorm import recalibrate_batchnorm
 from training.data import CLASS_NAMES, load_arrays, manifest, patient_split, scan
@@ -210,6 +210,26 @@ def learning_rate_schedule(
     )
 
 
+def fit_ood(
+    model: keras.Model,
+    x_train: np.ndarray,
+    x_val: np.ndarray,
+    x_test: np.ndarray,
+    seed: int,
+) -> tuple[ood.FeatureStats | None, dict | None]:
+    """The out-of-distribution score's statistics (train part) and threshold (validation), with
+    its flag rates for the card; (None, None) for an architecture without pooled features."""
+    extractor = ood.feature_model(model)
+    if extractor is None:
+        return None, None
+    log.info("fitting the out-of-distribution score")
+    stats, section = ood.fit_and_report(extractor, x_train, x_val, x_test, seed)
+    log.info(
+        "out-of-distribution threshold %.3f, flag rates %s", stats.threshold, section["flag_rates"]
+    )
+    return stats, section
+
+
 def train(config: TrainConfig) -> tuple[int, Path]:
     started = time.monotonic()
     config = effective_config(config)
@@ -375,6 +395,8 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         {k: metrics["internal_test"][k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
     )
 
+    feature_stats, ood_section = fit_ood(model, x_train, x_val, x_test, seed=config.seed)
+
     card = {
         "name": config.model_name,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -418,6 +440,8 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         "keras_version": keras.__version__,
         "git_commit": git_commit(),
     }
+    if ood_section is not None:
+        card["ood"] = ood_section
     plots = {
         "history": history.history,
         "labels": y_test,
@@ -432,6 +456,7 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         card,
         plots,
         extra_files={"split.json": json.dumps(data_manifest["files"], indent=0) + "\n"},
+        ood=feature_stats,
     )
     log.info("exported %s version %d to %s", config.model_name, version, folder)
     return version, folder

@@ -31,6 +31,7 @@ from app.schemas import (
     DicomInfo,
     InputInfo,
     ModelRef,
+    OutOfDistribution,
     PredictionPublic,
     Probabilities,
     Timings,
@@ -174,6 +175,12 @@ def upload_digest(data: bytes) -> asyncio.Future[str]:
     return loop.run_in_executor(None, sha256_hex, data)
 
 
+def out_of_distribution(score: float | None, threshold: float | None) -> OutOfDistribution | None:
+    if score is None or threshold is None:
+        return None
+    return OutOfDistribution(flagged=score > threshold, score=round(score, 3), threshold=threshold)
+
+
 async def decode_in_pool(services: Services, data: bytes) -> DecodedImage:
     """Large uploads (full-resolution radiographs, DICOM) decode on the bounded pool."""
     settings = services.settings
@@ -280,16 +287,22 @@ async def score_upload(
         study_uid=uids.get("StudyInstanceUID"),
         series_uid=uids.get("SeriesInstanceUID"),
         sop_uid=uids.get("SOPInstanceUID"),
+        ood_score=result.ood_score,
     )
     await services.writer.add(record, decoded.pixels)
     services.metrics.predictions.labels(label, str(model.version)).inc()
+    ood = out_of_distribution(result.ood_score, model.ood_threshold)
+    if ood is not None and ood.flagged:
+        services.metrics.out_of_distribution.labels(str(model.version)).inc()
     if "application/fhir+json" in accept:
-        fhir = build_fhir(record, model.name, model.version)
+        fhir = build_fhir(record, model.name, model.version, model.ood_threshold)
         return JSONResponse(
             fhir, media_type="application/fhir+json", headers={"X-Prediction-Id": prediction_id}
         )
     if wants_sr:
-        sr = await asyncio.to_thread(build_sr, decoded.source, record, model.name, model.version)
+        sr = await asyncio.to_thread(
+            build_sr, decoded.source, record, model.name, model.version, model.ood_threshold
+        )
         return Response(
             sr,
             media_type="application/dicom",
@@ -302,6 +315,7 @@ async def score_upload(
             "key_id": key_id,
             "model_version": model.version,
             "label": label,
+            "ood_flagged": None if ood is None else ood.flagged,
         },
     )
     body = PredictionPublic(
@@ -326,6 +340,7 @@ async def score_upload(
         )
         if uids
         else None,
+        out_of_distribution=ood,
         timings=Timings(
             decode_ms=round(decode_ms, 2),
             queue_ms=round(result.queue_ms, 2),
