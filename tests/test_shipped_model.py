@@ -6,12 +6,16 @@ each class right, including at least one real NORMAL and one real PNEUMONIA."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
+from app.imaging import load_path
 from app.main import create_app
 from app.model_store import list_versions, verify_version
 from tests.conftest import API_KEY, FIXTURES, make_settings
@@ -65,3 +69,44 @@ def test_shipped_model_on_full_resolution_originals(shipped_client) -> None:
             p_small = small.json()["probabilities"]["PNEUMONIA"]
             p_full = full.json()["probabilities"]["PNEUMONIA"]
             assert abs(p_small - p_full) < 0.1, (path.name, p_small, p_full)
+
+
+def png_bytes(gray: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(gray).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_shipped_model_flags_non_radiographs_and_not_the_val_split(shipped_client) -> None:
+    """The out-of-distribution flag (training.ood): noise and a smooth ramp, which the model
+    alone would score with confident probabilities, are flagged; real radiographs are not."""
+    rng = np.random.default_rng(0)
+    ramp = np.tile(np.linspace(0, 255, 640).astype(np.uint8), (480, 1))
+    for gray in (rng.integers(0, 256, (480, 640), dtype=np.uint8), ramp):
+        body = shipped_client.post("/predict", files={"file": ("x.png", png_bytes(gray))}).json()
+        assert body["out_of_distribution"]["flagged"] is True, body
+    for path in sorted((FIXTURES / "val").rglob("*.jpeg")):
+        body = shipped_client.post("/predict", files={"file": ("v", path.read_bytes())}).json()
+        assert body["out_of_distribution"]["flagged"] is False, (path.name, body)
+
+
+def test_shipped_v3_is_v2_with_the_score_added() -> None:
+    """v3 was published by `training attach-ood` from v2: the same probabilities."""
+    import tensorflow as tf
+
+    store = SHIPPED / "pneumonia"
+    card = verify_version(store / "3")
+    assert card["derived_from"]["version"] == 2 and card["ood"]["threshold"] > 0
+    images = np.stack([load_path(str(p)) for p in sorted((FIXTURES / "val").rglob("*.jpeg"))])[
+        ..., None
+    ]
+    outputs = [
+        tf.saved_model.load(str(store / v)).signatures["serving_default"](
+            pixels=tf.constant(images)
+        )
+        for v in ("2", "3")
+    ]
+    np.testing.assert_allclose(
+        outputs[1]["probabilities"].numpy(), outputs[0]["probabilities"].numpy(), atol=1e-6
+    )
+    assert "ood_score" not in outputs[0] and outputs[1]["ood_score"].shape == (len(images),)
