@@ -206,6 +206,7 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     assert main(["card", "--model", str(folder)]) == 0
     card_text = capsys.readouterr().out
     assert "pneumonia v1" in card_text and "| auc |" in card_text
+    assert "Out-of-distribution flag: `ood_score` above" in card_text
     assert main(["evaluate", "--model", str(folder), "--data", str(FIXTURES / "val")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 16

@@ -61,6 +61,21 @@ def render(version_dir: Path) -> str:
             "",
             robustness_table(metrics["robustness_internal_test"]),
         ]
+    if "derived_from" in card:
+        source = card["derived_from"]
+        lines += ["", f"Republished from version {source['version']}: {source['change']}."]
+    if "ood" in card:
+        section = card["ood"]
+        rates = section["flag_rates"]
+        synthetic = ", ".join(f"{k} {v:.0%}" for k, v in rates["synthetic_mistakes"].items())
+        lines += [
+            "",
+            f"Out-of-distribution flag: `{section['output']}` above {section['threshold']} "
+            f"({section['threshold_rule']}). Flagged: validation {rates['validation']:.1%}, "
+            f"internal test {rates['internal_test']:.1%}, perturbed validation at most "
+            f"{max(rates['perturbed_validation'].values()):.1%}; synthetic mistakes: "
+            f"{synthetic}.",
+        ]
     return "\n".join(lines)
 
 
