@@ -33,8 +33,8 @@ from benchmarks.common import (
 
 async def burst(
     url: str, body: bytes, headers: dict, clients: int, pid: int, kill_after: float
-) -> dict[str, float]:
-    answered: dict[str, float] = {}
+) -> dict[str, tuple[float, float | None]]:
+    answered: dict[str, tuple[float, float | None]] = {}
     stop = time.perf_counter() + kill_after
 
     async with httpx.AsyncClient(timeout=10) as client:
@@ -47,7 +47,11 @@ async def burst(
                     return
                 if response.status_code == 200:
                     data = response.json()
-                    answered[data["prediction_id"]] = data["probabilities"]["PNEUMONIA"]
+                    ood = data.get("out_of_distribution")
+                    answered[data["prediction_id"]] = (
+                        data["probabilities"]["PNEUMONIA"],
+                        None if ood is None else ood["score"],
+                    )
 
         async def killer() -> None:
             await asyncio.sleep(max(0.0, stop - time.perf_counter()))
@@ -55,6 +59,17 @@ async def burst(
 
         await asyncio.gather(killer(), *(worker() for _ in range(clients)))
     return answered
+
+
+def same_record(answer: tuple[float, float | None], row: tuple[float, float | None]) -> bool:
+    """The stored probability is the answered one; so is the out-of-distribution score, which
+    the answer rounds to 3 decimals."""
+    (p_answer, ood_answer), (p_row, ood_row) = answer, row
+    if abs(p_answer - p_row) > 1e-9:
+        return False
+    if ood_answer is None or ood_row is None:
+        return ood_answer is None and ood_row is None
+    return abs(ood_answer - ood_row) <= 5e-4 + 1e-9
 
 
 def run(clients: int, kill_after: float, store: Path | None = None) -> dict:
@@ -71,11 +86,16 @@ def run(clients: int, kill_after: float, store: Path | None = None) -> dict:
             server["process"].wait(timeout=10)
         db = sqlite3.connect(data_dir / "pneumoscan.sqlite3")
         integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
-        rows = dict(db.execute("SELECT id, p_pneumonia FROM predictions").fetchall())
+        rows = {
+            row[0]: row[1:]
+            for row in db.execute("SELECT id, p_pneumonia, ood_score FROM predictions")
+        }
         db.close()
         missing = [pid for pid in answered if pid not in rows]
         mismatched = [
-            pid for pid, p in answered.items() if pid in rows and abs(rows[pid] - p) > 1e-9
+            pid
+            for pid, answer in answered.items()
+            if pid in rows and not same_record(answer, rows[pid])
         ]
         explain_status = None
         with running_server(store, data_dir, port) as server:
