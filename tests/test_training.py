@@ -406,6 +406,23 @@ def test_width_scales_every_sepcnn_stage_and_not_the_seed(tmp_path: Path) -> Non
         train(TrainConfig(tmp_path, tmp_path, arch="seed", width=40))
 
 
+def test_input_pool_sets_the_internal_resolution_of_sepcnn_only(tmp_path: Path) -> None:
+    from training import architectures
+    from training.train import TrainConfig, train
+
+    default = architectures.build("sepcnn")
+    coarser = architectures.build("sepcnn", input_pool=3)
+    assert default.get_layer("to_112").output.shape[1:3] == (112, 112)
+    assert coarser.get_layer("to_74").output.shape[1:3] == (74, 74)
+    assert coarser.count_params() == default.count_params()  # same weights, fewer positions
+    ratio = architectures.flops_per_image(coarser) / architectures.flops_per_image(default)
+    assert 0.35 < ratio < 0.5
+    with pytest.raises(SystemExit, match="seed architecture is fixed"):
+        train(TrainConfig(tmp_path, tmp_path, arch="seed", input_pool=3))
+    with pytest.raises(SystemExit, match="--input-pool must be"):
+        train(TrainConfig(tmp_path, tmp_path, input_pool=0))
+
+
 def test_mixup_blends_images_labels_and_class_weights_by_the_same_amount() -> None:
     import tensorflow as tf
 

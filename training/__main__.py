@@ -30,6 +30,13 @@ def parser() -> argparse.ArgumentParser:
         default=32,
         help="sepcnn's stem filters; every stage scales with it (32 = the shipped models)",
     )
+    train.add_argument(
+        "--input-pool",
+        type=int,
+        default=2,
+        help="sepcnn averages the 224 px input by this factor before its stem (2 = 112 px, the "
+        "shipped models; 3 = 74 px)",
+    )
     train.add_argument("--epochs", type=int, default=40)  # the shipped v1 recipe
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--learning-rate", type=float, default=2e-3)
@@ -190,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         model_name=args.model_name,
         arch=args.arch,
         width=args.width,
+        input_pool=args.input_pool,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,

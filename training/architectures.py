@@ -15,6 +15,8 @@ BN_MOMENTUM = 0.99
 # sepcnn's stem filters (stages: 1.5x, 3x, 5x, 7x): 66 MFLOPs and ~1000 images/s at batch 32 on
 # the 2-core development VM; 40 costs 100 MFLOPs (~690 images/s), inside the 500 images/s budget.
 DEFAULT_WIDTH = 32
+# sepcnn averages the 224 px input by this factor before its stem: 2 = 112 px, the shipped models.
+DEFAULT_INPUT_POOL = 2
 
 
 @keras.saving.register_keras_serializable(package="pneumoscan")
@@ -58,17 +60,20 @@ def _separable_block(x, filters: int, name: str):
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def build_sepcnn(width: int = DEFAULT_WIDTH, dropout: float = 0.3) -> keras.Model:
+def build_sepcnn(
+    width: int = DEFAULT_WIDTH, dropout: float = 0.3, input_pool: int = DEFAULT_INPUT_POOL
+) -> keras.Model:
     """Compact depthwise-separable CNN sized for 2 CPU cores.
 
     The 224 px input is averaged down to 112 px (the lower internal resolution the seed listed
     as future work: consolidation is a large-scale finding, not fine texture), a 5x5 strided
     stem brings it to 56, then separable blocks with batch-norm, max-pool between stages, and
-    global average pooling so the head has few weights to overfit with.
+    global average pooling so the head has few weights to overfit with. `input_pool` 3 averages
+    the input down to 74 px instead (the sizes below scale with it).
     """
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
     x = PerImageStandardize(name="standardize")(inputs)
-    x = layers.AveragePooling2D(2, name="to_112")(x)
+    x = layers.AveragePooling2D(input_pool, name=f"to_{224 // input_pool}")(x)
     x = layers.Conv2D(width, 5, strides=2, padding="same", use_bias=False, name="stem")(x)
     x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)  # 56 x 56
@@ -84,11 +89,13 @@ def build_sepcnn(width: int = DEFAULT_WIDTH, dropout: float = 0.3) -> keras.Mode
     return keras.Model(inputs, logit, name="sepcnn")
 
 
-def build(arch: str, width: int = DEFAULT_WIDTH) -> keras.Model:
+def build(
+    arch: str, width: int = DEFAULT_WIDTH, input_pool: int = DEFAULT_INPUT_POOL
+) -> keras.Model:
     if arch == "seed":
         return build_seed()
     if arch == "sepcnn":
-        return build_sepcnn(width)
+        return build_sepcnn(width, input_pool=input_pool)
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
 
 

@@ -35,8 +35,12 @@ COPIED = ("split.json", "training_curves.png", "roc.png", "confusion_matrix.png"
 
 def rebuild(version_dir: Path, card: dict) -> keras.Model:
     """The version's Keras model with its SavedModel's variables, matched by name."""
-    width = card.get("training", {}).get("width", architectures.DEFAULT_WIDTH)
-    model = architectures.build(card["architecture"], width=width)
+    training = card.get("training", {})
+    model = architectures.build(
+        card["architecture"],
+        width=training.get("width", architectures.DEFAULT_WIDTH),
+        input_pool=training.get("input_pool", architectures.DEFAULT_INPUT_POOL),
+    )
     saved = tf.saved_model.load(str(version_dir))
     by_name = {variable.name.removesuffix(":0"): variable for variable in saved.variables}
     missing = [weight.path for weight in model.weights if weight.path not in by_name]

@@ -42,6 +42,7 @@ class TrainConfig:
     arch: str = "sepcnn"
     # sepcnn's stem filters; every stage scales with it (32: v1 and v2, 66 MFLOPs per image).
     width: int = architectures.DEFAULT_WIDTH
+    input_pool: int = architectures.DEFAULT_INPUT_POOL
     epochs: int = 40
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -235,8 +236,13 @@ def train(config: TrainConfig) -> tuple[int, Path]:
     config = effective_config(config)
     if config.swa_epochs > 0 and config.ema > 0:
         raise SystemExit("--swa-epochs and --ema are two kinds of weight averaging: choose one")
-    if config.arch == "seed" and config.width != architectures.DEFAULT_WIDTH:
-        raise SystemExit("--width sizes sepcnn; the seed architecture is fixed")
+    if config.arch == "seed" and (
+        config.width != architectures.DEFAULT_WIDTH
+        or config.input_pool != architectures.DEFAULT_INPUT_POOL
+    ):
+        raise SystemExit("--width and --input-pool shape sepcnn; the seed architecture is fixed")
+    if not 1 <= config.input_pool <= 4:
+        raise SystemExit("--input-pool must be 1 (224 px) to 4 (56 px)")
     if config.swa_lr and not (config.swa_epochs > 0 and 0 < config.swa_lr < config.learning_rate):
         raise SystemExit("--swa-lr needs --swa-epochs > 0 and a value below --learning-rate")
     run_seed = config.seed if config.init_seed is None else config.init_seed
@@ -265,7 +271,7 @@ def train(config: TrainConfig) -> tuple[int, Path]:
     strategy = make_strategy(config.strategy)
     steps = max(1, int(np.ceil(len(x_train) / config.batch_size)))
     with strategy.scope():
-        model = architectures.build(config.arch, width=config.width)
+        model = architectures.build(config.arch, width=config.width, input_pool=config.input_pool)
         if config.arch == "seed":
             optimizer = keras.optimizers.RMSprop()
         else:
