@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,10 @@ class LoadedModel:
     def threshold(self) -> float:
         return float(self.card["threshold"])
 
-    @property
+    @cached_property
     def ood_threshold(self) -> float | None:
-        """The card's out-of-distribution flag threshold, when the signature has the score."""
+        """The card's out-of-distribution flag threshold, when the signature has the score
+        (load_version has checked that the card then has a finite one)."""
         if OOD_OUTPUT not in self._serve.structured_outputs:  # type: ignore[attr-defined]
             return None
         return float(self.card["ood"]["threshold"])
