@@ -218,8 +218,9 @@ def fit_ood(
     x_test: np.ndarray,
     seed: int,
 ) -> tuple[ood.FeatureStats | None, dict | None]:
-    """The out-of-distribution score's statistics (train part) and threshold (validation), with
-    its flag rates for the card; (None, None) for an architecture without pooled features."""
+    """The out-of-distribution score's statistics (train part + a shifted copy) and threshold
+    (selection set), with its flag rates for the card (training.ood.fit_and_report); (None,
+    None) for an architecture without pooled features."""
     extractor = ood.feature_model(model)
     if extractor is None:
         return None, None
