@@ -47,6 +47,9 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
     "--epochs 80 --swa-epochs 20": [
         ("seed 1, EPYC VM", HERE / "long80-swa20-init-seed-1.model.json"),
     ],
+    "--input-pool 3 (74 px, SWA 10)": [
+        ("seed 1, EPYC VM", HERE / "input-pool3-init-seed-1.model.json"),
+    ],
     "--width 40 --swa-epochs 10": [
         ("init seed 1", HERE / "width40-init-seed-1.model.json"),
         ("init seed 2", HERE / "width40-init-seed-2.model.json"),
