@@ -165,6 +165,7 @@ def test_flag_reaches_the_response_fhir_sr_audit_row_and_metric(
             headers={"Accept": "application/dicom"},
         )
         assert sr.status_code == 200, sr.text
+        assert sr.headers["x-input-check"] == "flagged"  # what the Orthanc plugin records
         text = str(pydicom.dcmread(io.BytesIO(sr.content)))
         assert "Out-of-distribution score" in text and "Out-of-distribution flag" in text
 

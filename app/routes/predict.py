@@ -303,11 +303,10 @@ async def score_upload(
         sr = await asyncio.to_thread(
             build_sr, decoded.source, record, model.name, model.version, model.ood_threshold
         )
-        return Response(
-            sr,
-            media_type="application/dicom",
-            headers={"X-Prediction-Id": prediction_id, "X-Label": label},
-        )
+        headers = {"X-Prediction-Id": prediction_id, "X-Label": label}
+        if ood is not None:  # for a PACS plugin, which gets no JSON body with the SR
+            headers["X-Input-Check"] = "flagged" if ood.flagged else "typical"
+        return Response(sr, media_type="application/dicom", headers=headers)
     log.info(
         "prediction",
         extra={

@@ -82,7 +82,7 @@ def run(timeout: float) -> bool:
             "IndexDirectory": f"{tmp}/orthanc",
             "Plugins": [str(PYTHON_PLUGIN)],
             "PythonScript": str(PLUGIN),
-            "UserMetadata": {"PneumoscanResult": 4200},
+            "UserMetadata": {"PneumoscanResult": 4200, "PneumoscanInputCheck": 4201},
             "StableAge": 2,
         }
         config_path = Path(tmp) / "orthanc.json"
@@ -128,7 +128,14 @@ def run(timeout: float) -> bool:
                         ).text.strip()
                         == "SR"
                     ]
-                    results[name] = (meta.text, srs)
+                    check = httpx.get(
+                        f"{base}/studies/{study}/metadata/PneumoscanInputCheck", timeout=5
+                    )
+                    results[name] = (
+                        meta.text,
+                        srs,
+                        check.text if check.status_code == 200 else None,
+                    )
                 time.sleep(0.5)
             expected_version = httpx.get(f"{server['url']}/readyz").json()["model"]["version"]
             for name, (_study, data) in stored.items():
@@ -136,7 +143,7 @@ def run(timeout: float) -> bool:
                     print(f"FAIL {name}: no result within {timeout:.0f} s")
                     ok = False
                     continue
-                label, srs = results[name]
+                label, srs, input_check = results[name]
                 if label not in ("NORMAL", "PNEUMONIA") or len(srs) != 1:
                     print(f"FAIL {name}: metadata {label!r}, {len(srs)} SR instances")
                     ok = False
@@ -151,18 +158,23 @@ def run(timeout: float) -> bool:
                     timeout=30,
                 ).json()
                 model = sr.ContributingEquipmentSequence[0].ManufacturerModelName
+                ood = direct.get("out_of_distribution")
+                expected_check = (
+                    None if ood is None else ("flagged" if ood["flagged"] else "typical")
+                )
                 checks = [
                     sr.StudyInstanceUID == source.StudyInstanceUID,
                     sr.VerificationFlag == "UNVERIFIED",
                     model.endswith(f"v{expected_version}"),
                     direct["label"] == label,
+                    input_check == expected_check,
                 ]
                 status = "ok" if all(checks) else "FAIL"
                 ok = ok and all(checks)
                 print(
                     f"{status} {name}: {label} "
                     f"(P(pneumonia) {direct['probabilities']['PNEUMONIA']:.3f}), "
-                    f"SR {sr.SOPInstanceUID[-12:]} in study, model {model}"
+                    f"SR {sr.SOPInstanceUID[-12:]} in study, model {model}, input {input_check}"
                 )
         finally:
             orthanc.terminate()

@@ -28,6 +28,9 @@ MAX_TRIES = int(os.environ.get("PNEUMOSCAN_MAX_TRIES", "6"))
 SCORED_MODALITIES = {"CR", "DX", "DR"}
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 METADATA = "PneumoscanResult"
+# "typical" or "flagged" (the input is unlike the model's training radiographs), when the
+# serving model version has an out-of-distribution score
+INPUT_CHECK = "PneumoscanInputCheck"
 TRANSIENT = {408, 429, 500, 502, 503, 504}
 
 _jobs = queue.Queue(maxsize=10000)
@@ -65,7 +68,8 @@ def _post_predict(dicom_bytes):
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
-            return response.read(), response.headers.get("X-Label", "")
+            headers = response.headers
+            return response.read(), headers.get("X-Label", ""), headers.get("X-Input-Check")
     except urllib.error.HTTPError as exc:
         detail = exc.read()[:300].decode("utf-8", "replace")
         if exc.code in TRANSIENT:
@@ -98,7 +102,7 @@ def process(instance_id):
     delay = 1.0
     for attempt in range(1, MAX_TRIES + 1):
         try:
-            sr_bytes, label = _post_predict(dicom_bytes)
+            sr_bytes, label, input_check = _post_predict(dicom_bytes)
             break
         except Transient as exc:
             if attempt == MAX_TRIES:
@@ -113,8 +117,10 @@ def process(instance_id):
             _set_study_result(study_id, "error: " + str(exc)[:200])
             return
     orthanc.RestApiPost("/instances", sr_bytes)
+    if input_check:  # before the result, so a reader that sees the result sees this too
+        orthanc.RestApiPut(f"/studies/{study_id}/metadata/{INPUT_CHECK}", input_check)
     _set_study_result(study_id, label or "scored")
-    _log(f"instance {instance_id} scored {label}; SR stored in its study")
+    _log(f"instance {instance_id} scored {label} ({input_check or 'no input check'}); SR stored")
 
 
 def _work():
