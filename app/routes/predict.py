@@ -217,7 +217,9 @@ async def decode_in_pool(services: Services, data: bytes) -> DecodedImage:
             },
             "description": "JSON by default; `Accept: application/fhir+json` gives a FHIR R4 "
             "DiagnosticReport; `Accept: application/dicom` (DICOM input only) gives a "
-            "Comprehensive 3D SR in the source study.",
+            "Comprehensive 3D SR in the source study, with headers `X-Prediction-Id`, `X-Label` "
+            "and, for a model with the out-of-distribution score, `X-Input-Check` (`typical` or "
+            "`flagged`).",
         },
         **error_responses(401, 406, 408, 413, 415, 422, 503),
     },
