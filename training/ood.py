@@ -1,7 +1,7 @@
 """How unlike the training radiographs an input is, seen through the model's own features.
 
-A classifier answers every input with a probability, including a photo, an inverted or
-rotated radiograph, or noise: the shipped model gives uniform noise P(pneumonia) 1.00. The
+A classifier answers every input with a probability, including noise or an inverted or rotated
+radiograph: v2 (and v3, which has its weights) gives uniform noise P(pneumonia) 1.00. The
 score here is the Mahalanobis distance of the model's pooled features (the `gap` layer) to
 their distribution over the training images (Lee et al., NeurIPS 2018, with one class-agnostic
 Gaussian). Like the decision threshold, it treats acquisition shift as in-distribution: the
@@ -38,7 +38,8 @@ QUANTILE = 0.995
 SHRINKAGE = 1e-3
 METHOD = (
     "Mahalanobis distance of the model's global-average-pooled features to their mean and "
-    "covariance over the training images (one class-agnostic Gaussian)"
+    "covariance over the training images and a seeded shifted copy of them (one "
+    "class-agnostic Gaussian)"
 )
 
 
