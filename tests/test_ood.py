@@ -37,18 +37,26 @@ def test_distance_in_numpy_and_in_the_graph_agree_and_threshold_is_the_quantile(
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
-    train = rng.normal(size=(400, 6)) * [1, 2, 3, 0.5, 1, 1e-4]  # one near-constant direction
-    validation = rng.normal(size=(200, 6)) * [1, 2, 3, 0.5, 1, 1e-4]
-    stats = ood.fit(train, validation, quantile=0.9)
-    assert stats.distance(stats.mean[None])[0] == pytest.approx(0.0, abs=1e-9)
-    distances = stats.distance(validation)
-    assert stats.threshold == pytest.approx(np.quantile(distances, 0.9))
-    assert np.mean(distances > stats.threshold) == pytest.approx(0.1, abs=0.01)
-    probe = rng.normal(size=(5, 6)) * 3
-    graph = stats.tf_distance(tf.constant(probe, tf.float32)).numpy()
+    spread = ([1, 2, 3, 0.5, 1, 1e-4], [5, 1, 1])  # one near-constant direction
+    train = [rng.normal(size=(400, len(s))) * s for s in spread]
+    selection = [rng.normal(size=(200, len(s))) * s for s in spread]
+    stats = ood.fit(train, selection, quantile=0.9)
+    first, second = stats.layers
+    assert first.distance(first.mean[None])[0] == pytest.approx(0.0, abs=1e-9)
+    # Each layer is scaled by its own quantile, and the score is the larger ratio.
+    assert first.scale == pytest.approx(np.quantile(first.distance(selection[0]), 0.9))
+    expected = np.maximum(
+        first.distance(selection[0]) / first.scale, second.distance(selection[1]) / second.scale
+    )
+    np.testing.assert_allclose(stats.distance(selection), expected)
+    assert stats.threshold == pytest.approx(np.quantile(expected, 0.9))
+    assert np.mean(stats.distance(selection) > stats.threshold) == pytest.approx(0.1, abs=0.01)
+    probe = [rng.normal(size=(5, len(s))) * 3 for s in spread]
+    graph = stats.tf_distance([tf.constant(p, tf.float32) for p in probe]).numpy()
     np.testing.assert_allclose(graph, stats.distance(probe), rtol=1e-3)
     # Far along a direction the training data never varied in is far, not a numerical blow-up.
-    assert np.isfinite(stats.distance(np.array([[0, 0, 0, 0, 0, 5.0]]))).all()
+    far = [np.array([[0, 0, 0, 0, 0, 5.0]]), np.zeros((1, 3))]
+    assert np.isfinite(stats.distance(far)).all() and stats.distance(far)[0] > stats.threshold
 
 
 def test_synthetic_mistakes_are_what_they_say() -> None:
@@ -81,7 +89,7 @@ def block_means_model():
     x = keras.layers.Rescaling(1 / 255.0)(inputs)
     x = keras.layers.AveragePooling2D(56)(x)
     x = keras.layers.Reshape((1, 1, 16))(x)
-    pooled = keras.layers.GlobalAveragePooling2D(name=ood.FEATURE_LAYER)(x)
+    pooled = keras.layers.GlobalAveragePooling2D(name=ood.FINAL_LAYER)(x)
     logit = keras.layers.Dense(1, kernel_initializer="ones", bias_initializer="zeros")(pooled)
     return keras.Model(inputs, logit)
 
@@ -90,7 +98,8 @@ def test_sepcnn_exposes_its_pooled_features() -> None:
     extractor = ood.feature_model(build_sepcnn(width=8))
     assert extractor is not None
     pooled, logit = extractor(np.zeros((2, 224, 224, 1), np.float32))
-    assert pooled.shape == (2, 7 * 8) and logit.shape == (2, 1)
+    assert ood.layer_names(extractor) == ["s2_1_relu", "gap"]
+    assert [p.shape for p in pooled] == [(2, 5 * 8), (2, 7 * 8)] and logit.shape == (2, 1)
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +109,12 @@ def known_flag_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, fl
     model = block_means_model()
     extractor = ood.feature_model(model)
     assert extractor is not None
-    normal, pneumonia = ood.features(
-        extractor, np.stack([pixels(NORMAL), pixels(PNEUMONIA)])[..., None]
-    )
-    dimension = len(normal)
-    probe = ood.FeatureStats(normal, np.eye(dimension), float("inf"))
-    far = float(probe.distance(pneumonia[None])[0])
+    (pooled,) = ood.features(extractor, np.stack([pixels(NORMAL), pixels(PNEUMONIA)])[..., None])
+    normal, pneumonia = pooled
+    gaussian = ood.LayerGaussian(normal, np.eye(len(normal)), 1.0)
+    far = float(gaussian.distance(pneumonia[None])[0])
     assert far > 0.05
-    stats = ood.FeatureStats(normal, np.eye(dimension), far / 2)
+    stats = ood.FeatureStats((gaussian,), far / 2)
     store = tmp_path_factory.mktemp("ood-store")
     card = {
         "name": "pneumonia",

@@ -45,7 +45,7 @@ def save_savedmodel(
         if extractor is None:
             logit = model(x, training=False)[:, 0] * inv_t
         else:
-            pooled, raw = extractor(x, training=False)
+            pooled, raw = extractor(x, training=False)  # pooled: one tensor per feature layer
             logit = raw[:, 0] * inv_t
         p = tf.sigmoid(logit)
         outputs = {"probabilities": tf.stack([1.0 - p, p], axis=1)}

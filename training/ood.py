@@ -31,23 +31,28 @@ import tensorflow as tf
 
 from training.augmentation import PERTURBATIONS, perturb, shifted_copy
 
-FEATURE_LAYER = "gap"
+# Pooled features of the last stage before the head (`gap`) and of the stage before it: the
+# earlier stage still sees intensity and layout (an inverted or scrambled radiograph), which the
+# last one has largely abstracted away (session 10, README "Out-of-distribution flag").
+FEATURE_LAYERS = ("s2_1_relu", "gap")
+FINAL_LAYER = "gap"
 QUANTILE = 0.995
-# Ridge added to the covariance, relative to its mean variance: the pooled ReLU features have
+# Ridge added to each covariance, relative to its mean variance: the pooled ReLU features have
 # near-constant directions that would otherwise make the precision matrix blow up.
 SHRINKAGE = 1e-3
 METHOD = (
-    "Mahalanobis distance of the model's global-average-pooled features to their mean and "
-    "covariance over the training images and a seeded shifted copy of them (one "
-    "class-agnostic Gaussian)"
+    "Mahalanobis distance of the model's pooled features to their mean and covariance over the "
+    "training images and a seeded shifted copy of them (one class-agnostic Gaussian per "
+    "layer), each divided by its own 99.5 % quantile on the selection set; the score is the "
+    "largest of these ratios"
 )
 
 
 @dataclass(frozen=True)
-class FeatureStats:
+class LayerGaussian:
     mean: np.ndarray  # (D,)
     precision: np.ndarray  # (D, D)
-    threshold: float
+    scale: float  # this layer's distance at QUANTILE on the selection set
 
     def distance(self, features: np.ndarray) -> np.ndarray:
         centred = features.astype(np.float64) - self.mean
@@ -62,34 +67,76 @@ class FeatureStats:
         return tf.sqrt(tf.maximum(squared, 0.0))
 
 
+@dataclass(frozen=True)
+class FeatureStats:
+    layers: tuple[LayerGaussian, ...]
+    threshold: float
+
+    def distance(self, features: list[np.ndarray]) -> np.ndarray:
+        """The score: the largest per-layer distance relative to its layer's scale."""
+        ratios = [g.distance(f) / g.scale for g, f in zip(self.layers, features, strict=True)]
+        return np.max(np.stack(ratios), axis=0)
+
+    def tf_distance(self, features: list[tf.Tensor]) -> tf.Tensor:
+        ratios = [
+            g.tf_distance(f) / tf.constant(g.scale, tf.float32)
+            for g, f in zip(self.layers, features, strict=True)
+        ]
+        return tf.reduce_max(tf.stack(ratios), axis=0)
+
+
 def feature_model(model: keras.Model) -> keras.Model | None:
-    """(pooled features, logit) in one call, or None for an architecture without `gap`."""
-    try:
-        pooled = model.get_layer(FEATURE_LAYER)
-    except ValueError:
+    """([pooled features per layer], logit) in one call: the FEATURE_LAYERS the model has,
+    spatially averaged; None for an architecture without the final `gap` layer."""
+    names = {layer.name for layer in model.layers}
+    if FINAL_LAYER not in names:
         return None
-    return keras.Model(model.input, [pooled.output, model.output], name="features")
+    pooled = []
+    for name in FEATURE_LAYERS:
+        if name not in names:
+            continue
+        output = model.get_layer(name).output
+        pooled.append(keras.ops.mean(output, axis=(1, 2)) if len(output.shape) == 4 else output)
+    return keras.Model(model.input, [pooled, model.output], name="features")
 
 
-def features(extractor: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    chunks = []
+def layer_names(extractor: keras.Model) -> list[str]:
+    """The FEATURE_LAYERS a feature model scores, in its output order."""
+    present = {layer.name for layer in extractor.layers}
+    return [name for name in FEATURE_LAYERS if name in present]
+
+
+def features(extractor: keras.Model, images: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
+    chunks: list[list[np.ndarray]] = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].reshape(-1, *extractor.input_shape[1:])
         pooled, _ = extractor(tf.constant(batch, tf.float32), training=False)
-        chunks.append(np.asarray(pooled, np.float64))
-    return np.concatenate(chunks)
+        chunks.append([np.asarray(p, np.float64) for p in pooled])
+    return [np.concatenate(layer) for layer in zip(*chunks, strict=True)]
+
+
+def fit_layer(train: np.ndarray, selection: np.ndarray, quantile: float) -> LayerGaussian:
+    mean = train.mean(axis=0)
+    covariance = np.atleast_2d(np.cov(train - mean, rowvar=False))
+    ridge = SHRINKAGE * float(np.trace(covariance)) / len(covariance)
+    precision = np.linalg.inv(covariance + ridge * np.eye(len(covariance)))
+    unscaled = LayerGaussian(mean, precision, 1.0)
+    scale = float(np.quantile(unscaled.distance(selection), quantile))
+    return LayerGaussian(mean, precision, max(scale, 1e-12))
 
 
 def fit(
-    train_features: np.ndarray, validation_features: np.ndarray, quantile: float = QUANTILE
+    train_features: list[np.ndarray],
+    selection_features: list[np.ndarray],
+    quantile: float = QUANTILE,
 ) -> FeatureStats:
-    mean = train_features.mean(axis=0)
-    covariance = np.cov(train_features - mean, rowvar=False)
-    ridge = SHRINKAGE * float(np.trace(covariance)) / len(covariance)
-    precision = np.linalg.inv(covariance + ridge * np.eye(len(covariance)))
-    partial = FeatureStats(mean, precision, float("inf"))
-    threshold = float(np.quantile(partial.distance(validation_features), quantile))
-    return FeatureStats(mean, precision, threshold)
+    """One Gaussian per layer; the threshold is the score's quantile on the selection set."""
+    layers = tuple(
+        fit_layer(train, selection, quantile)
+        for train, selection in zip(train_features, selection_features, strict=True)
+    )
+    partial = FeatureStats(layers, float("inf"))
+    return FeatureStats(layers, float(np.quantile(partial.distance(selection_features), quantile)))
 
 
 def synthetic_inputs(images: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
@@ -118,12 +165,13 @@ def flag_rate(stats: FeatureStats, extractor: keras.Model, images: np.ndarray) -
 
 def card_section(
     stats: FeatureStats,
+    extractor: keras.Model,
     n_train: int,
     rates: dict[str, object],
 ) -> dict[str, object]:
     return {
         "method": METHOD,
-        "feature_layer": FEATURE_LAYER,
+        "feature_layers": layer_names(extractor),
         "fitted_on": f"the train part of the patient split ({n_train} images) and a seeded "
         "shifted copy of it",
         "threshold": round(stats.threshold, 4),
@@ -179,4 +227,4 @@ def fit_and_report(
         synthetic_base=x_test[:200],
         seed=seed,
     )
-    return stats, card_section(stats, len(x_train), rates)
+    return stats, card_section(stats, extractor, len(x_train), rates)
