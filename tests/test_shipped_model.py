@@ -90,23 +90,27 @@ def test_shipped_model_flags_non_radiographs_and_not_the_val_split(shipped_clien
         assert body["out_of_distribution"]["flagged"] is False, (path.name, body)
 
 
-def test_shipped_v3_is_v2_with_the_score_added() -> None:
-    """v3 was published by `training attach-ood` from v2: the same probabilities."""
+def test_shipped_version_is_v2_with_the_score_added() -> None:
+    """v3 and v4 were published by `training attach-ood` from v2 (v4 with the two-layer score):
+    the same probabilities as v2, plus `ood_score`."""
     import tensorflow as tf
 
     store = SHIPPED / "pneumonia"
-    card = verify_version(store / "3")
-    assert card["derived_from"]["version"] == 2 and card["ood"]["threshold"] > 0
     images = np.stack([load_path(str(p)) for p in sorted((FIXTURES / "val").rglob("*.jpeg"))])[
         ..., None
     ]
-    outputs = [
-        tf.saved_model.load(str(store / v)).signatures["serving_default"](
+    v2 = tf.saved_model.load(str(store / "2")).signatures["serving_default"]
+    reference = v2(pixels=tf.constant(images))
+    assert "ood_score" not in reference
+    assert max(list_versions(store)) == 4
+    for version in ("3", "4"):
+        card = verify_version(store / version)
+        assert card["derived_from"]["version"] == 2 and card["ood"]["threshold"] > 0
+        out = tf.saved_model.load(str(store / version)).signatures["serving_default"](
             pixels=tf.constant(images)
         )
-        for v in ("2", "3")
-    ]
-    np.testing.assert_allclose(
-        outputs[1]["probabilities"].numpy(), outputs[0]["probabilities"].numpy(), atol=1e-6
-    )
-    assert "ood_score" not in outputs[0] and outputs[1]["ood_score"].shape == (len(images),)
+        np.testing.assert_allclose(
+            out["probabilities"].numpy(), reference["probabilities"].numpy(), atol=1e-6
+        )
+        assert out["ood_score"].shape == (len(images),)
+    assert card["ood"]["feature_layers"] == ["s2_1_relu", "gap"]
