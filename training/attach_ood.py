@@ -22,7 +22,7 @@ import tensorflow as tf
 from app.model_store import verify_version
 from training import architectures, ood
 from training.data import DataError, load_arrays, scan
-from training.evaluate import split_part
+from training.evaluate import savedmodel_predict, split_part
 from training.export import export_version, save_savedmodel
 from training.train import git_commit
 
@@ -51,16 +51,6 @@ def rebuild(version_dir: Path, card: dict) -> keras.Model:
     return model
 
 
-def signature_probabilities(version_dir: Path, images: np.ndarray) -> np.ndarray:
-    serve = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-    return np.concatenate(
-        [
-            serve(pixels=tf.constant(images[start : start + 64]))["probabilities"].numpy()
-            for start in range(0, len(images), 64)
-        ]
-    )
-
-
 def attach(source: Path, model_dir: Path, data: Path) -> tuple[int, Path]:
     card = verify_version(source)
     model = rebuild(source, card)
@@ -77,7 +67,7 @@ def attach(source: Path, model_dir: Path, data: Path) -> tuple[int, Path]:
     )
 
     temperature = float(card["temperature"])
-    reference = signature_probabilities(source, x_val)[:, 1]
+    reference = savedmodel_predict(source)(x_val)
 
     log.info("fitting the out-of-distribution score")
     seed = int(card.get("training", {}).get("seed", 0))
@@ -85,7 +75,7 @@ def attach(source: Path, model_dir: Path, data: Path) -> tuple[int, Path]:
     log.info("threshold %.3f, flag rates %s", stats.threshold, section["flag_rates"])
     with tempfile.TemporaryDirectory() as scratch:  # check the graph before publishing it
         save_savedmodel(model, temperature, Path(scratch), stats)
-        candidate = signature_probabilities(Path(scratch), x_val)[:, 1]
+        candidate = savedmodel_predict(Path(scratch))(x_val)
     before = float(np.max(np.abs(candidate - reference)))
     if before > PARITY_TOLERANCE:
         raise DataError(f"the new graph differs from {source} by {before:.2e} in P(pneumonia)")

@@ -19,13 +19,18 @@ Predict = Callable[[np.ndarray], np.ndarray]
 
 def load_savedmodel(version_dir: Path) -> tuple[Predict, dict]:
     """Load a store version with plain `tf.saved_model.load`; returns (predict, card)."""
-    import tensorflow as tf
-
     from app.model_store import verify_version
 
     card = verify_version(version_dir)
-    loaded = tf.saved_model.load(str(version_dir))
-    serve = loaded.signatures["serving_default"]
+    return savedmodel_predict(version_dir), card
+
+
+def savedmodel_predict(folder: Path) -> Predict:
+    """P(pneumonia) from a SavedModel folder's `serving_default`, in batches (no checksum
+    verification: also for a graph not yet published)."""
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(folder)).signatures["serving_default"]
 
     def predict(images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         out = [
@@ -34,7 +39,7 @@ def load_savedmodel(version_dir: Path) -> tuple[Predict, dict]:
         ]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
-    return predict, card
+    return predict
 
 
 def robustness_report(
