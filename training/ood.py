@@ -91,14 +91,16 @@ class FeatureStats:
         return tf.reduce_max(tf.stack(ratios), axis=0)
 
 
-def feature_model(model: keras.Model) -> keras.Model | None:
-    """([pooled features per layer], logit) in one call: the FEATURE_LAYERS the model has,
-    spatially averaged; None for an architecture without the final `gap` layer."""
+def feature_model(
+    model: keras.Model, layers: tuple[str, ...] = FEATURE_LAYERS
+) -> keras.Model | None:
+    """([pooled features per layer], logit) in one call: the `layers` the model has, spatially
+    averaged; None for an architecture without the final `gap` layer."""
     names = {layer.name for layer in model.layers}
     if FINAL_LAYER not in names:
         return None
     pooled = []
-    for name in FEATURE_LAYERS:
+    for name in layers:
         if name not in names:
             continue
         output = model.get_layer(name).output

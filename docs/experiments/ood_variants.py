@@ -17,7 +17,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from app.model_store import verify_version  # noqa: E402
@@ -33,17 +32,9 @@ LAYERS = ("stem_relu", "s0_0_relu", "s1_1_relu", "s2_1_relu", "gap")
 SEED = 42  # v2's --seed, as attach-ood uses
 
 
-def extractor_for(model: keras.Model) -> keras.Model:
-    pooled = []
-    for name in LAYERS:
-        output = model.get_layer(name).output
-        pooled.append(keras.ops.mean(output, axis=(1, 2)) if len(output.shape) == 4 else output)
-    return keras.Model(model.input, [pooled, model.output])
-
-
 def main() -> None:
     card = verify_version(SOURCE)
-    extractor = extractor_for(rebuild(SOURCE, card))
+    extractor = ood.feature_model(rebuild(SOURCE, card), LAYERS)
     samples = scan(DATA, "train")
     x_train, _ = load_arrays(split_part(samples, SOURCE, "train"))
     x_val, _ = load_arrays(split_part(samples, SOURCE, "validation"))
