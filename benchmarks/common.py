@@ -77,9 +77,15 @@ def rss_mb(pid: int) -> float:
 
 @contextmanager
 def running_server(
-    store: Path, data_dir: Path, port: int | None = None, extra_env: dict[str, str] | None = None
+    store: Path,
+    data_dir: Path,
+    port: int | None = None,
+    extra_env: dict[str, str] | None = None,
+    workers: int = 1,
 ) -> Iterator[dict]:
-    """Start `pneumoscan serve` on 127.0.0.1, wait for /readyz, stop it on exit."""
+    """Start `pneumoscan serve` on 127.0.0.1, wait for /readyz, stop it on exit. With
+    `workers` > 1 it runs uvicorn's own multi-process mode instead (a measurement only:
+    `pneumoscan serve` has one worker), in a process group of its own, stopped as a group."""
     import httpx
 
     port = port or free_port()
@@ -95,12 +101,19 @@ def running_server(
     started = time.perf_counter()
     # Logs go to a file, never an unread pipe (a full pipe would stall the server).
     log_file = tempfile.NamedTemporaryFile(prefix="pneumoscan-", suffix=".log", delete=False)
+    if workers == 1:
+        command = [sys.executable, "-m", "app.cli", "serve"]
+    else:
+        command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]
+        command += ["--workers", str(workers), "--log-level", "warning"]
+        command += ["--timeout-keep-alive", "75"]  # as `pneumoscan serve` sets it
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=log_file,
         stderr=subprocess.STDOUT,
+        start_new_session=workers > 1,
     )
     url = f"http://127.0.0.1:{port}"
     ready_s = None
@@ -126,6 +139,8 @@ def running_server(
             "log": Path(log_file.name),
         }
     finally:
+        if workers > 1:
+            os.killpg(process.pid, signal.SIGTERM)  # the workers too
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:

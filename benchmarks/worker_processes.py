@@ -13,75 +13,24 @@ explanation sharing and upload budget are per process).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
-from benchmarks.common import BENCH_KEY, ROOT, default_store, free_port, report, rss_mb
+from benchmarks.common import ROOT, default_store, report, rss_mb, running_server
 from benchmarks.service import many_clients_wrk
 
 RADIOGRAPH = ROOT / "tests" / "fixtures" / "chest_xray" / "NORMAL" / "NORMAL2-IM-0744-0001.jpeg"
 
 
-def start(workers: int, instances: int, data_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "PNEUMOSCAN_MODEL_STORE": str(default_store()),
-        "PNEUMOSCAN_DATA_DIR": str(data_dir),
-        "PNEUMOSCAN_API_KEYS": BENCH_KEY,
-        "PNEUMOSCAN_MODEL_INSTANCES": str(instances),
-        "PNEUMOSCAN_LOG_LEVEL": "WARNING",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:create_app",
-        "--factory",
-        "--workers",
-        str(workers),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--timeout-keep-alive",
-        "75",
-    ]
-    log = (data_dir / "server.log").open("w")
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    else:
-        raise RuntimeError(f"server did not become ready: {(data_dir / 'server.log').read_text()}")
-    time.sleep(3.0 if workers > 1 else 0.5)  # the second worker may still be loading
-    return process, url
-
-
-def group_rss_mb(process: subprocess.Popen) -> float:
-    found = subprocess.run(
-        ["pgrep", "-g", str(os.getpgid(process.pid))], capture_output=True, text=True
+def tree_rss_mb(process: subprocess.Popen) -> float:
+    """The server process and its children (uvicorn's workers)."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
     ).stdout.split()
-    return sum(rss_mb(int(pid)) for pid in found)
+    return sum(rss_mb(int(pid)) for pid in [process.pid, *children])
 
 
 def main() -> None:
@@ -95,15 +44,15 @@ def main() -> None:
     results: dict[str, list[dict]] = {"1 process x 2 instances": [], "2 processes x 1": []}
     for _ in range(args.rounds):
         for runs, (workers, instances) in zip(results.values(), ((1, 2), (2, 1)), strict=True):
-            with tempfile.TemporaryDirectory() as folder:
-                process, url = start(workers, instances, Path(folder))
-                try:
-                    many_clients_wrk(url, image, 32, 2)  # warm-up
-                    loaded = many_clients_wrk(url, image, 32, args.seconds)
-                    runs.append({**loaded, "rss_mb": round(group_rss_mb(process))})
-                finally:
-                    os.killpg(process.pid, signal.SIGTERM)
-                    process.wait(30)
+            env = {"PNEUMOSCAN_MODEL_INSTANCES": str(instances)}
+            with (
+                tempfile.TemporaryDirectory() as folder,
+                running_server(default_store(), Path(folder), None, env, workers) as server,
+            ):
+                time.sleep(3.0 if workers > 1 else 0.5)  # the second worker may still load
+                many_clients_wrk(server["url"], image, 32, 2)  # warm-up
+                loaded = many_clients_wrk(server["url"], image, 32, args.seconds)
+                runs.append({**loaded, "rss_mb": round(tree_rss_mb(server["process"]))})
     rows = [
         (
             label,
