@@ -44,6 +44,9 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
         # v2's own command re-run on session 9's AMD EPYC VM: a reproduction, not a candidate
         ("seed 1, EPYC VM", HERE / "swa-init-seed-1-amd-epyc.model.json"),
     ],
+    "--swa-epochs 20 (whole schedule)": [
+        ("seed 1, Xeon VM", HERE / "swa20-init-seed-1.model.json"),
+    ],
     "--epochs 80 --swa-epochs 20": [
         ("seed 1, EPYC VM", HERE / "long80-swa20-init-seed-1.model.json"),
     ],
