@@ -291,12 +291,33 @@ def test_shift_augmentation_adds_markers_and_bands_within_range() -> None:
     assert 8 < changed.any(axis=(1, 2, 3)).sum() < 64
     assert changed.mean() < 0.2
     labels = tf.zeros([64])
-    for level in ("basic", "shift", "framing"):
+    for level in ("basic", "shift", "framing", "erase"):
         out, same = augment_fn(0, level)(tf.cast(images, tf.uint8), labels)
         assert out.shape == (64, 224, 224, 1) and same is labels
         assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 255.0
     with pytest.raises(ValueError, match="unknown augmentation"):
         augment_fn(0, "wild")
+
+
+def test_random_erase_sets_one_box_per_erased_image_to_one_grey() -> None:
+    import tensorflow as tf
+
+    from training.augmentation import random_erase
+
+    tf.random.set_seed(5)
+    images = tf.reshape(tf.range(224 * 224, dtype=tf.float32) % 251.0 + 0.5, [1, 224, 224, 1])
+    images = tf.tile(images, [64, 1, 1, 1])  # no pixel of the original is a whole grey level
+    erased = random_erase(images).numpy()
+    changed = erased != images.numpy()
+    hit = changed.any(axis=(1, 2, 3))
+    assert 16 < hit.sum() < 48  # about half the images
+    for index in np.flatnonzero(hit):
+        rows = np.flatnonzero(changed[index].any(axis=(1, 2)))
+        cols = np.flatnonzero(changed[index].any(axis=(0, 2)))
+        box = erased[index, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        assert changed[index].sum() == box.size  # one solid rectangle
+        assert np.unique(box).size == 1 and 0.0 <= box.flat[0] <= 255.0
+        assert 0.09 * 224 <= rows.size <= 0.41 * 224 and 0.09 * 224 <= cols.size <= 0.41 * 224
 
 
 def test_framing_augmentation_zooms_in_further_than_basic() -> None:

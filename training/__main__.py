@@ -74,10 +74,11 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--augmentation",
         default="basic",
-        choices=["basic", "shift", "framing"],
+        choices=["basic", "shift", "framing", "erase"],
         help="basic: geometry + exposure (the shipped recipe); shift: also flips, burned-in "
         "markers and collimation bands; framing: basic with zoom-in up to 25%% per axis "
-        "instead of 15%%",
+        "instead of 15%%; erase: basic with one random box (10-40%% of each side) erased on "
+        "half the images",
     )
     train.add_argument(
         "--ema",

@@ -90,7 +90,23 @@ def acquisition_artifacts(images: tf.Tensor) -> tf.Tensor:
     return tf.where(_boxes(n, y0, x0, h, w) & on, u(150.0, 255.0), x)
 
 
-AUGMENTATIONS = ("basic", "shift", "framing")
+def random_erase(images: tf.Tensor, probability: float = 0.5) -> tf.Tensor:
+    """Cutout / random erasing (DeVries & Taylor 2017; Zhong et al. 2020) on 0..255 floats:
+    one box of 10-40 % of each side, anywhere, set to one random grey level, on `probability`
+    of the images. A call that rests on one region (a marker, an edge of the field) then has to
+    be made from what is left."""
+    n = tf.shape(images)[0]
+
+    def u(low: float, high: float) -> tf.Tensor:
+        return tf.random.uniform([n, 1, 1, 1], low, high)
+
+    h, w = u(0.1, 0.4) * TARGET_SIZE, u(0.1, 0.4) * TARGET_SIZE
+    y0, x0 = u(0.0, 1.0) * (TARGET_SIZE - h), u(0.0, 1.0) * (TARGET_SIZE - w)
+    on = u(0.0, 1.0) < probability
+    return tf.where(_boxes(n, y0, x0, h, w) & on, u(0.0, 255.0), images)
+
+
+AUGMENTATIONS = ("basic", "shift", "framing", "erase")
 # 'framing': tighter collimation than 'basic' allows, up to a quarter of each axis's view lost
 # (lost on the selection rule in session 7; README, model card).
 FRAMING_ZOOM_IN = 0.25
@@ -101,7 +117,8 @@ def augment_fn(
 ) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """'basic' is the v1 recipe (geometry + exposure); 'shift' adds left-right flips and the
     markers and collimation bands of other sites; 'framing' is 'basic' with a wider zoom-in
-    range (tighter fields of view)."""
+    range (tighter fields of view); 'erase' is 'basic' with one random box erased (before the
+    exposure changes, which then apply to it too) on half the images."""
     if level not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {level!r}; choose from {AUGMENTATIONS}")
     geometric = geometric_layers(seed, FRAMING_ZOOM_IN if level == "framing" else BASIC_ZOOM_IN)
@@ -112,6 +129,8 @@ def augment_fn(
         images = geometric(images, training=True)
         if level == "shift":
             images = acquisition_artifacts(flip(images, training=True))
+        elif level == "erase":
+            images = random_erase(images)
         return photometric(images, seed), labels
 
     return augment
