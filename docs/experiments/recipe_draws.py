@@ -57,6 +57,9 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
         ("init seed 1", HERE / "width40-init-seed-1.model.json"),
         ("init seed 2", HERE / "width40-init-seed-2.model.json"),
     ],
+    "--augmentation erase (SWA 10)": [
+        ("seed 1, Xeon VM", HERE / "erase-init-seed-1.model.json"),
+    ],
     "--augmentation framing (SWA 10)": [
         ("init seed 1", HERE / "framing-init-seed-1.model.json"),
     ],
