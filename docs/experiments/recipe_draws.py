@@ -69,6 +69,9 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
     "--weight-decay 1e-2 (SWA 10)": [
         ("init seed 1", HERE / "weight-decay-init-seed-1.model.json"),
     ],
+    "--mixup 0.2 --swa-epochs 10": [
+        ("seed 1, Xeon VM", HERE / "mixup-swa-init-seed-1.model.json"),
+    ],
     "--mixup 0.2 (patience 8)": [
         ("init seed 42", HERE / "mixup.model.json"),
         ("init seed 1", HERE / "mixup-init-seed-1.model.json"),
