@@ -160,23 +160,16 @@ class RecordStore:
         finally:
             db.close()
 
-    def checkpoint(self, db: sqlite3.Connection | None = None) -> None:
+    def checkpoint(self, db: sqlite3.Connection) -> None:
         """Copy the write-ahead log into the database beside the writers (`db`: a connection
-        other than the writers'; a new one if None). If the log had grown past
-        `wal_restart_pages`, finish the copy with the writers held off, so that the next commit
-        starts the log from the beginning: only the pages committed meanwhile are left (a few
-        ms)."""
-        own = db is None
-        db = sqlite3.connect(self.path, isolation_level=None) if db is None else db
-        try:
-            _, pages, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if pages >= self.wal_restart_pages:
-                with self._lock:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            self.checkpoints += 1
-        finally:
-            if own:
-                db.close()
+        other than the writers'). If the log had grown past `wal_restart_pages`, finish the
+        copy with the writers held off, so that the next commit starts the log from the
+        beginning: only the pages committed meanwhile are left (a few ms)."""
+        _, pages, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if pages >= self.wal_restart_pages:
+            with self._lock:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.checkpoints += 1
 
     def _migrate(self) -> None:
         """Columns added after a database was created (SQLite adds them as NULL for old rows)."""

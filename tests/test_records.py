@@ -115,7 +115,9 @@ def test_checkpoint_lets_a_long_log_start_over(tmp_path: Path) -> None:
     store = RecordStore(tmp_path, 3600, checkpoint_interval_s=3600, wal_restart_pages=100)
     for index in range(60):
         store.add(_record(index), np.zeros((224, 224), np.uint8))
-    store.checkpoint()
+    other = sqlite3.connect(store.path, isolation_level=None)
+    store.checkpoint(other)
+    other.close()
     assert store.checkpoints == 1
     assert _log_pages_after_one_more_write(store, 60) < 100
     assert store.count() == 61 and store.integrity_ok()

@@ -61,15 +61,17 @@ def _boxes(n: tf.Tensor, y0, x0, h, w) -> tf.Tensor:
     return (rows >= y0) & (rows < y0 + h) & (cols >= x0) & (cols < x0 + w)
 
 
+def _per_image_uniform(n: tf.Tensor) -> Callable[[float, float], tf.Tensor]:
+    """Draws of one uniform value per image, [n, 1, 1, 1], broadcastable over its pixels."""
+    return lambda low, high: tf.random.uniform([n, 1, 1, 1], low, high)
+
+
 def acquisition_artifacts(images: tf.Tensor) -> tf.Tensor:
     """What other sites burn into the image, on 0..255 floats: bright text and side markers
     near the edges (half the images) and a bright unexposed collimation band along one side
     (a fifth of them)."""
     n = tf.shape(images)[0]
-
-    def u(low: float, high: float) -> tf.Tensor:
-        return tf.random.uniform([n, 1, 1, 1], low, high)
-
+    u = _per_image_uniform(n)
     x = images
     for _ in range(2):
         h, w = u(5.0, 16.0), u(8.0, 40.0)
@@ -96,10 +98,7 @@ def random_erase(images: tf.Tensor, probability: float = 0.5) -> tf.Tensor:
     of the images. A call that rests on one region (a marker, an edge of the field) then has to
     be made from what is left."""
     n = tf.shape(images)[0]
-
-    def u(low: float, high: float) -> tf.Tensor:
-        return tf.random.uniform([n, 1, 1, 1], low, high)
-
+    u = _per_image_uniform(n)
     h, w = u(0.1, 0.4) * TARGET_SIZE, u(0.1, 0.4) * TARGET_SIZE
     y0, x0 = u(0.0, 1.0) * (TARGET_SIZE - h), u(0.0, 1.0) * (TARGET_SIZE - w)
     on = u(0.0, 1.0) < probability
