@@ -171,3 +171,33 @@ def test_model_threads_setting_reaches_tensorflow(tmp_path: Path) -> None:
     assert configure_threads(before + 3) == before
     with pytest.raises(ValidationError):
         Settings(model_threads=-1, api_keys="k" * 16)
+
+
+def test_a_lone_request_is_scored_on_the_event_loop_and_a_crowd_on_the_instances(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """One request at a time skips the two thread hand-offs; concurrent ones still go to the
+    instance threads in batches, and both paths give the same answer."""
+    image = fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg")
+    app = create_app(make_settings(tiny_store, tmp_path / "d", batch_max_wait_ms=50))
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as client:
+        model = app.state.services.manager.current
+        original = model.score
+        calls: list[tuple[str, int]] = []
+
+        def recorded(batch):
+            calls.append((threading.current_thread().name, len(batch)))
+            time.sleep(0.1)
+            return original(batch)
+
+        model.score = recorded
+        lone = [client.post("/predict", files={"file": ("a.jpeg", image)}) for _ in range(3)]
+        assert [name.startswith("inference") for name, _ in calls] == [False] * 3
+        crowd = hammer(client, 12, image)
+        crowd_calls = calls[3:]
+        assert {r.status_code for r in lone + crowd} == {200}
+        # The first of the crowd may find the batcher idle; the rest queue behind it.
+        assert sum(name.startswith("inference") for name, _ in crowd_calls) >= 1
+        assert max(size for _, size in crowd_calls) > 1
+        answers = {round(r.json()["probabilities"]["PNEUMONIA"], 6) for r in lone + crowd}
+        assert len(answers) == 1
