@@ -1,0 +1,201 @@
+"""A battery of hostile and odd inputs against a real uvicorn on loopback: every one gets its
+documented answer (never a 5xx), the server log holds no traceback, and the service still
+scores a normal radiograph afterwards."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.common import BENCH_KEY, running_server
+from tests.conftest import fixture_bytes
+
+JPEG = fixture_bytes("originals/person495_bacteria_2094.jpeg")
+DICOM = fixture_bytes("dicom/person1946_bacteria_4874.dcm")
+RADIOGRAPH = Image.open(io.BytesIO(JPEG)).convert("L")
+HEADERS = {"X-API-Key": BENCH_KEY}
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def png_bomb_header(side: int = 20000) -> bytes:
+    """A valid PNG signature and IHDR claiming side x side pixels, with a tiny IDAT."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
+        + chunk(b"IEND", b"")
+    )
+
+
+SIXTEEN_BIT = Image.fromarray(np.asarray(RADIOGRAPH).astype(np.uint16) * 257)
+GREY = Image.new("L", (300, 300), 128)
+
+# name: (how it is sent, bytes, expected status, expected error code or None for a 200)
+CASES: dict[str, tuple[str, bytes, int, str | None]] = {
+    "jpeg": ("multipart", JPEG, 200, None),
+    "png RGBA": ("multipart", encode(RADIOGRAPH.convert("RGBA")), 200, None),
+    "png grey + alpha": ("multipart", encode(RADIOGRAPH.convert("LA")), 200, None),
+    "png 16-bit": ("multipart", encode(SIXTEEN_BIT), 200, None),
+    "png 1-bit": ("multipart", encode(RADIOGRAPH.convert("1")), 200, None),
+    "png palette": ("multipart", encode(RADIOGRAPH.convert("P")), 200, None),
+    "jpeg progressive": ("multipart", encode(RADIOGRAPH, "JPEG", progressive=True), 200, None),
+    "jpeg CMYK": ("multipart", encode(RADIOGRAPH.convert("CMYK"), "JPEG"), 200, None),
+    "dicom": ("multipart", DICOM, 200, None),
+    "dicom as the body": ("body:application/dicom", DICOM, 200, None),
+    "jpeg as an octet-stream body": ("body:application/octet-stream", JPEG, 200, None),
+    "jpeg sent as image/png": ("body:image/png", JPEG, 200, None),  # sniffed, not trusted
+    "gif": ("multipart", encode(GREY, "GIF"), 415, "unsupported_media_type"),
+    "bmp": ("multipart", encode(GREY, "BMP"), 415, "unsupported_media_type"),
+    "tiff": ("multipart", encode(GREY, "TIFF"), 415, "unsupported_media_type"),
+    "webp": ("multipart", encode(GREY, "WEBP"), 415, "unsupported_media_type"),
+    "random bytes": (
+        "multipart",
+        np.random.default_rng(0).bytes(1 << 20),
+        415,
+        "unsupported_media_type",
+    ),
+    "text": ("multipart", b"hello world", 415, "unsupported_media_type"),
+    "pdf": ("multipart", b"%PDF-1.4\n" + b"0" * 1000, 415, "unsupported_media_type"),
+    "dicom without preamble": ("multipart", DICOM[128:], 415, "unsupported_media_type"),
+    "jpeg as text/plain": ("body:text/plain", JPEG, 415, "unsupported_media_type"),
+    "body without content type": ("body:", JPEG, 415, "unsupported_media_type"),
+    "json body": ("body:application/json", b'{"file": "x"}', 415, "unsupported_media_type"),
+    "uniform frame": ("multipart", encode(GREY), 422, "blank_image"),
+    "8 x 60000 jpeg": (
+        "multipart",
+        encode(Image.new("L", (60000, 8)), "JPEG"),
+        422,
+        "image_too_small",
+    ),
+    "png bomb header": ("multipart", png_bomb_header(), 422, "image_too_large"),
+    "half a jpeg": ("multipart", JPEG[: len(JPEG) // 2], 422, "undecodable_image"),
+    "jpeg marker only": ("multipart", b"\xff\xd8\xff", 422, "undecodable_image"),
+    "empty file": ("multipart", b"", 422, "undecodable_image"),
+    "a third of a dicom": ("multipart", DICOM[: len(DICOM) // 3], 422, "undecodable_image"),
+    "empty body": ("body:image/jpeg", b"", 422, "missing_file"),
+    "wrong field name": ("multipart:image", JPEG, 422, "missing_file"),
+    "two files": ("multipart:two", JPEG, 422, "missing_file"),
+    "wrong boundary": ("multipart:bad-boundary", JPEG, 422, "missing_file"),
+}
+
+
+def send(client: httpx.Client, url: str, how: str, data: bytes) -> httpx.Response:
+    if how == "multipart":
+        return client.post(url, files={"file": ("x", data)}, headers=HEADERS)
+    if how == "multipart:image":
+        return client.post(url, files={"image": ("x", data)}, headers=HEADERS)
+    if how == "multipart:two":
+        files = [("file", ("a", data)), ("file", ("b", data))]
+        return client.post(url, files=files, headers=HEADERS)
+    if how == "multipart:bad-boundary":
+        body = b'--zzz\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + data
+        headers = {**HEADERS, "Content-Type": "multipart/form-data; boundary=yyy"}
+        return client.post(url, content=body, headers=headers)
+    content_type = how.removeprefix("body:")
+    headers = {**HEADERS, **({"Content-Type": content_type} if content_type else {})}
+    return client.post(url, content=data, headers=headers)
+
+
+def raw_exchange(url: str, request: bytes) -> bytes:
+    parsed = urlparse(url)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=10) as sock:
+        sock.sendall(request)
+        return sock.recv(4096)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    with running_server(tiny_store, tmp_path_factory.mktemp("hostile")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as http:
+        yield http
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_upload_gets_its_documented_answer(server: dict, client, name: str) -> None:
+    how, data, status, code = CASES[name]
+    response = send(client, f"{server['url']}/predict", how, data)
+    assert response.status_code == status, response.text[:300]
+    body = response.json()
+    if code is None:
+        assert body["label"] in {"NORMAL", "PNEUMONIA"}
+        assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    else:
+        assert body["error"]["code"] == code
+        assert len(body["error"]["message"]) > 20  # says what to do, not just a code
+
+
+def test_other_routes_refuse_cleanly(server: dict, client) -> None:
+    url = server["url"]
+    answers = {
+        "/explain/" + "0" * 32: 404,
+        "/explain/../../etc/passwd": 404,
+        "/explain/" + "a" * 5000: 422,
+        "/models/99": 404,
+        "/predict": 405,
+    }
+    for path, status in answers.items():
+        response = client.get(url + path, headers=HEADERS)
+        assert response.status_code == status, path[:40]
+        assert "error" in response.json()
+    wrong_key = client.post(
+        f"{url}/predict", files={"file": ("x", JPEG)}, headers={"X-API-Key": "x"}
+    )
+    assert wrong_key.status_code == 401
+    assert wrong_key.json()["error"]["code"] == "unauthorized"
+    sr_for_jpeg = client.post(
+        f"{url}/predict",
+        files={"file": ("x", JPEG)},
+        headers={**HEADERS, "Accept": "application/dicom"},
+    )
+    assert sr_for_jpeg.status_code == 406
+
+
+def test_raw_http_abuse(server: dict) -> None:
+    url = server["url"]
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nX-API-Key: {BENCH_KEY}\r\n"
+    head += "Content-Type: image/jpeg\r\n"
+    huge = raw_exchange(url, (head + "Content-Length: 99999999999\r\n\r\n").encode())
+    assert huge.startswith(b"HTTP/1.1 413"), huge[:100]
+    chunked = (head + "Transfer-Encoding: chunked\r\n\r\n").encode()
+    chunked += f"{len(JPEG):x}\r\n".encode() + JPEG + b"\r\n0\r\n\r\n"
+    answer = raw_exchange(url, chunked)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+    assert raw_exchange(url, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
+
+
+def test_after_the_battery_the_service_is_healthy_and_logged_no_traceback(
+    server: dict, client
+) -> None:
+    """Runs last in this module (pytest keeps file order): the log covers every case above."""
+    url = server["url"]
+    assert client.get(f"{url}/healthz").status_code == 200
+    good = client.post(f"{url}/predict", files={"file": ("x", JPEG)}, headers=HEADERS)
+    assert good.status_code == 200
+    assert 'status="500"' not in client.get(f"{url}/metrics").text
+    assert "Traceback" not in server["log"].read_text()
