@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     min_side: int = Field(64, ge=1, description="Smallest accepted width or height (422).")
     # 16, not 32: with two model instances, 32 clients then form about three batches in flight
     # instead of two, so an instance finds the next batch waiting more often (3 of 3
-    # alternating pairs, +4 to +14 % images/s at 32 clients; README, Benchmarks).
+    # alternating pairs, +4 to +14 % images/s at 32 clients; docs/benchmarks-history.md, round 7).
     batch_max_size: int = Field(16, ge=1, le=256, description="Micro-batch size limit.")
     batch_max_wait_ms: float = Field(3.0, ge=0, le=1000, description="Micro-batch gather wait.")
     queue_max: int = Field(256, ge=1, description="Queued predictions before 503 Retry-After.")

@@ -107,7 +107,7 @@ def random_erase(images: tf.Tensor, probability: float = 0.5) -> tf.Tensor:
 
 AUGMENTATIONS = ("basic", "shift", "framing", "erase")
 # 'framing': tighter collimation than 'basic' allows, up to a quarter of each axis's view lost
-# (lost on the selection rule in session 7; README, model card).
+# (lost on the selection rule in session 7; docs/training-history.md).
 FRAMING_ZOOM_IN = 0.25
 
 

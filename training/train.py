@@ -61,7 +61,7 @@ class TrainConfig:
     limit: int = 0  # use at most this many images per class (tests and smoke runs)
     augment: bool = True
     # The shipped v1 recipe. "shift" augmentation and weight averaging (ema=0.995) were tried
-    # as candidates and lost on the validation robustness rule (README, model card section).
+    # as candidates and lost on the validation robustness rule (docs/training-history.md).
     augmentation: str = "basic"
     ema: float = 0.0
     # Targets pulled towards 0.5 by this much (0 = off). Temperature scaling afterwards undoes
