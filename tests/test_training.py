@@ -544,3 +544,70 @@ def test_swa_learning_rate_needs_averaging_and_a_lower_value(
         with pytest.raises(SystemExit, match="--swa-lr needs"):
             main(tiny_run(small_data, store, *extra))
     assert not (store / "pneumonia").exists()
+
+
+def test_paired_views_are_two_augmentations_of_each_image_interleaved() -> None:
+    import tensorflow as tf
+
+    from training.augmentation import augment_fn
+    from training.consistency import duplicated, paired_views
+
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.integers(0, 256, (3, 224, 224, 1)), tf.float32)
+    labels = tf.constant([0.0, 1.0, 1.0])
+    views, view_labels = paired_views(augment_fn(0))(images, labels)
+    assert views.shape == (6, 224, 224, 1)
+    assert view_labels.numpy().tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    v = views.numpy()
+    assert not np.allclose(v[0], v[1])  # two draws of the augmentation, not one view twice
+    # The two views of an image resemble each other more than views of different images.
+    same = np.corrcoef(v[0].ravel(), v[1].ravel())[0, 1]
+    other = np.corrcoef(v[0].ravel(), v[2].ravel())[0, 1]
+    assert same > other + 0.2
+    twice, twice_labels = duplicated(images, labels)
+    np.testing.assert_array_equal(twice.numpy()[0], twice.numpy()[1])
+    np.testing.assert_array_equal(twice.numpy()[4], images.numpy()[2])
+    assert twice_labels.numpy().tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_paired_consistency_loss_is_cross_entropy_plus_the_pairs_divergence() -> None:
+    import tensorflow as tf
+
+    from training.consistency import PairedConsistencyLoss, bernoulli_jsd
+
+    def numpy_jsd(p: float, q: float) -> float:
+        m = (p + q) / 2
+        kl = lambda a: a * np.log(a / m) + (1 - a) * np.log((1 - a) / (1 - m))  # noqa: E731
+        return 0.5 * (kl(p) + kl(q))
+
+    assert float(bernoulli_jsd(tf.constant(0.9), tf.constant(0.2))) == pytest.approx(
+        numpy_jsd(0.9, 0.2), rel=1e-5
+    )
+    assert float(bernoulli_jsd(tf.constant(0.3), tf.constant(0.3))) == pytest.approx(0.0, abs=1e-7)
+    logits = np.array([[2.0], [-1.0], [0.5], [0.5]], np.float32)  # pairs (2, -1) and (0.5, 0.5)
+    labels = np.array([1.0, 1.0, 0.0, 0.0], np.float32)
+    per_view = PairedConsistencyLoss(12.0, reduction=None)(labels, logits).numpy()
+    p = 1 / (1 + np.exp(-logits.ravel()))
+    bce = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    jsd = numpy_jsd(p[0], p[1])
+    np.testing.assert_allclose(per_view, bce + 12.0 * np.array([jsd, jsd, 0, 0]), rtol=1e-5)
+    # With identical views (validation) it is plain binary cross-entropy.
+    plain = PairedConsistencyLoss(12.0)(labels[2:], logits[2:]).numpy()
+    assert plain == pytest.approx(bce[2:].mean(), rel=1e-5)
+
+
+def test_consistency_run_trains_exports_and_refuses_what_it_cannot_pair(
+    small_data: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    for extra in (
+        ("--consistency", "12", "--mixup", "0.2"),
+        ("--consistency", "12", "--no-augment"),
+        ("--consistency", "12", "--strategy", "mirrored"),
+    ):
+        with pytest.raises(SystemExit, match="--consistency"):
+            main(tiny_run(small_data, store, *extra))
+    assert main(tiny_run(small_data, store, "--consistency", "12", "--swa-epochs", "1")) == 0
+    card = json.loads((store / "pneumonia" / "1" / "model.json").read_text())
+    assert card["training"]["consistency"] == 12.0
+    assert 0.0 <= card["metrics"]["internal_test"]["auc"] <= 1.0

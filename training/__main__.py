@@ -126,6 +126,15 @@ def parser() -> argparse.ArgumentParser:
         help="hold this learning rate during the averaged epochs, the cosine decaying to it "
         "before them (e.g. 5e-4; 0 = the averaged epochs follow the cosine tail, as v2 was made)",
     )
+    train.add_argument(
+        "--consistency",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="train on two augmented views of every image, adding WEIGHT x the Jensen-Shannon "
+        "divergence between their predictions to the loss (AugMix uses 12; 0 = off, as v2 was "
+        "made); twice the images per step",
+    )
 
     evaluate = sub.add_parser("evaluate", help="score a store version on a labelled folder")
     evaluate.add_argument("--model", required=True, help="model_store/<name>/<version>")
@@ -215,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         mixup=args.mixup,
         swa_epochs=args.swa_epochs,
         swa_lr=args.swa_lr,
+        consistency=args.consistency,
         init_seed=args.init_seed,
     )
     try:

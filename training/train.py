@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import architectures, ood
+from training import architectures, consistency, ood
 from training.augmentation import augment_fn, mixup_fn, shifted_copy
 from training.batchnorm import recalibrate_batchnorm
 from training.data import CLASS_NAMES, load_arrays, manifest, patient_split, scan
@@ -79,6 +79,10 @@ class TrainConfig:
     # over the epochs before the last `swa_epochs` and holds it during them, as Izmailov et al.
     # 2018 run SWA: snapshots further apart, an average closer to an ensemble's.
     swa_lr: float = 0.0
+    # Consistency training (0 = off): two augmented views per image and this weight on the
+    # Jensen-Shannon divergence between their predictions (AugMix's 12), next to the
+    # cross-entropy of each view (training/consistency.py). Twice the images per step.
+    consistency: float = 0.0
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -187,6 +191,7 @@ SEED_RECIPE = {
     "mixup": 0.0,
     "swa_epochs": 0,
     "swa_lr": 0.0,
+    "consistency": 0.0,
 }
 
 
@@ -246,6 +251,11 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         raise SystemExit("--input-pool must be 1 (224 px) to 4 (56 px)")
     if config.swa_lr and not (config.swa_epochs > 0 and 0 < config.swa_lr < config.learning_rate):
         raise SystemExit("--swa-lr needs --swa-epochs > 0 and a value below --learning-rate")
+    paired = config.consistency > 0
+    if paired and (config.mixup > 0 or config.label_smoothing > 0 or not config.augment):
+        raise SystemExit("--consistency needs augmentation and no --mixup or label smoothing")
+    if paired and config.strategy != "default":
+        raise SystemExit("--consistency pairs views within a batch: use the default strategy")
     run_seed = config.seed if config.init_seed is None else config.init_seed
     keras.utils.set_random_seed(run_seed)
     samples = _limit(scan(config.data, "train"), config.limit)
@@ -282,11 +292,15 @@ def train(config: TrainConfig) -> tuple[int, Path]:
                 use_ema=config.ema > 0,
                 ema_momentum=config.ema or 0.99,
             )
+        if paired:
+            loss: keras.losses.Loss = consistency.PairedConsistencyLoss(config.consistency)
+        else:
+            loss = keras.losses.BinaryCrossentropy(
+                from_logits=True, label_smoothing=config.label_smoothing
+            )
         model.compile(
             optimizer=optimizer,
-            loss=keras.losses.BinaryCrossentropy(
-                from_logits=True, label_smoothing=config.label_smoothing
-            ),
+            loss=loss,
             metrics=[keras.metrics.AUC(name="auc", from_logits=True)],
         )
     log.info(
@@ -306,7 +320,12 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         def prepare(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             return tf.cast(x, tf.float32), y
 
-    train_ds = train_ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    if paired:
+        train_ds = train_ds.map(
+            consistency.paired_views(prepare), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    else:
+        train_ds = train_ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     fit_class_weight: dict[int, float] | None = class_weight
     if config.mixup > 0:
         # The class weights travel with the mixed pairs as per-sample weights.
@@ -316,6 +335,8 @@ def train(config: TrainConfig) -> tuple[int, Path]:
     val_ds = tf.data.Dataset.from_tensor_slices(
         (x_sel.astype(np.float32), y_sel.astype(np.float32))
     ).batch(64)
+    if paired:  # the paired loss sees each validation image twice: plain cross-entropy
+        val_ds = val_ds.map(consistency.duplicated)
 
     # Select on ranking (AUC) when the averaged weights are validated: their validation AUC
     # rises smoothly while the class-weighted, not yet calibrated loss climbs with confidence
