@@ -72,6 +72,9 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
     "--mixup 0.2 --swa-epochs 10": [
         ("seed 1, Xeon VM", HERE / "mixup-swa-init-seed-1.model.json"),
     ],
+    "--consistency 12 (SWA 10)": [
+        ("seed 1, Xeon VM", HERE / "consistency-init-seed-1.model.json"),
+    ],
     "--mixup 0.2 (patience 8)": [
         ("init seed 42", HERE / "mixup.model.json"),
         ("init seed 1", HERE / "mixup-init-seed-1.model.json"),
