@@ -74,6 +74,7 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
     ],
     "--consistency 12 (SWA 10)": [
         ("seed 1, Xeon VM", HERE / "consistency-init-seed-1.model.json"),
+        ("seed 2, Xeon VM", HERE / "consistency-init-seed-2.model.json"),
     ],
     "--mixup 0.2 (patience 8)": [
         ("init seed 42", HERE / "mixup.model.json"),
