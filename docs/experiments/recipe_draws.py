@@ -76,6 +76,9 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
         ("seed 1, Xeon VM", HERE / "consistency-init-seed-1.model.json"),
         ("seed 2, Xeon VM", HERE / "consistency-init-seed-2.model.json"),
     ],
+    "--consistency 12 --epochs 20": [
+        ("seed 1, Xeon VM", HERE / "consistency-20-epochs-init-seed-1.model.json"),
+    ],
     "--mixup 0.2 (patience 8)": [
         ("init seed 42", HERE / "mixup.model.json"),
         ("init seed 1", HERE / "mixup-init-seed-1.model.json"),
