@@ -9,7 +9,9 @@ gathered and can start on another core.
 A lone request (nothing else queued, decoding or in the model) is scored on the event loop's
 own thread instead, without the two thread hand-offs around the call: the loop is busy for one
 1-3 ms model call, which is what the lone request waits for anyway (one-client p50 about 4 %
-lower in alternating pairs; README, round 12).
+lower in alternating pairs; README, round 12). Only while the last one-image call took at most
+`INLINE_MAX_MS`: a slow model (a bigger one, or a starved CPU) must not stall the loop, and with
+it health checks and the uploads that would have formed the next batch.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from app.classifier import LoadedModel, ModelManager
 from app.errors import OverloadedError
 
 log = logging.getLogger("pneumoscan.batching")
+
+INLINE_MAX_MS = 5.0  # a one-image call slower than this is never run on the event loop
 
 
 @dataclass
@@ -65,6 +69,8 @@ class MicroBatcher:
         # more are on their way: a lone request goes straight to the model.
         self.incoming = 0
         self.in_model = 0  # batches on the instance threads now
+        # The last one-image model call's duration; None until one was measured (off the loop).
+        self.lone_ms: float | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,6 +109,16 @@ class MicroBatcher:
         """No request waits in the queue or is being decoded for it."""
         return self.incoming == 0 and self.queue.empty()
 
+    def inline(self, size: int) -> bool:
+        """Score this batch on the event loop: one image, nothing else about, a fast model."""
+        return (
+            size == 1
+            and self.in_model == 0
+            and self.idle()
+            and self.lone_ms is not None
+            and self.lone_ms <= INLINE_MAX_MS
+        )
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -129,7 +145,7 @@ class MicroBatcher:
                 model = self.manager.get()
                 batch = np.stack([item.pixels for item in items])[..., None]
                 started = time.perf_counter()
-                if len(items) == 1 and self.in_model == 0 and self.idle():
+                if self.inline(len(items)):
                     probs, ood = model.score(batch)
                 else:
                     self.in_model += 1
@@ -138,6 +154,8 @@ class MicroBatcher:
                     finally:
                         self.in_model -= 1
                 inference_ms = (time.perf_counter() - started) * 1000
+                if len(items) == 1:
+                    self.lone_ms = inference_ms
             except Exception as exc:  # noqa: BLE001 - hand any failure to the waiting requests
                 for item in items:
                     if not item.future.done():

@@ -64,7 +64,11 @@ def test_model_instances_bound_concurrent_model_calls(
     still gets its own image's answer."""
     normal = fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg")
     pneumonia = fixture_bytes("chest_xray/PNEUMONIA/person495_bacteria_2094.jpeg")
-    settings = make_settings(tiny_store, tmp_path / "d", model_instances=instances)
+    # Batches of at most 4: the 16 uploads cannot all fit one batch, even when they pile up
+    # behind a first one scored on the event loop.
+    settings = make_settings(
+        tiny_store, tmp_path / "d", model_instances=instances, batch_max_size=4
+    )
     app = create_app(settings)
     with TestClient(app, headers={"X-API-Key": API_KEY}) as client:
         expected = [
@@ -174,30 +178,65 @@ def test_model_threads_setting_reaches_tensorflow(tmp_path: Path) -> None:
 
 
 def test_a_lone_request_is_scored_on_the_event_loop_and_a_crowd_on_the_instances(
-    tiny_store: Path, tmp_path: Path
+    tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One request at a time skips the two thread hand-offs; concurrent ones still go to the
     instance threads in batches, and both paths give the same answer."""
+    # A generous limit: this test is about which path is taken, not about a busy CI's timings.
+    monkeypatch.setattr("app.batching.INLINE_MAX_MS", 1000.0)
     image = fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg")
     app = create_app(make_settings(tiny_store, tmp_path / "d", batch_max_wait_ms=50))
     with TestClient(app, headers={"X-API-Key": API_KEY}) as client:
         model = app.state.services.manager.current
         original = model.score
         calls: list[tuple[str, int]] = []
+        delay = [0.0]
 
         def recorded(batch):
             calls.append((threading.current_thread().name, len(batch)))
-            time.sleep(0.1)
+            time.sleep(delay[0])
             return original(batch)
 
         model.score = recorded
-        lone = [client.post("/predict", files={"file": ("a.jpeg", image)}) for _ in range(3)]
-        assert [name.startswith("inference") for name, _ in calls] == [False] * 3
+        lone = [client.post("/predict", files={"file": ("a.jpeg", image)}) for _ in range(4)]
+        # The first call's cost is unknown, so it goes to an instance; the tiny model's is
+        # under the limit, so the next three run on the loop.
+        assert [name.startswith("inference") for name, _ in calls] == [True, False, False, False]
+        delay[0] = 0.1
         crowd = hammer(client, 12, image)
-        crowd_calls = calls[3:]
+        crowd_calls = calls[4:]
         assert {r.status_code for r in lone + crowd} == {200}
         # The first of the crowd may find the batcher idle; the rest queue behind it.
         assert sum(name.startswith("inference") for name, _ in crowd_calls) >= 1
         assert max(size for _, size in crowd_calls) > 1
         answers = {round(r.json()["probabilities"]["PNEUMONIA"], 6) for r in lone + crowd}
         assert len(answers) == 1
+
+
+def test_a_slow_model_is_never_run_on_the_event_loop(
+    tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a one-image call took longer than INLINE_MAX_MS, lone requests go to the instance
+    threads, so a slow model cannot stall health checks; a fast call brings the loop path back."""
+    monkeypatch.setattr("app.batching.INLINE_MAX_MS", 50.0)
+    image = fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg")
+    app = create_app(make_settings(tiny_store, tmp_path / "d"))
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as client:
+        model = app.state.services.manager.current
+        original = model.score
+        calls: list[str] = []
+        delay = [0.1]  # twice the limit
+
+        def recorded(batch):
+            calls.append(threading.current_thread().name)
+            time.sleep(delay[0])
+            return original(batch)
+
+        model.score = recorded
+        for _ in range(3):
+            assert client.post("/predict", files={"file": ("a.jpeg", image)}).status_code == 200
+        assert all(name.startswith("inference") for name in calls)
+        delay[0] = 0.0
+        for _ in range(3):
+            assert client.post("/predict", files={"file": ("a.jpeg", image)}).status_code == 200
+        assert [name.startswith("inference") for name in calls[3:]] == [True, False, False]
