@@ -611,3 +611,43 @@ def test_consistency_run_trains_exports_and_refuses_what_it_cannot_pair(
     card = json.loads((store / "pneumonia" / "1" / "model.json").read_text())
     assert card["training"]["consistency"] == 12.0
     assert 0.0 <= card["metrics"]["internal_test"]["auc"] <= 1.0
+
+
+def test_distilled_targets_mix_the_teachers_answer_on_the_augmented_image() -> None:
+    import tensorflow as tf
+
+    from training.distillation import distilled_targets
+
+    seen: list[np.ndarray] = []
+
+    def teacher(images: tf.Tensor) -> tf.Tensor:  # brighter image -> higher P(pneumonia)
+        seen.append(images.numpy())
+        return tf.reduce_mean(images, axis=[1, 2, 3]) / 255.0
+
+    images = tf.constant(np.stack([np.full((8, 8, 1), v, np.float32) for v in (0.0, 51.0, 255.0)]))
+    labels = tf.constant([1.0, 0.0, 0.0])
+    out_images, soft, weights = distilled_targets(teacher, 0.25, {0: 0.7, 1: 1.9})(images, labels)
+    assert np.array_equal(seen[0], images.numpy())  # the teacher scores what the student sees
+    assert np.array_equal(out_images.numpy(), images.numpy())
+    assert soft.numpy() == pytest.approx([0.75, 0.25 * 0.2, 0.25], abs=1e-6)
+    assert weights.numpy() == pytest.approx([1.9, 0.7, 0.7])  # by the hard label
+
+
+def test_distillation_run_exports_and_refuses_a_teacher_from_another_split(
+    small_data: Path, tmp_path: Path, capsys
+) -> None:
+    store = tmp_path / "store"
+    assert main(tiny_run(small_data, store, "--swa-epochs", "1")) == 0
+    teacher = store / "pneumonia" / "1"
+    with pytest.raises(SystemExit, match="--teacher"):
+        main(tiny_run(small_data, store, "--teacher", str(teacher), "--mixup", "0.2"))
+    with pytest.raises(SystemExit, match="--distill"):
+        main(tiny_run(small_data, store, "--teacher", str(teacher), "--distill", "0"))
+    # Another split seed: the teacher saw images that are this run's validation or test.
+    assert main(tiny_run(small_data, store, "--teacher", str(teacher), "--seed", "7")) == 2
+    assert "another split" in capsys.readouterr().err
+    assert main(tiny_run(small_data, store, "--teacher", str(teacher), "--distill", "0.5")) == 0
+    card = json.loads((store / "pneumonia" / "2" / "model.json").read_text())
+    assert card["training"]["teacher"]["version"] == 1
+    assert card["training"]["distill"] == 0.5
+    assert 0.0 <= card["metrics"]["internal_test"]["auc"] <= 1.0

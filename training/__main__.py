@@ -135,6 +135,22 @@ def parser() -> argparse.ArgumentParser:
         "divergence between their predictions to the loss (AugMix uses 12; 0 = off, as v2 was "
         "made); twice the images per step",
     )
+    train.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        metavar="VERSION_DIR",
+        help="distil from this store version (model_store/<name>/<v>), trained on the same "
+        "patient split: its calibrated answer on each augmented image is mixed into the target "
+        "(off by default, as v2 was made)",
+    )
+    train.add_argument(
+        "--distill",
+        type=float,
+        default=0.5,
+        metavar="W",
+        help="with --teacher: target = (1 - W) x label + W x the teacher's probability",
+    )
 
     evaluate = sub.add_parser("evaluate", help="score a store version on a labelled folder")
     evaluate.add_argument("--model", required=True, help="model_store/<name>/<version>")
@@ -225,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         swa_epochs=args.swa_epochs,
         swa_lr=args.swa_lr,
         consistency=args.consistency,
+        teacher=args.teacher,
+        distill=args.distill,
         init_seed=args.init_seed,
     )
     try:

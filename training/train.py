@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import architectures, consistency, ood
+from training import architectures, consistency, distillation, ood
 from training.augmentation import augment_fn, mixup_fn, shifted_copy
 from training.batchnorm import recalibrate_batchnorm
 from training.data import CLASS_NAMES, load_arrays, manifest, patient_split, scan
@@ -83,6 +83,11 @@ class TrainConfig:
     # Jensen-Shannon divergence between their predictions (AugMix's 12), next to the
     # cross-entropy of each view (training/consistency.py). Twice the images per step.
     consistency: float = 0.0
+    # Distillation (None = off): a published store version of the same split whose calibrated
+    # answer on each augmented image is mixed into the target with weight `distill`
+    # (training/distillation.py).
+    teacher: Path | None = None
+    distill: float = 0.5
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -192,6 +197,7 @@ SEED_RECIPE = {
     "swa_epochs": 0,
     "swa_lr": 0.0,
     "consistency": 0.0,
+    "teacher": None,
 }
 
 
@@ -256,12 +262,20 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         raise SystemExit("--consistency needs augmentation and no --mixup or label smoothing")
     if paired and config.strategy != "default":
         raise SystemExit("--consistency pairs views within a batch: use the default strategy")
+    if config.teacher is not None and (paired or config.mixup > 0):
+        raise SystemExit("--teacher sets the targets itself: not with --consistency or --mixup")
+    if config.teacher is not None and not 0 < config.distill <= 1:
+        raise SystemExit("--distill is the teacher's share of the target, in (0, 1]")
     run_seed = config.seed if config.init_seed is None else config.init_seed
     keras.utils.set_random_seed(run_seed)
     samples = _limit(scan(config.data, "train"), config.limit)
     parts = patient_split(samples, seed=config.seed)
     data_manifest = manifest(parts)
     log.info("patient-level split: %s", data_manifest["counts"])
+    teacher_record: dict | None = None
+    if config.teacher is not None:
+        teacher, teacher_record = distillation.load_teacher(config.teacher, data_manifest["sha256"])
+        log.info("distilling from %s (weight %.2f)", config.teacher, config.distill)
     log.info("decoding %d images through the service's preprocessing", len(samples))
     x_train, y_train = load_arrays(parts["train"])
     x_val, y_val = load_arrays(parts["validation"])
@@ -330,6 +344,12 @@ def train(config: TrainConfig) -> tuple[int, Path]:
     if config.mixup > 0:
         # The class weights travel with the mixed pairs as per-sample weights.
         train_ds = train_ds.map(mixup_fn(config.mixup, class_weight))
+        fit_class_weight = None
+    if config.teacher is not None:
+        # Soft targets; the class weights travel as per-sample weights of the hard label.
+        train_ds = train_ds.map(
+            distillation.distilled_targets(teacher, config.distill, class_weight)
+        )
         fit_class_weight = None
     train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
     val_ds = tf.data.Dataset.from_tensor_slices(
@@ -447,6 +467,7 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         "training": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
             "class_weight": class_weight,
+            "teacher": teacher_record,
             "epochs_run": len(history.history["loss"]),
             "best_epoch": restore.best_epoch + 1,
             "selection_monitor": selection,
