@@ -651,3 +651,18 @@ def test_distillation_run_exports_and_refuses_a_teacher_from_another_split(
     assert card["training"]["teacher"]["version"] == 1
     assert card["training"]["distill"] == 0.5
     assert 0.0 <= card["metrics"]["internal_test"]["auc"] <= 1.0
+
+
+def test_a_distillation_runs_training_auc_counts_soft_targets_by_their_side_of_one_half() -> None:
+    import keras
+
+    from training.distillation import HardTargetAUC
+
+    soft = np.array([0.9, 0.6, 0.3, 0.05], np.float32)  # labels 1, 1, 0, 0 mixed with a teacher
+    logits = np.array([2.0, -1.0, 0.5, -3.0], np.float32)
+    hard_auc = keras.metrics.AUC(from_logits=True)
+    hard_auc.update_state((soft >= 0.5).astype(np.float32), logits)
+    metric = HardTargetAUC(from_logits=True)
+    metric.update_state(soft, logits)
+    assert float(metric.result()) == pytest.approx(float(hard_auc.result()))
+    assert float(metric.result()) == pytest.approx(0.75, abs=0.01)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import keras
 import tensorflow as tf
 
 from training.data import DataError
@@ -68,3 +69,13 @@ def distilled_targets(
         return images, soft, tf.gather(weights, tf.cast(labels, tf.int32))
 
     return targets
+
+
+class HardTargetAUC(keras.metrics.AUC):
+    """AUC that counts a target >= 0.5 as a positive. Keras' own counts every non-zero target as
+    one, which with soft targets (none is ever exactly 0) leaves no negatives and reads 0.
+    Validation labels are 0 or 1, where both agree."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        hard = tf.cast(tf.convert_to_tensor(y_true) >= 0.5, tf.float32)
+        return super().update_state(hard, y_pred, sample_weight=sample_weight)

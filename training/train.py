@@ -315,7 +315,11 @@ def train(config: TrainConfig) -> tuple[int, Path]:
         model.compile(
             optimizer=optimizer,
             loss=loss,
-            metrics=[keras.metrics.AUC(name="auc", from_logits=True)],
+            metrics=[
+                distillation.HardTargetAUC(name="auc", from_logits=True)
+                if config.teacher is not None
+                else keras.metrics.AUC(name="auc", from_logits=True)
+            ],
         )
     log.info(
         "%s: %d parameters, %.1f MFLOPs per image",

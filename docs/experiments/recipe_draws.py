@@ -90,6 +90,9 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
     "--label-smoothing 0.1 --patience 40": [
         ("init seed 42", HERE / "label-smoothing-full-schedule.model.json"),
     ],
+    "--teacher v2 --distill 0.5 (SWA 10)": [
+        ("init seed 2", HERE / "distill-init-seed-2.model.json"),
+    ],
 }
 
 
