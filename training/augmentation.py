@@ -135,20 +135,26 @@ def augment_fn(
     return augment
 
 
+def label_weights(labels: tf.Tensor, class_weight: dict[int, float]) -> tf.Tensor:
+    """The balanced class weights as per-sample weights of each hard (0/1) label, for batches
+    whose targets become soft (mixup, distillation), where Keras' `class_weight` would round."""
+    weights = tf.constant([class_weight[0], class_weight[1]], tf.float32)
+    return tf.gather(weights, tf.cast(labels, tf.int32))
+
+
 def mixup_fn(
     alpha: float, class_weight: dict[int, float]
 ) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
     """Mixup (Zhang et al. 2018) within each batch: every image is blended with another one of
     the batch by lam ~ Beta(alpha, alpha), and so are its label and its class weight (the
     balanced weights become per-sample weights, so mixed pairs keep the class balance)."""
-    weights = tf.constant([class_weight[0], class_weight[1]], tf.float32)
 
     def mix(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         n = tf.shape(images)[0]
         first = tf.random.gamma([n], alpha)
         lam = first / (first + tf.random.gamma([n], alpha))
         partner = tf.random.shuffle(tf.range(n))
-        sample_weight = tf.gather(weights, tf.cast(labels, tf.int32))
+        sample_weight = label_weights(labels, class_weight)
         keep = tf.reshape(lam, [-1, 1, 1, 1])
         images = keep * images + (1.0 - keep) * tf.gather(images, partner)
         labels = lam * labels + (1.0 - lam) * tf.gather(labels, partner)

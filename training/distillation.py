@@ -9,8 +9,8 @@ model that learns the first one's soft answers as well as the labels.
 
 The teacher must have been trained on the same patient split (its card's data manifest equals
 the student's): a teacher that saw the student's validation or internal test images would leak
-them into training. The class weights follow the hard label, as per-sample weights, since
-Keras' `class_weight` would round soft targets to a class.
+them into training. The class weights follow the hard label, as per-sample weights
+(`label_weights`, as mixup carries them).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from training.augmentation import label_weights
 from training.data import DataError
 
 Teacher = Callable[[tf.Tensor], tf.Tensor]
@@ -62,11 +63,10 @@ def distilled_targets(
     teacher: Teacher, weight: float, class_weight: dict[int, float]
 ) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
     """(augmented images, labels) -> (images, soft targets, per-sample class weights)."""
-    weights = tf.constant([class_weight[0], class_weight[1]], tf.float32)
 
     def targets(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         soft = (1.0 - weight) * labels + weight * tf.stop_gradient(teacher(images))
-        return images, soft, tf.gather(weights, tf.cast(labels, tf.int32))
+        return images, soft, label_weights(labels, class_weight)
 
     return targets
 
