@@ -52,6 +52,7 @@ RECIPES: dict[str, list[tuple[str, Path]]] = {
     ],
     "--input-pool 3 (74 px, SWA 10)": [
         ("seed 1, EPYC VM", HERE / "input-pool3-init-seed-1.model.json"),
+        ("seed 1, Xeon VM", HERE / "input-pool3-init-seed-1-xeon.model.json"),
     ],
     "--width 40 --swa-epochs 10": [
         ("init seed 1", HERE / "width40-init-seed-1.model.json"),
