@@ -666,3 +666,59 @@ def test_a_distillation_runs_training_auc_counts_soft_targets_by_their_side_of_o
     metric.update_state(soft, logits)
     assert float(metric.result()) == pytest.approx(float(hard_auc.result()))
     assert float(metric.result()) == pytest.approx(0.75, abs=0.01)
+
+
+def test_fused_batchnorm_trains_exactly_as_keras_batchnorm() -> None:
+    import keras
+    import tensorflow as tf
+
+    from training.batchnorm import FusedBatchNormalization, recalibrate_batchnorm
+
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(3.0, 2.0, (8, 5, 6, 4)).astype(np.float32))
+    weights = tf.constant(rng.normal(size=(8, 5, 6, 4)).astype(np.float32))
+    layers = []
+    for cls in (keras.layers.BatchNormalization, FusedBatchNormalization):
+        layer = cls(momentum=0.9, name="bn")
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 4))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 4))
+        layers.append(layer)
+    results = []
+    for layer in layers:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.sin(layer(x, training=True)) * weights)
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([layer(x, training=True), *grads, layer.moving_mean, layer.moving_variance])
+    keras_bn, fused = results
+    for a, b in zip(keras_bn, fused, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+    # Biased batch variance, as Keras averages it: 0.9 * 1 + 0.1 * var, twice.
+    expected = 1.0 + (1 - 0.9**2) * (x.numpy().var(axis=(0, 1, 2)) - 1.0)
+    np.testing.assert_allclose(layers[1].moving_variance.numpy(), expected, rtol=1e-4)
+    # Inference and frozen layers take Keras' own path: moving statistics, no update.
+    frozen = layers[1]
+    frozen.trainable = False
+    before = frozen.moving_mean.numpy().copy()
+    np.testing.assert_allclose(
+        np.asarray(frozen(x, training=True)), np.asarray(layers[0](x, training=False)), atol=1e-5
+    )
+    np.testing.assert_array_equal(frozen.moving_mean.numpy(), before)
+    # Recalibration sets the momentum per batch; the fused layer reads it at each call.
+    frozen.trainable = True
+    inputs = keras.Input(x.shape[1:])
+    model = keras.Model(inputs, frozen(inputs))
+    assert recalibrate_batchnorm(model, [x[:4], x[4:]]) == 2
+    halves = [x.numpy()[:4].mean(axis=(0, 1, 2)), x.numpy()[4:].mean(axis=(0, 1, 2))]
+    np.testing.assert_allclose(frozen.moving_mean.numpy(), np.mean(halves, axis=0), rtol=1e-5)
+
+
+def test_sepcnn_uses_the_fused_batchnorm_under_its_keras_names() -> None:
+    from training import architectures
+    from training.batchnorm import FusedBatchNormalization, batchnorm_layers
+
+    model = architectures.build("sepcnn")
+    bns = batchnorm_layers(model)
+    assert bns and all(isinstance(layer, FusedBatchNormalization) for layer in bns)
+    assert "stem_bn/moving_variance" in {weight.path for weight in model.weights}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from training.batchnorm import FusedBatchNormalization
+
 INPUT_SHAPE = (224, 224, 1)
 ARCHITECTURES = ("seed", "sepcnn")
 # Keras' default. It leaves the moving statistics behind the batch statistics for the first
@@ -56,7 +58,7 @@ def build_seed() -> keras.Model:
 
 def _separable_block(x, filters: int, name: str):
     x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sep")(x)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    x = FusedBatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
@@ -75,7 +77,7 @@ def build_sepcnn(
     x = PerImageStandardize(name="standardize")(inputs)
     x = layers.AveragePooling2D(input_pool, name=f"to_{224 // input_pool}")(x)
     x = layers.Conv2D(width, 5, strides=2, padding="same", use_bias=False, name="stem")(x)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
+    x = FusedBatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)  # 56 x 56
     stages = ((3 * width // 2, 1), (3 * width, 2), (5 * width, 2), (7 * width, 2))
     for stage, (filters, repeats) in enumerate(stages):
