@@ -722,3 +722,76 @@ def test_sepcnn_uses_the_fused_batchnorm_under_its_keras_names() -> None:
     bns = batchnorm_layers(model)
     assert bns and all(isinstance(layer, FusedBatchNormalization) for layer in bns)
     assert "stem_bn/moving_variance" in {weight.path for weight in model.weights}
+
+
+def test_ensemble_publishes_the_average_of_calibrated_logits(
+    small_data: Path, tmp_path: Path, capsys
+) -> None:
+    import tensorflow as tf
+
+    from app.model_store import verify_version
+    from training.card import render
+    from training.metrics import logit, sigmoid
+
+    store = tmp_path / "store"
+    for init_seed in ("1", "2"):
+        assert main(tiny_run(small_data, store, "--swa-epochs", "1", "--init-seed", init_seed)) == 0
+    assert main(tiny_run(small_data, store, "--swa-epochs", "1", "--seed", "7")) == 0
+    first, second, other_split = (store / "pneumonia" / v for v in ("1", "2", "3"))
+    ensemble = ["ensemble", "--data", str(small_data), "--model-store", str(store)]
+    with pytest.raises(SystemExit, match="at least two"):
+        main([*ensemble, str(first)])
+    with pytest.raises(SystemExit, match="named twice"):
+        main([*ensemble, str(first), str(first)])
+    with pytest.raises(SystemExit, match="different patient splits"):
+        main([*ensemble, str(first), str(other_split)])
+    assert main([*ensemble, str(first), str(second)]) == 0
+    folder = store / "pneumonia" / "4"
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
+        "published": str(folder)
+    }
+    card = verify_version(folder)  # checksums written over every file
+    assert card["architecture"] == "ensemble"
+    assert [m["version"] for m in card["members"]] == [1, 2]
+    assert card["training"]["fit_seconds"] == pytest.approx(
+        sum(m["training"]["fit_seconds"] for m in card["members"]), abs=0.2
+    )
+    assert (folder / "split.json").read_bytes() == (first / "split.json").read_bytes()
+    assert "average of 2 versions" in render(folder)
+
+    # Plain TensorFlow: the published graph is the mean of the members' calibrated logits,
+    # divided by the ensemble's own temperature; the first member's out-of-distribution score.
+    images = np.stack(
+        [load_path(p) for p in sorted((small_data / "train" / "NORMAL").iterdir())[:4]]
+    )[..., None]
+
+    def serve(version: Path) -> dict[str, np.ndarray]:
+        signature = tf.saved_model.load(str(version)).signatures["serving_default"]
+        return {k: v.numpy() for k, v in signature(pixels=tf.constant(images)).items()}
+
+    out, one, two = serve(folder), serve(first), serve(second)
+    assert out["probabilities"].shape == (4, 2)
+    mean = (logit(one["probabilities"][:, 1]) + logit(two["probabilities"][:, 1])) / 2
+    np.testing.assert_allclose(
+        out["probabilities"][:, 1], sigmoid(mean / card["temperature"]), atol=1e-4
+    )
+    np.testing.assert_allclose(out["ood_score"], one["ood_score"], rtol=1e-4)
+    assert (
+        card["ood"]["threshold"]
+        == json.loads((first / "model.json").read_text())["ood"]["threshold"]
+    )
+
+    # The service serves it like any version: the newest, with the out-of-distribution check.
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import API_KEY, make_settings
+
+    settings = make_settings(store, tmp_path / "service")
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
+        path = sorted((small_data / "train" / "PNEUMONIA").iterdir())[0]
+        response = client.post("/predict", files={"file": (path.name, path.read_bytes())})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"]["version"] == 4
+    assert body["out_of_distribution"]["threshold"] == card["ood"]["threshold"]

@@ -189,6 +189,18 @@ def parser() -> argparse.ArgumentParser:
     attach.add_argument("--data", default=str(DEFAULT_DATA), help="the data its split names")
     attach.add_argument("--model-store", default=str(DEFAULT_STORE))
     attach.add_argument("--model-name", default="pneumonia")
+    ensemble = sub.add_parser(
+        "ensemble",
+        help="publish the average of two or more versions of one patient split as the next version",
+    )
+    ensemble.add_argument(
+        "members",
+        nargs="+",
+        help="version folders, e.g. model_store/pneumonia/2 runs/store/pneumonia/4",
+    )
+    ensemble.add_argument("--data", default=str(DEFAULT_DATA), help="the data their split names")
+    ensemble.add_argument("--model-store", default=str(DEFAULT_STORE))
+    ensemble.add_argument("--model-name", default="pneumonia")
     card = sub.add_parser("card", help="print a version's model card as Markdown")
     card.add_argument("--model", required=True, help="model_store/<name>/<version>")
     return root
@@ -209,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.attach_ood import main_attach
 
         return main_attach(args)
+    if args.command == "ensemble":
+        from training.ensemble import main_ensemble
+
+        return main_ensemble(args)
     if args.command == "evaluate":
         from training.evaluate import main_evaluate
 

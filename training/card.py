@@ -41,14 +41,30 @@ def render(version_dir: Path) -> str:
         if training.get("swa_lr"):
             kept += f" at a constant learning rate {training['swa_lr']:g}"
     else:
-        kept = f"best {training['best_epoch']}"
+        kept = f"best {training.get('best_epoch')}"
+    if card["architecture"] == "ensemble":
+        members = card["members"]
+        trained = (
+            f"the average of {len(members)} versions' calibrated logits ("
+            + "; ".join(
+                f"{m['path']}: `{m['architecture']}`, {m['training'].get('epochs_run')} epochs in "
+                f"{m['training'].get('fit_seconds', 0) / 60:.1f} min"
+                for m in members
+            )
+            + f"; {training['fit_seconds'] / 60:.1f} min of fitting together) on "
+            f"{training['host']}"
+        )
+    else:
+        trained = (
+            f"trained {training['epochs_run']} epochs ({kept}) in"
+            f" {training['fit_seconds'] / 60:.1f} min on {training['host']}"
+        )
     lines = [
         f"**{card['name']} v{card['version']}** — `{card['architecture']}`, "
         f"{card['parameters']:,} parameters, {card['flops_per_image'] / 1e6:.0f} MFLOPs/image; "
         f"threshold {card['threshold']:.4f} ({card['threshold_rule']}); temperature "
-        f"{card['temperature']:.3f}; trained {training['epochs_run']} epochs ({kept}) in"
-        f" {training['fit_seconds'] / 60:.1f} min on "
-        f"{training['host']}; data manifest {card['data']['manifest_sha256'][:12]}; split "
+        f"{card['temperature']:.3f}; {trained}; data manifest "
+        f"{card['data']['manifest_sha256'][:12]}; split "
         f"{card['data']['counts']}.",
         "",
         metrics_table(columns),

@@ -28,15 +28,26 @@ OOD_OUTPUT_SPEC = {"name": "ood_score", "dtype": "float32", "shape": [None]}
 
 
 def save_savedmodel(
-    model: keras.Model, temperature: float, folder: Path, ood: FeatureStats | None = None
+    model: keras.Model,
+    temperature: float,
+    folder: Path,
+    ood: FeatureStats | None = None,
+    extractor: keras.Model | None = None,
 ) -> None:
     """SavedModel whose `serving_default` takes uint8 [N,224,224,1] and returns calibrated
     probabilities [N,2] ordered (NORMAL, PNEUMONIA); the temperature is baked in. With `ood`,
-    the same call also returns `ood_score` [N] (training.ood)."""
+    the same call also returns `ood_score` [N] (training.ood), computed on the pooled features
+    of `extractor` (default: the model's own, `training.ood.feature_model`), which must also
+    return the model's logit."""
     archive = keras.export.ExportArchive()
     archive.track(model)
     inv_t = tf.constant(1.0 / temperature, tf.float32)
-    extractor = feature_model(model) if ood is not None else None
+    if ood is None:
+        extractor = None
+    elif extractor is None:
+        extractor = feature_model(model)
+    else:
+        archive.track(extractor)
     if ood is not None and extractor is None:
         raise ValueError(f"{model.name} has no pooled feature layer for an ood_score")
 
@@ -70,11 +81,12 @@ def export_version(
     extra_files: dict[str, str] | None = None,
     ood: FeatureStats | None = None,
     copy_files: dict[str, Path] | None = None,
+    extractor: keras.Model | None = None,
 ) -> tuple[int, Path]:
     """Publish the model as the next version of `model_dir`; returns (version, folder)."""
 
     def write(folder: Path, version: int) -> None:
-        save_savedmodel(model, temperature, folder, ood)
+        save_savedmodel(model, temperature, folder, ood, extractor)
         full = {
             **card,
             "version": version,
