@@ -29,16 +29,10 @@ from training import architectures, ood
 from training.attach_ood import PARITY_TOLERANCE, rebuild
 from training.augmentation import shifted_copy
 from training.data import CLASS_NAMES, DataError, load_arrays, scan
-from training.evaluate import robustness_report, savedmodel_predict, split_part
+from training.evaluate import savedmodel_predict, split_part
 from training.export import export_version, save_savedmodel
-from training.metrics import (
-    classification_report,
-    ece,
-    fit_temperature,
-    screening_threshold,
-    sigmoid,
-)
-from training.train import git_commit, predict_logits
+from training.metrics import sigmoid
+from training.train import calibrate_and_score, git_commit, predict_logits
 
 log = logging.getLogger("pneumoscan.training")
 
@@ -135,34 +129,8 @@ def ensemble(members: list[Path], model_dir: Path, data: Path) -> tuple[int, Pat
     temperatures = [float(card["temperature"]) for card in cards]
     model, extractor = build_ensemble(keras_members, temperatures)
 
-    log.info("calibrating the average")
-    sel_logits = predict_logits(model, x_sel)
-    temperature = fit_temperature(y_sel, sel_logits)
-    p_sel = sigmoid(sel_logits / temperature)
-    threshold = screening_threshold(y_sel, p_sel, MIN_SENSITIVITY)
-    val_logits = predict_logits(model, x_val)
-    test_logits = predict_logits(model, x_test)
-    p_test = sigmoid(test_logits / temperature)
-    metrics = {
-        "validation": classification_report(y_val, sigmoid(val_logits / temperature), threshold),
-        "selection_set": classification_report(y_sel, p_sel, threshold),
-        "internal_test": classification_report(y_test, p_test, threshold),
-        "internal_test_at_0.5": classification_report(y_test, p_test, 0.5),
-        "ece_before_calibration": {
-            "selection_set": round(ece(y_sel, sigmoid(sel_logits)), 4),
-            "internal_test": round(ece(y_test, sigmoid(test_logits)), 4),
-        },
-    }
-
-    def keras_predict(images: np.ndarray) -> np.ndarray:
-        return sigmoid(predict_logits(model, images) / temperature)
-
-    log.info("robustness reports (validation, then internal test)")
-    metrics["robustness_validation"] = robustness_report(
-        keras_predict, x_val, y_val, threshold, seed=seed
-    )
-    metrics["robustness_internal_test"] = robustness_report(
-        keras_predict, x_test, y_test, threshold, seed=seed
+    temperature, threshold, metrics, p_test = calibrate_and_score(
+        model, (x_sel, y_sel), (x_val, y_val), (x_test, y_test), MIN_SENSITIVITY, seed
     )
 
     stats, ood_section = None, None
@@ -172,7 +140,7 @@ def ensemble(members: list[Path], model_dir: Path, data: Path) -> tuple[int, Pat
         stats, ood_section = ood.fit_and_report(first_features, x_train, x_val, x_test, seed)
         ood_section["features_of"] = f"member 0 ({members[0]})"
 
-    reference = keras_predict(x_val)
+    reference = sigmoid(predict_logits(model, x_val) / temperature)
     with tempfile.TemporaryDirectory() as scratch:  # check the graph before publishing it
         save_savedmodel(model, temperature, Path(scratch), stats, extractor=extractor)
         candidate = savedmodel_predict(Path(scratch))(x_val)

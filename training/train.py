@@ -222,6 +222,57 @@ def learning_rate_schedule(
     )
 
 
+def calibrate_and_score(
+    model: keras.Model,
+    selection: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray],
+    internal_test: tuple[np.ndarray, np.ndarray],
+    min_sensitivity: float,
+    seed: int,
+) -> tuple[float, float, dict, np.ndarray]:
+    """Temperature and screening threshold fitted on the selection set, then the card's metrics
+    (validation, selection set, internal test at the threshold and at 0.5, ECE before
+    calibration, robustness reports). `model` returns one logit. Returns (temperature,
+    threshold, metrics, internal-test P(pneumonia))."""
+    (x_sel, y_sel), (x_val, y_val), (x_test, y_test) = selection, validation, internal_test
+    log.info("calibrating")
+    sel_logits = predict_logits(model, x_sel)
+    temperature = fit_temperature(y_sel, sel_logits)
+    p_sel = sigmoid(sel_logits / temperature)
+    threshold = screening_threshold(y_sel, p_sel, min_sensitivity)
+    val_logits = predict_logits(model, x_val)
+    test_logits = predict_logits(model, x_test)
+    p_test = sigmoid(test_logits / temperature)
+
+    metrics = {
+        "validation": classification_report(y_val, sigmoid(val_logits / temperature), threshold),
+        "selection_set": classification_report(y_sel, p_sel, threshold),
+        "internal_test": classification_report(y_test, p_test, threshold),
+        "internal_test_at_0.5": classification_report(y_test, p_test, 0.5),
+        "ece_before_calibration": {
+            "selection_set": round(ece(y_sel, sigmoid(sel_logits)), 4),
+            "internal_test": round(ece(y_test, sigmoid(test_logits)), 4),
+        },
+    }
+
+    def keras_predict(images: np.ndarray) -> np.ndarray:
+        return sigmoid(predict_logits(model, images) / temperature)
+
+    log.info("robustness report on the validation split (for choosing between versions)")
+    metrics["robustness_validation"] = robustness_report(
+        keras_predict, x_val, y_val, threshold, seed=seed
+    )
+    log.info("robustness report on the internal test split")
+    metrics["robustness_internal_test"] = robustness_report(
+        keras_predict, x_test, y_test, threshold, seed=seed
+    )
+    log.info(
+        "internal test: %s",
+        {k: metrics["internal_test"][k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
+    )
+    return temperature, threshold, metrics, p_test
+
+
 def fit_ood(
     model: keras.Model,
     x_train: np.ndarray,
@@ -410,41 +461,8 @@ def train(config: TrainConfig) -> tuple[int, Path]:
             f"recomputed over {batches} training batches"
         )
         log.info("exporting the %s", selection)
-    log.info("calibrating")
-
-    sel_logits = predict_logits(model, x_sel)
-    temperature = fit_temperature(y_sel, sel_logits)
-    p_sel = sigmoid(sel_logits / temperature)
-    threshold = screening_threshold(y_sel, p_sel, config.min_sensitivity)
-    val_logits = predict_logits(model, x_val)
-    test_logits = predict_logits(model, x_test)
-    p_test = sigmoid(test_logits / temperature)
-
-    metrics = {
-        "validation": classification_report(y_val, sigmoid(val_logits / temperature), threshold),
-        "selection_set": classification_report(y_sel, p_sel, threshold),
-        "internal_test": classification_report(y_test, p_test, threshold),
-        "internal_test_at_0.5": classification_report(y_test, p_test, 0.5),
-        "ece_before_calibration": {
-            "selection_set": round(ece(y_sel, sigmoid(sel_logits)), 4),
-            "internal_test": round(ece(y_test, sigmoid(test_logits)), 4),
-        },
-    }
-
-    def keras_predict(images: np.ndarray) -> np.ndarray:
-        return sigmoid(predict_logits(model, images) / temperature)
-
-    log.info("robustness report on the validation split (for choosing between versions)")
-    metrics["robustness_validation"] = robustness_report(
-        keras_predict, x_val, y_val, threshold, seed=config.seed
-    )
-    log.info("robustness report on the internal test split")
-    metrics["robustness_internal_test"] = robustness_report(
-        keras_predict, x_test, y_test, threshold, seed=config.seed
-    )
-    log.info(
-        "internal test: %s",
-        {k: metrics["internal_test"][k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
+    temperature, threshold, metrics, p_test = calibrate_and_score(
+        model, (x_sel, y_sel), (x_val, y_val), (x_test, y_test), config.min_sensitivity, config.seed
     )
 
     feature_stats, ood_section = fit_ood(model, x_train, x_val, x_test, seed=config.seed)
