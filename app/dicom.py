@@ -28,6 +28,16 @@ NOT_CHEST_RADIOGRAPH_MODALITIES = frozenset(
         "IVOCT", "IVUS", "ES", "XC", "GM", "SM", "RTIMAGE", "BMD", "DG", "TG", "LS",
     }
 )  # fmt: skip
+# ViewPosition (PS3.3 C.8.11.5: DX's enumerated values; CR sites write free text) of lateral
+# and oblique projections. The model learned frontal (AP/PA) radiographs only, and a PACS sends
+# every image of a study, so the lateral of a PA + lateral pair would otherwise get its own
+# NORMAL / PNEUMONIA. Decubitus views (RLD, LLD) are frontal projections and are scored.
+NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT", "LATERAL"})
+
+
+def is_frontal_view(view_position: object) -> bool:
+    """False for a lateral or oblique ViewPosition; an absent or empty one counts as frontal."""
+    return str(view_position or "").strip().upper() not in NOT_FRONTAL_VIEWS
 
 
 def _uids(ds) -> dict[str, str]:
@@ -47,6 +57,16 @@ def _first(value) -> float:
         return float(value[0])
     except TypeError:
         return float(value)
+
+
+def _valid_window(ds) -> bool:
+    """The standard requires a window width of at least 1 (PS3.3 C.11.2.1.2.1); a zero, negative
+    or unreadable one is ignored like an absent window, rather than thresholding the image."""
+    try:
+        width, center = _first(ds.WindowWidth), _first(ds.WindowCenter)
+    except (TypeError, ValueError, IndexError):
+        return False
+    return bool(np.isfinite(center)) and bool(np.isfinite(width)) and width >= 1.0
 
 
 # Integer pixel data spanning at most this many values goes through a lookup table.
@@ -99,7 +119,7 @@ def to_8bit_direct(ds, stored: np.ndarray, present: np.ndarray | None = None) ->
         peak = float(out.max() if present is None else out[present].max())
         top = float(2**bits - 1) if peak <= 2**bits - 1 else peak
         eight = out * 255.0 / max(top, 1.0)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
+    elif "WindowCenter" in ds and "WindowWidth" in ds and _valid_window(ds):
         eight = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
     else:
         bits_stored = int(ds.get("BitsStored", 8))
@@ -147,6 +167,11 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
             f"The DICOM file could not be parsed: {type(exc).__name__}."
         ) from exc
     uids = _uids(ds)
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise UnsupportedDicomError(
+            "The DICOM object stores floating-point pixels (Float Pixel Data), which no "
+            "radiograph storage class uses: send the CR/DX image with integer Pixel Data."
+        )
     if "PixelData" not in ds:
         raise UnsupportedDicomError(
             "The DICOM object has no Pixel Data: send an image object (CR/DX/DR), not a "
@@ -157,6 +182,15 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
         raise UnsupportedDicomError(
             f"Modality {modality} is not a projection radiograph: pneumoscan scores chest "
             "radiographs (Modality CR or DX) only."
+        )
+    try:
+        view = ds.get("ViewPosition", "")
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        view = ""  # unreadable: judged on the pixels like an absent one
+    if not is_frontal_view(view):
+        raise UnsupportedDicomError(
+            f"ViewPosition {str(view).strip().upper()} is a lateral or oblique projection: "
+            "pneumoscan scores frontal (AP or PA) chest radiographs only."
         )
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)

@@ -147,7 +147,8 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
         413: "Upload larger than the size limit.",
         415: "Not a JPEG, PNG or DICOM Part 10 file.",
         422: "Undecodable, truncated, too large (pixels), too small or blank image, or "
-        "unsupported DICOM (multi-frame, colour palette, not a radiograph modality such as CT).",
+        "unsupported DICOM (multi-frame, colour palette, floating-point pixels, not a radiograph "
+        "modality such as CT, or a lateral or oblique view).",
         503: "No model loaded, or the queue is full (see Retry-After).",
     }
     return {code: {"model": ErrorResponse, "description": described[code]} for code in codes}

@@ -122,6 +122,54 @@ def test_cross_sectional_modality_refused_before_decoding() -> None:
         decode_image(_save(ds))
 
 
+def _with(data: bytes, **attributes) -> bytes:
+    """A DICOM file with some attributes set, or deleted where the value is None."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for name, value in attributes.items():
+        if value is None:
+            delattr(ds, name)
+        else:
+            setattr(ds, name, value)
+    return _save(ds)
+
+
+@pytest.mark.parametrize("view", ["LL", "RL", "RLO", "LLO", " lateral "])
+def test_lateral_and_oblique_views_refused(reference: np.ndarray, view: str) -> None:
+    """A PACS sends both images of a PA + lateral study; the model only learned frontal views."""
+    with pytest.raises(UnsupportedDicomError, match="lateral or oblique projection"):
+        decode_image(_with(make_dicom(reference), ViewPosition=view))
+
+
+@pytest.mark.parametrize("view", ["PA", "AP", "LLD", "RLD", ""])
+def test_frontal_decubitus_and_unstated_views_scored(reference: np.ndarray, view: str) -> None:
+    decoded = decode_image(_with(make_dicom(reference), ViewPosition=view))
+    assert mad(decoded.pixels, reference) < 1.0
+
+
+@pytest.mark.parametrize("width", [0.0, -10.0])
+def test_invalid_window_width_is_ignored_not_applied(reference: np.ndarray, width: float) -> None:
+    """The standard requires a width of at least 1: an invalid one is treated as absent
+    (min-max stretch) instead of thresholding the radiograph into a blank frame."""
+    data = make_dicom(reference, bits=12, window=(2048.0, 4096.0))
+    without = decode_image(_with(data, WindowCenter=None, WindowWidth=None)).pixels
+    invalid = decode_image(_with(data, WindowWidth=width)).pixels
+    np.testing.assert_array_equal(invalid, without)
+    assert invalid.std() > 20  # the radiograph, not a thresholded frame
+
+
+def test_float_pixel_data_refused_by_name(reference: np.ndarray) -> None:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(reference)))
+    del ds.PixelData
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = reference.astype(np.float32).tobytes()
+    with pytest.raises(UnsupportedDicomError, match="Float Pixel Data"):
+        decode_image(_save(ds))
+
+
 def test_dicom_bomb_refused_before_decoding() -> None:
     ds = base_dataset(60000, 60000)
     ds.PhotometricInterpretation = "MONOCHROME2"

@@ -48,6 +48,17 @@ def png_bomb_header(side: int = 20000) -> bytes:
     )
 
 
+def lateral_dicom() -> bytes:
+    """The DICOM fixture as the lateral image of a PA + lateral study."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(DICOM))
+    ds.ViewPosition = "LL"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 SIXTEEN_BIT = Image.fromarray(np.asarray(RADIOGRAPH).astype(np.uint16) * 257)
 GREY = Image.new("L", (300, 300), 128)
 
@@ -77,6 +88,7 @@ CASES: dict[str, tuple[str, bytes, int, str | None]] = {
     ),
     "text": ("multipart", b"hello world", 415, "unsupported_media_type"),
     "pdf": ("multipart", b"%PDF-1.4\n" + b"0" * 1000, 415, "unsupported_media_type"),
+    "dicom lateral view": ("multipart", lateral_dicom(), 422, "unsupported_dicom"),
     "dicom without preamble": ("multipart", DICOM[128:], 415, "unsupported_media_type"),
     "jpeg as text/plain": ("body:text/plain", JPEG, 415, "unsupported_media_type"),
     "body without content type": ("body:", JPEG, 415, "unsupported_media_type"),
