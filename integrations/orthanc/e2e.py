@@ -6,7 +6,9 @@ Comprehensive 3D SR in the same study and a `PneumoscanResult` study metadata en
 Starts pneumoscan (shipped model store) and Orthanc with the plugin, both on loopback in temp
 folders, stores four radiographs made from the shared originals (MONOCHROME2 8-bit, MONOCHROME1
 12-bit with a VOI LUT, JPEG 2000, RLE), waits for each SR, checks its label and model version,
-and stops both processes.
+and stops both processes. Then one study of three images, sent in this order: a PA that the
+model calls PNEUMONIA, a repeat PA it calls NORMAL, and a lateral: the lateral must not be
+scored, each PA must get its own SR and result, and the study must read PNEUMONIA.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import httpx
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.uid import JPEG2000Lossless, RLELossless
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from app.imaging import to_grayscale_u8
 from benchmarks.common import BENCH_KEY, FIXTURES, default_store, free_port, running_server
@@ -56,6 +58,58 @@ def cases() -> list[tuple[str, bytes]]:
         ("jpeg2000", make_dicom(gray("NORMAL2-IM-0746-0001.jpeg"), syntax=JPEG2000Lossless)),
         ("rle", make_dicom(gray("person1133_virus_1865.jpeg"), syntax=RLELossless)),
     ]
+
+
+def multi_image_study() -> list[tuple[str, bytes]]:
+    """PA (pneumonia), repeat PA (normal) and lateral, in one study, in the order sent."""
+    study_uid = generate_uid()
+    images = [
+        ("pa", "person495_bacteria_2094.jpeg", "PA"),
+        ("repeat", "NORMAL2-IM-0744-0001.jpeg", "PA"),
+        ("lateral", "NORMAL2-IM-0746-0001.jpeg", "LL"),
+    ]
+    out = []
+    for name, original, view in images:
+        gray = np.asarray(to_grayscale_u8(Image.open(FIXTURES / "originals" / original)))
+        ds = pydicom.dcmread(io.BytesIO(make_dicom(gray)))
+        ds.StudyInstanceUID, ds.ViewPosition = study_uid, view
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        out.append((name, buffer.getvalue()))
+    return out
+
+
+def check_multi_image_study(base: str, timeout: float) -> bool:
+    ids = {}
+    for name, data in multi_image_study():
+        response = httpx.post(f"{base}/instances", content=data, timeout=30)
+        response.raise_for_status()
+        ids[name] = response.json()
+    study = ids["pa"]["ParentStudy"]
+
+    def instance_result(name: str) -> str | None:
+        url = f"{base}/instances/{ids[name]['ID']}/metadata/PneumoscanResult"
+        answer = httpx.get(url, timeout=5)
+        return answer.text if answer.status_code == 200 else None
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (instance_result("pa") and instance_result("repeat")):
+        time.sleep(0.5)
+    time.sleep(2)  # the lateral came last: give a wrongly scored one time to show up
+    results = {name: instance_result(name) for name in ids}
+    study_result = httpx.get(f"{base}/studies/{study}/metadata/PneumoscanResult", timeout=5).text
+    modalities = [
+        httpx.get(f"{base}/instances/{i['ID']}/content/0008,0060", timeout=5).text.strip()
+        for i in httpx.get(f"{base}/studies/{study}/instances", timeout=5).json()
+    ]
+    ok = results == {"pa": "PNEUMONIA", "repeat": "NORMAL", "lateral": None} and (
+        study_result == "PNEUMONIA" and modalities.count("SR") == 2
+    )
+    print(
+        f"{'ok' if ok else 'FAIL'} study of PA + repeat PA + lateral: instances {results}, "
+        f"study {study_result}, {modalities.count('SR')} SR instances"
+    )
+    return ok
 
 
 def run(timeout: float) -> bool:
@@ -176,6 +230,7 @@ def run(timeout: float) -> bool:
                     f"(P(pneumonia) {direct['probabilities']['PNEUMONIA']:.3f}), "
                     f"SR {sr.SOPInstanceUID[-12:]} in study, model {model}, input {input_check}"
                 )
+            ok = check_multi_image_study(base, timeout) and ok
         finally:
             orthanc.terminate()
             try:

@@ -1,5 +1,5 @@
-"""Orthanc Python plugin: score every new chest CR/DX instance with pneumoscan and store the
-returned DICOM SR back into the same study.
+"""Orthanc Python plugin: score every new frontal chest CR/DX instance with pneumoscan and store
+the returned DICOM SR back into the same study.
 
 Configuration (environment of the Orthanc process):
   PNEUMOSCAN_URL        service base URL (default http://127.0.0.1:8000)
@@ -8,7 +8,14 @@ Configuration (environment of the Orthanc process):
 
 Ingest is never blocked: the change callback only enqueues the instance id; a worker thread does
 the HTTP call, retries connection errors, 408/429/5xx with exponential backoff, records permanent
-failures, and writes the result into the study's `PneumoscanResult` metadata.
+failures, and writes each instance's result into its `PneumoscanResult` metadata.
+
+A study often holds several images (PA and lateral, a repeat exposure). Lateral and oblique
+views are not sent (the service would refuse them: its model learned frontal views). The
+study's `PneumoscanResult` summarises its scored instances, so that no image's call is hidden
+by another's: PNEUMONIA if any instance is PNEUMONIA, else an instance's error if any failed
+(the study is not fully screened), else NORMAL. `PneumoscanInputCheck` is "flagged" if any
+instance was.
 """
 
 import json
@@ -32,6 +39,9 @@ METADATA = "PneumoscanResult"
 # serving model version has an out-of-distribution score
 INPUT_CHECK = "PneumoscanInputCheck"
 TRANSIENT = {408, 429, 500, 502, 503, 504}
+# Lateral and oblique ViewPosition values: the same set as app.dicom.NOT_FRONTAL_VIEWS (this
+# file runs inside Orthanc's Python, without the service's packages; a test keeps them equal).
+NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT", "LATERAL"})
 
 _jobs = queue.Queue(maxsize=10000)
 _worker_started = threading.Event()
@@ -84,12 +94,46 @@ def _should_score(tags):
         return False  # our own results (and any other SR)
     if tags.get("Modality", "") not in SCORED_MODALITIES:
         return False
+    if tags.get("ViewPosition", "").strip().upper() in NOT_FRONTAL_VIEWS:
+        return False
     body_part = tags.get("BodyPartExamined", "").upper()
     return body_part in ("", "CHEST", "THORAX")
 
 
-def _set_study_result(study_id, value):
-    orthanc.RestApiPut(f"/studies/{study_id}/metadata/{METADATA}", value)
+def summarise(results):
+    """The study's result from its instances' results, the most urgent first."""
+    if "PNEUMONIA" in results:
+        return "PNEUMONIA"
+    errors = [r for r in results if r.startswith("error")]
+    if errors:
+        return errors[0]
+    return "NORMAL" if "NORMAL" in results else "scored"
+
+
+def _metadata(instance_id, name):
+    try:
+        value = orthanc.RestApiGet(f"/instances/{instance_id}/metadata/{name}")
+    except Exception:  # noqa: BLE001 - Orthanc answers an absent entry with an error
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _record(instance_id, study_id, result, input_check=None):
+    """Store one instance's result, then recompute its study's summary from every instance."""
+    if input_check:
+        orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{INPUT_CHECK}", input_check)
+    orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{METADATA}", result)
+    results, checks = [], []
+    for instance in json.loads(orthanc.RestApiGet(f"/studies/{study_id}/instances")):
+        value = _metadata(instance["ID"], METADATA)
+        if value is not None:
+            results.append(value)
+            checks.append(_metadata(instance["ID"], INPUT_CHECK))
+    if "flagged" in checks or "typical" in checks:
+        # before the result, so a reader that sees the result sees this too
+        summary_check = "flagged" if "flagged" in checks else "typical"
+        orthanc.RestApiPut(f"/studies/{study_id}/metadata/{INPUT_CHECK}", summary_check)
+    orthanc.RestApiPut(f"/studies/{study_id}/metadata/{METADATA}", summarise(results))
 
 
 def process(instance_id):
@@ -107,19 +151,17 @@ def process(instance_id):
         except Transient as exc:
             if attempt == MAX_TRIES:
                 _log(f"giving up on instance {instance_id} after {attempt} tries: {exc}")
-                _set_study_result(study_id, "error: service unavailable")
+                _record(instance_id, study_id, "error: service unavailable")
                 return
             _log(f"retrying instance {instance_id} in {delay:.0f} s ({exc})")
             time.sleep(delay)
             delay = min(delay * 2, 60.0)
         except ValueError as exc:
             _log(f"instance {instance_id} refused by the service: {exc}")
-            _set_study_result(study_id, "error: " + str(exc)[:200])
+            _record(instance_id, study_id, "error: " + str(exc)[:200])
             return
     orthanc.RestApiPost("/instances", sr_bytes)
-    if input_check:  # before the result, so a reader that sees the result sees this too
-        orthanc.RestApiPut(f"/studies/{study_id}/metadata/{INPUT_CHECK}", input_check)
-    _set_study_result(study_id, label or "scored")
+    _record(instance_id, study_id, label or "scored", input_check)
     _log(f"instance {instance_id} scored {label} ({input_check or 'no input check'}); SR stored")
 
 
