@@ -188,6 +188,15 @@ def test_other_routes_refuse_cleanly(server: dict, client) -> None:
     assert sr_for_jpeg.status_code == 406
 
 
+def test_health_probes_answer_head_without_a_body(server: dict, client) -> None:
+    """Load balancers that probe with HEAD (HAProxy's `option httpchk`) get GET's status."""
+    for path in ("/healthz", "/readyz"):
+        head = client.head(server["url"] + path)
+        assert head.status_code == 200, path
+        assert head.content == b""
+    assert client.head(server["url"] + "/predict", headers=HEADERS).status_code == 405
+
+
 def test_raw_http_abuse(server: dict) -> None:
     url = server["url"]
     head = f"POST /predict HTTP/1.1\r\nHost: x\r\nX-API-Key: {BENCH_KEY}\r\n"

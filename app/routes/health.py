@@ -12,7 +12,10 @@ from app.schemas import Health, ModelRef
 router = APIRouter(tags=["operations"])
 
 
+# HEAD too (kept out of the OpenAPI schema, where it would repeat GET's operation): some load
+# balancers (HAProxy's `option httpchk`, for one) probe with it.
 @router.get("/healthz", response_model=Health, summary="The process is alive")
+@router.head("/healthz", include_in_schema=False)
 async def healthz() -> Health:
     """Always 200 while the process runs."""
     return Health(status="alive")
@@ -24,6 +27,7 @@ async def healthz() -> Health:
     summary="A model is loaded and answers",
     responses={503: {"model": Health, "description": "No model loaded."}},
 )
+@router.head("/readyz", include_in_schema=False)
 async def readyz(services: ServicesDep) -> Response:
     """200 once a verified, warmed-up model version serves; 503 otherwise."""
     model = services.manager.current
