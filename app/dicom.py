@@ -69,6 +69,21 @@ def _valid_window(ds) -> bool:
     return bool(np.isfinite(center)) and bool(np.isfinite(width)) and width >= 1.0
 
 
+def _padding(ds, stored: np.ndarray) -> np.ndarray | None:
+    """Where the stored values are Pixel Padding (PS3.3 C.7.5.1.1.2: the area outside a shutter
+    or a non-rectangular detector, often the largest or smallest value the bits allow), so that
+    the min-max stretch spans the radiograph, not the padding; None when there is none."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    try:
+        value = int(ds.PixelPaddingValue)
+        limit = int(ds.get("PixelPaddingRangeLimit", value))
+    except (TypeError, ValueError):
+        return None
+    low, high = sorted((value, limit))
+    return (stored >= low) & (stored <= high)
+
+
 # Integer pixel data spanning at most this many values goes through a lookup table.
 LUT_MAX_ENTRIES = 1 << 17
 LUT_ROWS_PER_CHUNK = 256
@@ -127,7 +142,11 @@ def to_8bit_direct(ds, stored: np.ndarray, present: np.ndarray | None = None) ->
         if bits_stored <= 8 and not rescaled:
             eight = values
         else:
-            seen = values if present is None else values[present]
+            counted = np.ones(values.shape, bool) if present is None else present.copy()
+            padding = _padding(ds, stored)
+            if padding is not None and (counted & ~padding).any():
+                counted &= ~padding
+            seen = values[counted]
             low, high = float(seen.min()), float(seen.max())
             eight = (values - low) * 255.0 / max(high - low, 1.0)
     if ds.PhotometricInterpretation == "MONOCHROME1":

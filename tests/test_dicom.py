@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from copy import deepcopy
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from app.dicom import to_8bit
 from app.errors import ImageTooLargeError, InputError, UndecodableImageError, UnsupportedDicomError
 from app.imaging import decode_image
 from tests.conftest import FIXTURES
@@ -159,6 +161,32 @@ def test_invalid_window_width_is_ignored_not_applied(reference: np.ndarray, widt
     assert invalid.std() > 20  # the radiograph, not a thresholded frame
 
 
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_pixel_padding_is_left_out_of_the_stretch(reference: np.ndarray, photometric: str) -> None:
+    """A 12-bit radiograph inside a padding frame at the top of the range (a shutter), no window:
+    the stretch spans the radiograph's own values, as without the frame, and the frame renders
+    at the end of the scale the padding value sits at."""
+    import pydicom
+
+    framed = np.full((264, 264), 255, np.uint8)
+    framed[20:-20, 20:-20] = reference
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(framed, bits=12, photometric=photometric)))
+    stored = ds.pixel_array
+    ds.PixelPaddingValue = int(stored[0, 0])  # 4095, or 0 for MONOCHROME1
+    inner = pydicom.dcmread(io.BytesIO(make_dicom(reference, bits=12, photometric=photometric)))
+    got = to_8bit(ds, stored)
+    np.testing.assert_array_equal(got[20:-20, 20:-20], to_8bit(inner, inner.pixel_array))
+    assert (got[:20] == 255).all()
+    ds.PixelPaddingValue = 1  # absent from the image: the stretch is unchanged
+    np.testing.assert_array_equal(to_8bit(ds, stored), to_8bit(_without_padding(ds), stored))
+
+
+def _without_padding(ds):
+    copy = deepcopy(ds)
+    del copy.PixelPaddingValue
+    return copy
+
+
 def test_float_pixel_data_refused_by_name(reference: np.ndarray) -> None:
     import pydicom
 
@@ -267,4 +295,9 @@ def test_lookup_table_path_gives_the_same_bytes_as_the_direct_one(data: st.DataO
         # a descriptor narrower than the data: the stretch then uses the largest value seen
         item[0x00283002].value = [*item[0x00283002].value[:2], data.draw(st.sampled_from([10, 16]))]
         ds.VOILUTSequence = Sequence([item])
+    if data.draw(st.booleans(), label="padding"):
+        # a padding value (and sometimes a range) that may or may not occur in the image
+        ds.PixelPaddingValue = data.draw(st.integers(lo, hi), label="padding value")
+        if data.draw(st.booleans(), label="padding range"):
+            ds.PixelPaddingRangeLimit = data.draw(st.integers(lo, hi), label="padding limit")
     np.testing.assert_array_equal(to_8bit(ds, stored), to_8bit_direct(ds, stored))
