@@ -30,8 +30,14 @@ class FakeOrthanc(types.ModuleType):
         self.instances: dict[str, dict[str, str]] = {}
         self.metadata: dict[str, str] = {}
         self.stored_srs: list[bytes] = []
+        self.changes: list[dict] = []  # Orthanc's change log
+        self.properties: dict[int, str] = {}  # global properties, kept in Orthanc's database
 
-    def add(self, instance_id: str, **tags: str) -> None:
+    def add(self, instance_id: str, date: str = "20261202T120000", **tags: str) -> None:
+        seq = len(self.changes) + 1
+        self.changes.append(
+            {"Seq": seq, "ChangeType": "NewInstance", "ID": instance_id, "Date": date}
+        )
         self.instances[instance_id] = {
             "Modality": "DX",
             "SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1",
@@ -39,6 +45,15 @@ class FakeOrthanc(types.ModuleType):
         }
 
     def RestApiGet(self, path: str):
+        if path == "/changes?last":
+            return json.dumps(
+                {"Changes": self.changes[-1:], "Done": True, "Last": len(self.changes)}
+            )
+        if path.startswith("/changes?since="):
+            since, limit = (int(v.split("=")[1]) for v in path.split("?")[1].split("&"))
+            page = self.changes[since : since + limit]
+            done = since + limit >= len(self.changes)
+            return json.dumps({"Changes": page, "Done": done, "Last": len(self.changes)})
         parts = path.strip("/").split("/")
         if parts[0] == "studies" and parts[2] == "instances":
             return json.dumps([{"ID": i} for i in self.instances])
@@ -60,6 +75,12 @@ class FakeOrthanc(types.ModuleType):
         assert path == "/instances"
         self.stored_srs.append(body)
 
+    def GetGlobalProperty(self, number: int, default: str) -> str:
+        return self.properties.get(number, default)
+
+    def SetGlobalProperty(self, number: int, value: str) -> None:
+        self.properties[number] = value
+
     def LogWarning(self, message: str) -> None:
         pass
 
@@ -67,26 +88,34 @@ class FakeOrthanc(types.ModuleType):
         pass
 
 
-@pytest.fixture
-def orthanc(monkeypatch: pytest.MonkeyPatch):
-    fake = FakeOrthanc()
+class Killed(BaseException):
+    """Orthanc stopping mid-call (kill -9): nothing after it in the plugin runs."""
+
+
+def load_plugin(monkeypatch: pytest.MonkeyPatch, fake: FakeOrthanc, sent: list, answers: dict):
+    """A fresh copy of the plugin module, as a (re)started Orthanc loads it."""
     monkeypatch.setitem(sys.modules, "orthanc", fake)
     spec = importlib.util.spec_from_file_location("pneumoscan_plugin_under_test", PLUGIN)
     plugin = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plugin)
-    sent: list[str] = []
-    answers: dict[str, tuple[str, str] | Exception] = {}
 
     def post_predict(dicom_bytes: bytes):
         instance_id = dicom_bytes.decode().removeprefix("DICM ")
         sent.append(instance_id)
         answer = answers[instance_id]
-        if isinstance(answer, Exception):
+        if isinstance(answer, BaseException):
             raise answer
         label, check = answer
         return b"SR for " + instance_id.encode(), label, check
 
     monkeypatch.setattr(plugin, "_post_predict", post_predict)
+    return plugin
+
+
+@pytest.fixture
+def orthanc(monkeypatch: pytest.MonkeyPatch):
+    fake, sent, answers = FakeOrthanc(), [], {}
+    plugin = load_plugin(monkeypatch, fake, sent, answers)
     return types.SimpleNamespace(fake=fake, plugin=plugin, sent=sent, answers=answers)
 
 
@@ -142,3 +171,44 @@ def test_only_frontal_chest_radiographs_are_sent(orthanc) -> None:
 
 def test_the_plugin_skips_exactly_the_views_the_service_refuses(orthanc) -> None:
     assert orthanc.plugin.NOT_FRONTAL_VIEWS == NOT_FRONTAL_VIEWS
+
+
+def test_the_change_log_is_followed_from_a_saved_cursor_across_a_kill(orthanc, monkeypatch) -> None:
+    """Images stored before the plugin was first loaded are left alone, one stored between the
+    load and the worker's first read of the log is scored; an image being scored when Orthanc
+    is killed is scored after the restart; a finished one is not sent again."""
+    fake, plugin = orthanc.fake, orthanc.plugin
+    plugin.LOADED_AT = "20261202T120000"
+    fake.add("before-install", date="20261202T115959")
+    fake.add("first", date="20261202T120000")  # while Orthanc was starting
+    fake.add("second", date="20261202T120001")
+    orthanc.answers.update({"first": ("NORMAL", "typical"), "second": Killed()})
+    with pytest.raises(Killed):
+        plugin.drain(plugin.start_cursor())
+    assert orthanc.sent == ["first", "second"]  # not "before-install"
+    assert fake.properties[plugin.CURSOR_PROPERTY] == "2"  # past "first" only
+    assert "/instances/second/metadata/PneumoscanResult" not in fake.metadata
+
+    restarted = load_plugin(monkeypatch, fake, orthanc.sent, orthanc.answers)
+    orthanc.answers["second"] = ("PNEUMONIA", "typical")
+    fake.properties[restarted.CURSOR_PROPERTY] = "1"  # as if killed before the cursor moved
+    assert restarted.drain(restarted.start_cursor()) == 3
+    assert orthanc.sent == ["first", "second", "second"]  # "first" was not sent twice
+    assert fake.metadata["/instances/second/metadata/PneumoscanResult"] == "PNEUMONIA"
+    assert study_metadata(fake, "PneumoscanResult") == "PNEUMONIA"
+    assert fake.properties[restarted.CURSOR_PROPERTY] == "3"
+
+
+def test_the_first_cursor_is_the_last_change_before_the_plugin_loaded(orthanc) -> None:
+    """Found by walking back through the log a page (100 changes) at a time."""
+    fake, plugin = orthanc.fake, orthanc.plugin
+    plugin.LOADED_AT = "20261202T120000"
+    for index in range(250):
+        fake.add(f"old-{index}", date="20261201T080000")
+    for index in range(230):
+        fake.add(f"new-{index}", date="20261202T120005")
+    assert plugin.start_cursor() == 250
+    assert plugin.start_cursor() == 250  # saved, not searched again
+    fake.changes.clear()
+    fake.properties.clear()
+    assert plugin.start_cursor() == 0  # an empty log

@@ -8,7 +8,10 @@ folders, stores four radiographs made from the shared originals (MONOCHROME2 8-b
 12-bit with a VOI LUT, JPEG 2000, RLE), waits for each SR, checks its label and model version,
 and stops both processes. Then one study of three images, sent in this order: a PA that the
 model calls PNEUMONIA, a repeat PA it calls NORMAL, and a lateral: the lateral must not be
-scored, each PA must get its own SR and result, and the study must read PNEUMONIA.
+scored, each PA must get its own SR and result, and the study must read PNEUMONIA. Last,
+kill -9: Orthanc is restarted with the service unreachable, an image is stored, Orthanc is
+killed while the plugin retries it and started again, and the image must then be scored once,
+with no earlier image scored again.
 """
 
 from __future__ import annotations
@@ -112,6 +115,94 @@ def check_multi_image_study(base: str, timeout: float) -> bool:
     return ok
 
 
+class Orthanc:
+    """One Orthanc process at a time on the same storage, started, killed and restarted."""
+
+    def __init__(self, binary: str, config_path: Path, log_path: Path, base: str) -> None:
+        self.binary, self.config_path, self.log_path, self.base = (
+            binary,
+            config_path,
+            log_path,
+            base,
+        )
+        self.process: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(  # noqa: S603 - our own binary and config
+                [self.binary, str(self.config_path)], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base}/system", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError("Orthanc did not start:\n" + self.log_path.read_text()[-3000:])
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, whatever the plugin was doing stops there."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def sr_count(base: str, study: str) -> int:
+    instances = httpx.get(f"{base}/studies/{study}/instances", timeout=5).json()
+    return sum(
+        httpx.get(f"{base}/instances/{i['ID']}/content/0008,0060", timeout=5).text.strip() == "SR"
+        for i in instances
+    )
+
+
+def check_scored_after_kill(
+    orthanc: Orthanc, env: dict[str, str], first_study: str, timeout: float
+) -> bool:
+    """An image stored while the service is unreachable, with Orthanc killed (-9) while the
+    plugin retries it, is scored once Orthanc restarts; images finished before are not re-sent."""
+    base, before = orthanc.base, sr_count(orthanc.base, first_study)
+    orthanc.kill()
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    orthanc.start({**env, "PNEUMOSCAN_URL": unreachable, "PNEUMOSCAN_MAX_TRIES": "1000"})
+    gray = np.asarray(
+        to_grayscale_u8(Image.open(FIXTURES / "originals" / "person1133_virus_1865.jpeg"))
+    )
+    stored = httpx.post(f"{base}/instances", content=make_dicom(gray), timeout=30).json()
+    instance, study = stored["ID"], stored["ParentStudy"]
+    deadline = time.monotonic() + 30
+    while f"retrying instance {instance}" not in orthanc.log_path.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            print("FAIL kill -9 while retrying: the plugin never tried the instance")
+            return False
+        time.sleep(0.3)
+    orthanc.kill()
+    orthanc.start(env)
+    url = f"{base}/instances/{instance}/metadata/PneumoscanResult"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and httpx.get(url, timeout=5).status_code != 200:
+        time.sleep(0.5)
+    time.sleep(2)  # time for a wrongly repeated SR to show up
+    answer = httpx.get(url, timeout=5)
+    label = answer.text if answer.status_code == 200 else None
+    after, srs = sr_count(base, first_study), sr_count(base, study)
+    ok = label in ("NORMAL", "PNEUMONIA") and srs == 1 and after == before
+    print(
+        f"{'ok' if ok else 'FAIL'} kill -9 while the plugin retried an instance: after the "
+        f"restart {label}, {srs} SR; an earlier study's SRs {before} -> {after}"
+    )
+    return ok
+
+
 def run(timeout: float) -> bool:
     binary = orthanc_binary()
     if not binary or not PYTHON_PLUGIN.exists():
@@ -142,22 +233,11 @@ def run(timeout: float) -> bool:
         config_path = Path(tmp) / "orthanc.json"
         config_path.write_text(json.dumps(config))
         env = {**os.environ, "PNEUMOSCAN_URL": server["url"], "PNEUMOSCAN_API_KEY": BENCH_KEY}
-        log_path = Path(tmp) / "orthanc.log"
-        with open(log_path, "wb") as log:
-            orthanc = subprocess.Popen(  # noqa: S603 - our own binary and config
-                [binary, str(config_path)], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
         base = f"http://127.0.0.1:{http_port}"
+        orthanc = Orthanc(binary, config_path, Path(tmp) / "orthanc.log", base)
+        log_path = orthanc.log_path
         try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{base}/system", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.3)
-            else:
-                raise RuntimeError("Orthanc did not start:\n" + log_path.read_text()[-3000:])
+            orthanc.start(env)
             stored = {}
             for name, data in cases():
                 response = httpx.post(f"{base}/instances", content=data, timeout=30)
@@ -231,12 +311,10 @@ def run(timeout: float) -> bool:
                     f"SR {sr.SOPInstanceUID[-12:]} in study, model {model}, input {input_check}"
                 )
             ok = check_multi_image_study(base, timeout) and ok
+            first_study = stored["monochrome2-8bit"][0]
+            ok = check_scored_after_kill(orthanc, env, first_study, timeout) and ok
         finally:
-            orthanc.terminate()
-            try:
-                orthanc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                orthanc.kill()
+            orthanc.stop()
             if not ok:
                 print(log_path.read_text()[-3000:])
     print("orthanc e2e:", "PASSED" if ok else "FAILED")

@@ -6,9 +6,15 @@ Configuration (environment of the Orthanc process):
   PNEUMOSCAN_API_KEY    API key for X-API-Key (required)
   PNEUMOSCAN_MAX_TRIES  attempts per instance on transient failures (default 6)
 
-Ingest is never blocked: the change callback only enqueues the instance id; a worker thread does
-the HTTP call, retries connection errors, 408/429/5xx with exponential backoff, records permanent
-failures, and writes each instance's result into its `PneumoscanResult` metadata.
+Ingest is never blocked: the change callback only wakes a worker thread, which follows Orthanc's
+own change log (`/changes`) from a cursor kept in Orthanc's database (global property
+PNEUMOSCAN_CURSOR_PROPERTY, default 9901), does the HTTP call, retries connection errors,
+408/429/5xx with exponential backoff, records permanent failures, and writes each instance's
+result into its `PneumoscanResult` metadata. The cursor moves past an instance only once it is
+finished, so an instance that was waiting or being scored when Orthanc stopped (even by kill -9)
+is scored after the restart; one that already has its result is not scored twice. On the very
+first start the cursor begins at the last change logged before Orthanc loaded the plugin:
+images stored from then on are scored, those stored before the plugin was installed are not.
 
 A study often holds several images (PA and lateral, a repeat exposure). Lateral and oblique
 views are not sent (the service would refuse them: its model learned frontal views). The
@@ -20,7 +26,6 @@ instance was.
 
 import json
 import os
-import queue
 import threading
 import time
 import urllib.error
@@ -39,11 +44,18 @@ METADATA = "PneumoscanResult"
 # serving model version has an out-of-distribution score
 INPUT_CHECK = "PneumoscanInputCheck"
 TRANSIENT = {408, 429, 500, 502, 503, 504}
+# Orthanc global property holding the sequence number of the last change handled (plugins use
+# numbers from 1024 up), and how often the change log is read when no callback wakes the worker.
+CURSOR_PROPERTY = int(os.environ.get("PNEUMOSCAN_CURSOR_PROPERTY", "9901"))
+POLL_SECONDS = 5.0
+# When Orthanc loaded this script, before it took any image, in the UTC form of the change
+# log's "Date" (the database cannot be read this early).
+LOADED_AT = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
 # Lateral and oblique ViewPosition values: the same set as app.dicom.NOT_FRONTAL_VIEWS (this
 # file runs inside Orthanc's Python, without the service's packages; a test keeps them equal).
 NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT", "LATERAL"})
 
-_jobs = queue.Queue(maxsize=10000)
+_wake = threading.Event()
 _worker_started = threading.Event()
 
 
@@ -140,6 +152,8 @@ def process(instance_id):
     tags = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/simplified-tags"))
     if not _should_score(tags):
         return
+    if _metadata(instance_id, METADATA) is not None:
+        return  # finished before a restart that came before the cursor moved past it
     parent = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/study"))
     study_id = parent["ID"]
     dicom_bytes = orthanc.RestApiGet(f"/instances/{instance_id}/file")
@@ -165,13 +179,54 @@ def process(instance_id):
     _log(f"instance {instance_id} scored {label} ({input_check or 'no input check'}); SR stored")
 
 
+def _last_change_before_load():
+    """The newest change logged before LOADED_AT (0 if none), walking back from the end."""
+    end = json.loads(orthanc.RestApiGet("/changes?last"))["Last"]
+    while end > 0:
+        start = max(end - 100, 0)
+        page = json.loads(orthanc.RestApiGet(f"/changes?since={start}&limit=100"))["Changes"]
+        older = [c["Seq"] for c in page if c["Seq"] <= end and c["Date"] < LOADED_AT]
+        if older:
+            return max(older)
+        end = start
+    return 0
+
+
+def start_cursor():
+    """The last change handled, from Orthanc's database (set on the very first start)."""
+    saved = orthanc.GetGlobalProperty(CURSOR_PROPERTY, "")
+    if saved:
+        return int(saved)
+    first = _last_change_before_load()
+    orthanc.SetGlobalProperty(CURSOR_PROPERTY, str(first))
+    return first
+
+
+def drain(since):
+    """Handle every change after `since`, moving the saved cursor past each one once it is
+    finished; returns the new cursor."""
+    while True:
+        page = json.loads(orthanc.RestApiGet(f"/changes?since={since}&limit=100"))
+        for change in page["Changes"]:
+            if change["ChangeType"] == "NewInstance":
+                try:
+                    process(change["ID"])
+                except Exception as exc:  # noqa: BLE001 - one instance must not stop the rest
+                    _log(f"failed on instance {change['ID']}: {type(exc).__name__}: {exc}")
+            since = change["Seq"]
+            orthanc.SetGlobalProperty(CURSOR_PROPERTY, str(since))
+        if page["Done"]:
+            return since
+
+
 def _work():
     while True:
-        instance_id = _jobs.get()
         try:
-            process(instance_id)
-        except Exception as exc:  # noqa: BLE001 - keep the worker alive whatever one does
-            _log(f"failed on instance {instance_id}: {type(exc).__name__}: {exc}")
+            drain(start_cursor())
+        except Exception as exc:  # noqa: BLE001 - keep the worker alive whatever happens
+            _log(f"reading the change log failed: {type(exc).__name__}: {exc}")
+        _wake.wait(POLL_SECONDS)
+        _wake.clear()
 
 
 def on_change(change_type, level, resource_id):
@@ -181,10 +236,7 @@ def on_change(change_type, level, resource_id):
         if not API_KEY:
             _log("PNEUMOSCAN_API_KEY is not set: every call will be refused")
     elif change_type == orthanc.ChangeType.NEW_INSTANCE:
-        try:
-            _jobs.put_nowait(resource_id)
-        except queue.Full:
-            _log(f"queue full; instance {resource_id} not scored")
+        _wake.set()
 
 
 orthanc.RegisterOnChangeCallback(on_change)
