@@ -35,6 +35,25 @@ NOT_CHEST_RADIOGRAPH_MODALITIES = frozenset(
 NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT", "LATERAL"})
 
 
+# SOP classes of images "for processing": raw detector data meant for the modality's own
+# processing, not for display (PS3.3 A.26: DX, mammography and intra-oral), which a PACS may hold
+# beside the "for presentation" image of the same exposure.
+FOR_PROCESSING_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+        "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray - For Processing
+        "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray - For Processing
+    }
+)
+
+
+def is_for_processing(sop_class_uid: object, presentation_intent: object) -> bool:
+    return (
+        str(sop_class_uid or "").strip() in FOR_PROCESSING_CLASSES
+        or str(presentation_intent or "").strip().upper() == "FOR PROCESSING"
+    )
+
+
 def is_frontal_view(view_position: object) -> bool:
     """False for a lateral or oblique ViewPosition; an absent or empty one counts as frontal."""
     return str(view_position or "").strip().upper() not in NOT_FRONTAL_VIEWS
@@ -204,8 +223,16 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
         )
     try:
         view = ds.get("ViewPosition", "")
+        for_processing = is_for_processing(
+            ds.get("SOPClassUID", ""), ds.get("PresentationIntentType", "")
+        )
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
-        view = ""  # unreadable: judged on the pixels like an absent one
+        view, for_processing = "", False  # unreadable: judged on the pixels like absent ones
+    if for_processing:
+        raise UnsupportedDicomError(
+            "This is a 'for processing' image (raw detector data, not meant for display): send "
+            "the 'for presentation' image of the exposure, as the PACS shows it."
+        )
     if not is_frontal_view(view):
         raise UnsupportedDicomError(
             f"ViewPosition {str(view).strip().upper()} is a lateral or oblique projection: "

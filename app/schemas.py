@@ -148,7 +148,7 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
         415: "Not a JPEG, PNG or DICOM Part 10 file.",
         422: "Undecodable, truncated, too large (pixels), too small or blank image, or "
         "unsupported DICOM (multi-frame, colour palette, floating-point pixels, not a radiograph "
-        "modality such as CT, or a lateral or oblique view).",
+        "modality such as CT, a lateral or oblique view, or a 'for processing' image).",
         503: "No model loaded, or the queue is full (see Retry-After).",
     }
     return {code: {"model": ErrorResponse, "description": described[code]} for code in codes}

@@ -144,6 +144,28 @@ def test_lateral_and_oblique_views_refused(reference: np.ndarray, view: str) -> 
         decode_image(_with(make_dicom(reference), ViewPosition=view))
 
 
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1.1"},
+        {"PresentationIntentType": "FOR PROCESSING"},
+    ],
+)
+def test_for_processing_images_refused(reference: np.ndarray, attributes: dict) -> None:
+    """Raw detector data a PACS may hold beside the displayed image of the same exposure."""
+    with pytest.raises(UnsupportedDicomError, match="for processing"):
+        decode_image(_with(make_dicom(reference), **attributes))
+
+
+def test_for_presentation_images_scored(reference: np.ndarray) -> None:
+    data = _with(
+        make_dicom(reference),
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.1.1",
+        PresentationIntentType="FOR PRESENTATION",
+    )
+    assert mad(decode_image(data).pixels, reference) < 1.0
+
+
 @pytest.mark.parametrize("view", ["PA", "AP", "LLD", "RLD", ""])
 def test_frontal_decubitus_and_unstated_views_scored(reference: np.ndarray, view: str) -> None:
     decoded = decode_image(_with(make_dicom(reference), ViewPosition=view))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.dicom import NOT_FRONTAL_VIEWS
+from app.dicom import FOR_PROCESSING_CLASSES, NOT_FRONTAL_VIEWS
 
 PLUGIN = Path(__file__).resolve().parents[1] / "integrations" / "orthanc" / "pneumoscan_plugin.py"
 STUDY = "study-1"
@@ -166,11 +166,15 @@ def test_only_frontal_chest_radiographs_are_sent(orthanc) -> None:
     assert not should({"Modality": "DX", "ViewPosition": "lateral "})
     assert not should({"Modality": "DX", "BodyPartExamined": "HAND"})
     assert not should({"Modality": "CT"})
+    assert not should({"Modality": "DX", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1.1"})
+    assert not should({"Modality": "DX", "PresentationIntentType": "FOR PROCESSING"})
+    assert should({"Modality": "DX", "PresentationIntentType": "FOR PRESENTATION"})
     assert not should({"Modality": "SR", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.34"})
 
 
-def test_the_plugin_skips_exactly_the_views_the_service_refuses(orthanc) -> None:
+def test_the_plugin_skips_exactly_the_images_the_service_refuses(orthanc) -> None:
     assert orthanc.plugin.NOT_FRONTAL_VIEWS == NOT_FRONTAL_VIEWS
+    assert orthanc.plugin.FOR_PROCESSING_CLASSES == FOR_PROCESSING_CLASSES
 
 
 def test_the_change_log_is_followed_from_a_saved_cursor_across_a_kill(orthanc, monkeypatch) -> None:

@@ -17,7 +17,8 @@ first start the cursor begins at the last change logged before Orthanc loaded th
 images stored from then on are scored, those stored before the plugin was installed are not.
 
 A study often holds several images (PA and lateral, a repeat exposure). Lateral and oblique
-views are not sent (the service would refuse them: its model learned frontal views). The
+views are not sent (the service would refuse them: its model learned frontal views), nor are
+"for processing" images (raw detector data kept beside the displayed one). The
 study's `PneumoscanResult` summarises its scored instances, so that no image's call is hidden
 by another's: PNEUMONIA if any instance is PNEUMONIA, else an instance's error if any failed
 (the study is not fully screened), else NORMAL. `PneumoscanInputCheck` is "flagged" if any
@@ -54,6 +55,14 @@ LOADED_AT = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
 # Lateral and oblique ViewPosition values: the same set as app.dicom.NOT_FRONTAL_VIEWS (this
 # file runs inside Orthanc's Python, without the service's packages; a test keeps them equal).
 NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT", "LATERAL"})
+# "For processing" images (raw detector data, not for display): app.dicom.FOR_PROCESSING_CLASSES.
+FOR_PROCESSING_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.2.1",
+        "1.2.840.10008.5.1.4.1.1.1.3.1",
+    }
+)
 
 _wake = threading.Event()
 _worker_started = threading.Event()
@@ -107,6 +116,10 @@ def _should_score(tags):
     if tags.get("Modality", "") not in SCORED_MODALITIES:
         return False
     if tags.get("ViewPosition", "").strip().upper() in NOT_FRONTAL_VIEWS:
+        return False
+    if tags.get("SOPClassUID", "").strip() in FOR_PROCESSING_CLASSES:
+        return False
+    if tags.get("PresentationIntentType", "").strip().upper() == "FOR PROCESSING":
         return False
     body_part = tags.get("BodyPartExamined", "").upper()
     return body_part in ("", "CHEST", "THORAX")
