@@ -216,3 +216,56 @@ def test_the_first_cursor_is_the_last_change_before_the_plugin_loaded(orthanc) -
     fake.changes.clear()
     fake.properties.clear()
     assert plugin.start_cursor() == 0  # an empty log
+
+
+def test_an_outage_is_waited_out_and_said_on_the_study(orthanc, monkeypatch) -> None:
+    """Unreachable for 8 tries: after PNEUMOSCAN_MAX_TRIES (6) the study says the image waits for
+    the service, and the label replaces that once the service answers. Nothing is given up."""
+    plugin, fake = orthanc.plugin, orthanc.fake
+    fake.add("during-outage")
+    outcomes = [plugin.Transient("connection refused")] * 8 + [("PNEUMONIA", "typical")]
+    seen_while_retrying = []
+
+    def sleep(seconds: float) -> None:
+        seen_while_retrying.append(study_metadata(fake, "PneumoscanResult"))
+
+    monkeypatch.setattr(plugin, "_post_predict", lambda data: _next(outcomes))
+    monkeypatch.setattr(plugin.time, "sleep", sleep)
+    plugin.process("during-outage")
+    assert seen_while_retrying[:5] == [None] * 5
+    assert seen_while_retrying[5:] == [plugin.RETRYING] * 3
+    assert study_metadata(fake, "PneumoscanResult") == "PNEUMONIA"
+    assert fake.metadata["/instances/during-outage/metadata/PneumoscanResult"] == "PNEUMONIA"
+
+
+def test_a_repeated_500_is_that_image_s_error_and_the_next_is_scored(orthanc, monkeypatch) -> None:
+    plugin, fake = orthanc.plugin, orthanc.fake
+    fake.add("poison")
+    fake.add("next")
+    outcomes = [plugin.Transient("HTTP 500 internal", 500)] * 6 + [("NORMAL", "typical")]
+    monkeypatch.setattr(plugin, "_post_predict", lambda data: _next(outcomes))
+    monkeypatch.setattr(plugin.time, "sleep", lambda seconds: None)
+    plugin.drain(0)
+    assert (
+        fake.metadata["/instances/poison/metadata/PneumoscanResult"] == "error: HTTP 500 internal"
+    )
+    assert fake.metadata["/instances/next/metadata/PneumoscanResult"] == "NORMAL"
+
+
+def test_an_image_waiting_for_the_service_at_a_kill_is_retried_after_it(orthanc) -> None:
+    fake = orthanc.fake
+    fake.add("waiting")
+    fake.metadata["/instances/waiting/metadata/PneumoscanResult"] = orthanc.plugin.RETRYING
+    orthanc.answers["waiting"] = ("NORMAL", "typical")
+    orthanc.plugin.process("waiting")
+    assert orthanc.sent == ["waiting"]
+    assert fake.metadata["/instances/waiting/metadata/PneumoscanResult"] == "NORMAL"
+
+
+def _next(outcomes: list):
+    """Pop the next answer of a scripted service: raise it if it is an exception."""
+    outcome = outcomes.pop(0)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    label, check = outcome
+    return b"SR", label, check

@@ -173,7 +173,7 @@ def check_scored_after_kill(
     base, before = orthanc.base, sr_count(orthanc.base, first_study)
     orthanc.kill()
     unreachable = f"http://127.0.0.1:{free_port()}"
-    orthanc.start({**env, "PNEUMOSCAN_URL": unreachable, "PNEUMOSCAN_MAX_TRIES": "1000"})
+    orthanc.start({**env, "PNEUMOSCAN_URL": unreachable})
     gray = np.asarray(
         to_grayscale_u8(Image.open(FIXTURES / "originals" / "person1133_virus_1865.jpeg"))
     )

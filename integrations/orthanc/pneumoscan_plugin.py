@@ -4,17 +4,22 @@ the returned DICOM SR back into the same study.
 Configuration (environment of the Orthanc process):
   PNEUMOSCAN_URL        service base URL (default http://127.0.0.1:8000)
   PNEUMOSCAN_API_KEY    API key for X-API-Key (required)
-  PNEUMOSCAN_MAX_TRIES  attempts per instance on transient failures (default 6)
+  PNEUMOSCAN_MAX_TRIES  tries before an instance is marked as waiting for the service (or, on
+                        HTTP 500, given up as failing on that image) (default 6)
 
 Ingest is never blocked: the change callback only wakes a worker thread, which follows Orthanc's
 own change log (`/changes`) from a cursor kept in Orthanc's database (global property
-PNEUMOSCAN_CURSOR_PROPERTY, default 9901), does the HTTP call, retries connection errors,
-408/429/5xx with exponential backoff, records permanent failures, and writes each instance's
-result into its `PneumoscanResult` metadata. The cursor moves past an instance only once it is
-finished, so an instance that was waiting or being scored when Orthanc stopped (even by kill -9)
-is scored after the restart; one that already has its result is not scored twice. On the very
-first start the cursor begins at the last change logged before Orthanc loaded the plugin:
-images stored from then on are scored, those stored before the plugin was installed are not.
+PNEUMOSCAN_CURSOR_PROPERTY, default 9901), does the HTTP call, and writes each instance's
+result into its `PneumoscanResult` metadata. Connection errors and 408/429/502/503/504 are
+retried with exponential backoff (1 s doubling to 60 s) until the service answers, so an outage
+loses nothing; after PNEUMOSCAN_MAX_TRIES tries the instance and its study read "error: service
+unavailable (retrying)" until then. A refusal (4xx) is recorded as the instance's error, and so
+is an HTTP 500 that repeats PNEUMOSCAN_MAX_TRIES times (the service failing on that image).
+The cursor moves past an instance only once it is finished, so an instance that was waiting or
+being scored when Orthanc stopped (even by kill -9) is scored after the restart; one that
+already has its result is not scored twice. On the very first start the cursor begins at the
+last change logged before Orthanc loaded the plugin: images stored from then on are scored,
+those stored before the plugin was installed are not.
 
 A study often holds several images (PA and lateral, a repeat exposure). Lateral and oblique
 views are not sent (the service would refuse them: its model learned frontal views), nor are
@@ -45,6 +50,9 @@ METADATA = "PneumoscanResult"
 # serving model version has an out-of-distribution score
 INPUT_CHECK = "PneumoscanInputCheck"
 TRANSIENT = {408, 429, 500, 502, 503, 504}
+# An instance's (and its study's) result while the service stays unreachable or overloaded after
+# PNEUMOSCAN_MAX_TRIES tries: the plugin keeps trying, and the label replaces it.
+RETRYING = "error: service unavailable (retrying)"
 # Orthanc global property holding the sequence number of the last change handled (plugins use
 # numbers from 1024 up), and how often the change log is read when no callback wakes the worker.
 CURSOR_PROPERTY = int(os.environ.get("PNEUMOSCAN_CURSOR_PROPERTY", "9901"))
@@ -69,7 +77,9 @@ _worker_started = threading.Event()
 
 
 class Transient(Exception):
-    pass
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status  # the HTTP status, None when the service could not be reached
 
 
 def _log(message):
@@ -104,7 +114,7 @@ def _post_predict(dicom_bytes):
     except urllib.error.HTTPError as exc:
         detail = exc.read()[:300].decode("utf-8", "replace")
         if exc.code in TRANSIENT:
-            raise Transient(f"HTTP {exc.code} {detail}") from exc
+            raise Transient(f"HTTP {exc.code} {detail}", exc.code) from exc
         raise ValueError(f"HTTP {exc.code} {detail}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise Transient(str(exc)) from exc
@@ -165,22 +175,28 @@ def process(instance_id):
     tags = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/simplified-tags"))
     if not _should_score(tags):
         return
-    if _metadata(instance_id, METADATA) is not None:
+    if _metadata(instance_id, METADATA) not in (None, RETRYING):
         return  # finished before a restart that came before the cursor moved past it
     parent = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/study"))
     study_id = parent["ID"]
     dicom_bytes = orthanc.RestApiGet(f"/instances/{instance_id}/file")
-    delay = 1.0
-    for attempt in range(1, MAX_TRIES + 1):
+    delay, attempt = 1.0, 0
+    while True:
+        attempt += 1
         try:
             sr_bytes, label, input_check = _post_predict(dicom_bytes)
             break
         except Transient as exc:
-            if attempt == MAX_TRIES:
-                _log(f"giving up on instance {instance_id} after {attempt} tries: {exc}")
-                _record(instance_id, study_id, "error: service unavailable")
+            if exc.status == 500 and attempt >= MAX_TRIES:
+                # the service fails on this image itself: record it, go on with the others
+                _log(f"instance {instance_id} failed {attempt} times: {exc}")
+                _record(instance_id, study_id, f"error: {exc}"[:200])
                 return
-            _log(f"retrying instance {instance_id} in {delay:.0f} s ({exc})")
+            if attempt == MAX_TRIES:
+                # unreachable or overloaded: say so on the study, and keep trying (later images
+                # wait behind this one; none is lost, and each is scored once the service is back)
+                _record(instance_id, study_id, RETRYING)
+            _log(f"retrying instance {instance_id} in {delay:.0f} s (try {attempt}: {exc})")
             time.sleep(delay)
             delay = min(delay * 2, 60.0)
         except ValueError as exc:
