@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from app.http_protocol import BoundedHeadHttpToolsProtocol
+
     # One worker: the model, micro-batcher and SQLite writer live in one process; TensorFlow
     # uses the cores inside it.
     uvicorn.run(
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         # server just as the client reused it, and a POST on it fails (seen once in 4000
         # requests under the 64-client overload run).
         timeout_keep_alive=75,
+        # httptools, with a bound on the request head (app/http_protocol.py)
+        http=BoundedHeadHttpToolsProtocol,
     )
     return 0
 
