@@ -103,5 +103,16 @@ class OverloadedError(PneumoscanError):
         self.retry_after = retry_after
 
 
+class StorageUnavailableError(OverloadedError):
+    """The audit record could not be written (disk full, read-only or failing storage). Every
+    200 has its record, so without one there is no answer; 503 with Retry-After, since the
+    fault is the server's and a retry after space is freed succeeds."""
+
+    code = "storage_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 30) -> None:
+        super().__init__(message, retry_after)
+
+
 class ModelStoreError(Exception):
     """A model version on disk is invalid (incomplete, checksum mismatch, bad metadata)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -185,6 +186,8 @@ async def purge_loop(services: Services) -> None:
             deleted = await asyncio.to_thread(services.records.purge)
             if deleted:
                 log.info("retention purge removed %d stored images", deleted)
+        except sqlite3.Error as exc:  # a full or failing disk: said once per round, retried
+            log.warning("retention purge failed: %s", exc)
         except Exception:
             log.exception("retention purge failed")
         await asyncio.sleep(PURGE_INTERVAL_S)

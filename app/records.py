@@ -19,12 +19,15 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from app.errors import StorageUnavailableError
 from app.imaging import TARGET_SIZE
 
 log = logging.getLogger("pneumoscan.records")
@@ -198,18 +201,27 @@ class RecordStore:
             (record.id, record.created + self.retention, encode_pixels(pixels))
             for record, pixels in items
         ]
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(insert, rows)
-                self._db.executemany(
-                    "INSERT INTO images (id, expires, pixels) VALUES (?, ?, ?)", images
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, self._transaction():
+            self._db.executemany(insert, rows)
+            self._db.executemany(
+                "INSERT INTO images (id, expires, pixels) VALUES (?, ?, ?)", images
+            )
         self._written.set()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error. SQLite has already rolled back
+        a transaction whose commit failed for a full disk (SQLITE_FULL), so the rollback is only
+        issued while one is still open: a second error would hide the first, and a transaction
+        left open would make every later BEGIN fail."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def get(self, prediction_id: str) -> PredictionRecord | None:
         with self._lock:
@@ -250,14 +262,12 @@ class RecordStore:
     def purge(self, now: float | None = None) -> int:
         """Delete stored images and explanations past retention; the audit rows stay."""
         now = time.time() if now is None else now
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._lock, self._transaction():
             self._db.execute(
                 "DELETE FROM explanations WHERE id IN (SELECT id FROM images WHERE expires <= ?)",
                 (now,),
             )
             deleted = self._db.execute("DELETE FROM images WHERE expires <= ?", (now,)).rowcount
-            self._db.execute("COMMIT")
         self._written.set()
         return deleted
 
@@ -283,10 +293,18 @@ class RecordWriter:
         self._thread.start()
 
     async def add(self, record: PredictionRecord, pixels: np.ndarray) -> None:
+        """Returns once the record is committed; StorageUnavailableError if it cannot be."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put((record, pixels, loop, future))
-        await future
+        try:
+            await future
+        except sqlite3.Error as exc:
+            raise StorageUnavailableError(
+                f"The audit record could not be written ({exc}), so no result is given for "
+                "this image: free space in the service's data directory (PNEUMOSCAN_DATA_DIR) "
+                "or retry later."
+            ) from exc
 
     def close(self) -> None:
         self._queue.put(None)
@@ -312,6 +330,7 @@ class RecordWriter:
             try:
                 self.store.add_many([(record, pixels) for record, pixels, _, _ in group])
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+                log.error("audit records not written, %d request(s) refused: %s", len(group), exc)
                 error = exc
             for _, _, loop, future in group:
                 loop.call_soon_threadsafe(_settle, future, error)

@@ -149,6 +149,7 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
         422: "Undecodable, truncated, too large (pixels), too small or blank image, or "
         "unsupported DICOM (multi-frame, colour palette, floating-point pixels, not a radiograph "
         "modality such as CT, a lateral or oblique view, or a 'for processing' image).",
-        503: "No model loaded, or the queue is full (see Retry-After).",
+        503: "No model loaded, a queue is full, or the audit record could not be written "
+        "(see Retry-After).",
     }
     return {code: {"model": ErrorResponse, "description": described[code]} for code in codes}

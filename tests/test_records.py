@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -149,3 +150,58 @@ def test_log_stays_bounded_under_sustained_writes(tmp_path: Path) -> None:
     assert store.checkpoints >= 3
     assert largest < 25 * 1024 * 1024, largest
     store.close()
+
+
+def _fill_the_disk(store: RecordStore) -> None:
+    """Cap the database at its current size: the next write fails as on a full disk
+    (SQLITE_FULL, "database or disk is full"), and SQLite rolls the transaction back itself."""
+    with store._lock:
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def _free_the_disk(store: RecordStore) -> None:
+    with store._lock:
+        store._db.execute("PRAGMA max_page_count = 1073741823")
+
+
+def test_a_full_disk_fails_the_write_and_leaves_the_store_usable(tmp_path: Path) -> None:
+    """Before, the failed commit's ROLLBACK raised again ("no transaction is active"), hiding
+    the real error; a transaction left open would make every later write fail."""
+    store = RecordStore(tmp_path, retention_seconds=10)
+    store.add(_record(0), np.zeros((224, 224), np.uint8))
+    _fill_the_disk(store)
+    noise = np.random.default_rng(0).integers(0, 256, (224, 224), dtype=np.uint8)
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        store.add(_record(1), noise)
+    assert not store._db.in_transaction and store.get(_record(1).id) is None
+    _free_the_disk(store)
+    store.add(_record(1), noise)
+    assert store.get(_record(1).id) is not None
+    assert store.purge(now=time.time() + 11) == 2
+    assert store.integrity_ok()
+
+
+def test_a_full_disk_answers_503_storage_unavailable_then_recovers(
+    tiny_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No record, no answer: 503 with Retry-After (the server's fault, and a retry succeeds
+    once space is freed), said in the log without a traceback; explanations still serve."""
+    image = fixture_bytes("originals/person495_bacteria_2094.jpeg")
+    with TestClient(
+        create_app(make_settings(tiny_store, tmp_path / "data")), headers={"X-API-Key": API_KEY}
+    ) as client:
+        first = client.post("/predict", files={"file": ("a.jpeg", image)}).json()
+        store = client.app.state.services.records
+        _fill_the_disk(store)
+        refused = client.post("/predict", files={"file": ("a.jpeg", image)})
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "30"
+        assert refused.json()["error"]["code"] == "storage_unavailable"
+        assert "PNEUMOSCAN_DATA_DIR" in refused.json()["error"]["message"]
+        overlay = client.get(first["explain_url"] + "?num_samples=100")  # not stored: disk full
+        assert overlay.status_code == 200 and overlay.content[:4] == b"\x89PNG"
+        assert 'reason="storage_unavailable"' in client.get("/metrics").text
+        _free_the_disk(store)
+        assert client.post("/predict", files={"file": ("a.jpeg", image)}).status_code == 200
+    assert not any(record.exc_info for record in caplog.records)

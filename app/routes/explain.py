@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from typing import Annotated
 
@@ -94,7 +95,10 @@ async def get_explanation(
 
             png = await asyncio.get_running_loop().run_in_executor(services.explain_pool, run)
             services.metrics.explain_seconds.observe(time.perf_counter() - started)
-        await asyncio.to_thread(services.records.add_explanation, *cache_key, png)
+        try:
+            await asyncio.to_thread(services.records.add_explanation, *cache_key, png)
+        except sqlite3.Error as exc:  # the overlay is still good; only its stored copy is lost
+            log.warning("explanation not stored (%s); served from memory only", exc)
         services.cache_put(cache_key, png)
         return png
 

@@ -22,6 +22,7 @@ from app.errors import (
     OverloadedError,
     PayloadTooLargeError,
     PneumoscanError,
+    StorageUnavailableError,
     UnsupportedMediaError,
 )
 from app.imaging import DecodedImage, check_content, decode_image, decode_small_raster
@@ -291,7 +292,11 @@ async def score_upload(
         sop_uid=uids.get("SOPInstanceUID"),
         ood_score=result.ood_score,
     )
-    await services.writer.add(record, decoded.pixels)
+    try:
+        await services.writer.add(record, decoded.pixels)
+    except StorageUnavailableError:
+        services.metrics.rejected.labels("storage_unavailable").inc()
+        raise
     services.metrics.predictions.labels(label, str(model.version)).inc()
     ood = out_of_distribution(result.ood_score, model.ood_threshold)
     if ood is not None and ood.flagged:
