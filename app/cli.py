@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="train a new model version (see `pneumoscan train -h`)")
     sub.add_parser("evaluate", help="score a model version (see `pneumoscan evaluate -h`)")
     args = parser.parse_args(argv)
+    problem = settings_problem()
+    if problem:
+        print(f"pneumoscan: {problem}", file=sys.stderr)
+        return 2
 
     import uvicorn
 
@@ -47,6 +51,41 @@ def main(argv: list[str] | None = None) -> int:
         http=BoundedHeadHttpToolsProtocol,
     )
     return 0
+
+
+def settings_problem() -> str | None:
+    """What keeps the service from starting, said in one line before anything starts (a
+    traceback from the server's start-up would bury it; the app checks the keys again for
+    other launchers), or None."""
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = "_".join(str(part) for part in error["loc"]).upper()
+            problems.append(f"PNEUMOSCAN_{field}: {error['msg']}" if field else error["msg"])
+        return "invalid settings: " + "; ".join(problems)
+    if not settings.key_list and not settings.allow_no_auth:
+        return (
+            "PNEUMOSCAN_API_KEYS is empty: set one or more keys (comma-separated), or "
+            "PNEUMOSCAN_ALLOW_NO_AUTH=true for local development only."
+        )
+    data_dir = settings.data_dir
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".pneumoscan-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return (
+            f"PNEUMOSCAN_DATA_DIR {data_dir} is not a writable folder ({exc.strerror}): the "
+            "audit database and stored images live there; set it to one this user can write."
+        )
+    return None
 
 
 if __name__ == "__main__":

@@ -302,6 +302,43 @@ def test_refuses_to_start_without_keys(tiny_store, tmp_path) -> None:
         )
 
 
+@pytest.mark.parametrize("problem", ["no keys", "data dir not writable", "short key"])
+def test_serve_says_what_keeps_it_from_starting_in_one_line(tmp_path, problem: str) -> None:
+    """`pneumoscan serve` checks its settings before anything starts: exit 2 and one line
+    naming the variable, instead of a start-up traceback."""
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {
+        **os.environ,
+        "PNEUMOSCAN_API_KEYS": {"no keys": "", "short key": "short"}.get(problem, "k" * 24),
+        "PNEUMOSCAN_DATA_DIR": str(
+            tmp_path / "data" if problem == "no keys" else blocker / "data"  # under a file
+        ),
+    }
+    env.pop("PNEUMOSCAN_ALLOW_NO_AUTH", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--port", "9"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    expected = {
+        "no keys": "pneumoscan: PNEUMOSCAN_API_KEYS is empty",
+        "data dir not writable": "pneumoscan: PNEUMOSCAN_DATA_DIR",
+        "short key": "pneumoscan: invalid settings: Value error, every PNEUMOSCAN_API_KEYS entry",
+    }[problem]
+    assert lines[0].startswith(expected), lines[0]
+
+
 def test_short_keys_rejected_at_settings() -> None:
     from pydantic import ValidationError
 
