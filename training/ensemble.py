@@ -22,7 +22,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from app.model_store import verify_version
 from training import architectures, ood
@@ -32,7 +31,7 @@ from training.data import CLASS_NAMES, DataError, load_arrays, scan
 from training.evaluate import savedmodel_predict, split_part
 from training.export import export_version, save_savedmodel
 from training.metrics import sigmoid
-from training.train import calibrate_and_score, git_commit, predict_logits
+from training.train import calibrate_and_score, predict_logits, provenance
 
 log = logging.getLogger("pneumoscan.training")
 
@@ -179,12 +178,8 @@ def ensemble(members: list[Path], model_dir: Path, data: Path) -> tuple[int, Pat
             "parity_max_abs_difference_p_pneumonia_validation": gap,
         },
         "data": cards[0]["data"],
-        "tensorflow_version": tf.__version__,
-        "keras_version": keras.__version__,
-        "git_commit": git_commit(),
+        **provenance(ood_section),
     }
-    if ood_section is not None:
-        card["ood"] = ood_section
     plots = {
         "labels": y_test,
         "p_pneumonia": p_test,

@@ -174,6 +174,19 @@ def git_commit() -> str:
         return "unknown"
 
 
+def provenance(ood_section: dict | None) -> dict:
+    """The tail every model card ends with: the library versions and commit that made it, and
+    the out-of-distribution score's section when the version has one."""
+    tail = {
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "git_commit": git_commit(),
+    }
+    if ood_section is not None:
+        tail["ood"] = ood_section
+    return tail
+
+
 def predict_logits(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     return model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)[:, 0]
 
@@ -507,12 +520,8 @@ def train(config: TrainConfig) -> tuple[int, Path]:
             "counts": data_manifest["counts"],
             "split": "seeded, patient-level, stratified 80/10/10 of the official train split",
         },
-        "tensorflow_version": tf.__version__,
-        "keras_version": keras.__version__,
-        "git_commit": git_commit(),
+        **provenance(ood_section),
     }
-    if ood_section is not None:
-        card["ood"] = ood_section
     plots = {
         "history": history.history,
         "labels": y_test,
