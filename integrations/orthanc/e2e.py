@@ -101,16 +101,13 @@ def check_multi_image_study(base: str, timeout: float) -> bool:
     time.sleep(2)  # the lateral came last: give a wrongly scored one time to show up
     results = {name: instance_result(name) for name in ids}
     study_result = httpx.get(f"{base}/studies/{study}/metadata/PneumoscanResult", timeout=5).text
-    modalities = [
-        httpx.get(f"{base}/instances/{i['ID']}/content/0008,0060", timeout=5).text.strip()
-        for i in httpx.get(f"{base}/studies/{study}/instances", timeout=5).json()
-    ]
+    srs = sr_count(base, study)
     ok = results == {"pa": "PNEUMONIA", "repeat": "NORMAL", "lateral": None} and (
-        study_result == "PNEUMONIA" and modalities.count("SR") == 2
+        study_result == "PNEUMONIA" and srs == 2
     )
     print(
         f"{'ok' if ok else 'FAIL'} study of PA + repeat PA + lateral: instances {results}, "
-        f"study {study_result}, {modalities.count('SR')} SR instances"
+        f"study {study_result}, {srs} SR instances"
     )
     return ok
 
