@@ -12,10 +12,19 @@ import numpy as np
 
 from app.errors import ModelStoreError, ModelUnavailableError
 from app.imaging import TARGET_SIZE
+from app.lite_runtime import (
+    LITE_TOLERANCE,
+    TFLITE_FILE,
+    LiteEngine,
+    differences,
+    parity_probe,
+)
+from app.lite_runtime import available as litert_available
 from app.model_store import list_versions, verify_version
 
 log = logging.getLogger("pneumoscan.model")
 OOD_OUTPUT = "ood_score"  # optional second output of the signature (training.ood)
+RUNTIMES = ("auto", "savedmodel")  # auto: the version's model.tflite when it has one
 
 
 @dataclass
@@ -27,6 +36,12 @@ class LoadedModel:
     path: Path
     card: dict
     _serve: object = field(repr=False)
+    _lite: LiteEngine | None = field(default=None, repr=False)
+
+    @property
+    def runtime(self) -> str:
+        """'tflite' (LiteRT on the version's model.tflite) or 'savedmodel' (TensorFlow)."""
+        return "savedmodel" if self._lite is None else "tflite"
 
     @property
     def class_names(self) -> list[str]:
@@ -51,6 +66,9 @@ class LoadedModel:
 
         if batch.dtype != np.uint8 or batch.shape[1:] != (TARGET_SIZE, TARGET_SIZE, 1):
             raise ValueError(f"model input must be uint8 (N, 224, 224, 1), got {batch.shape}")
+        if self._lite is not None:
+            lite = self._lite(batch)
+            return lite["probabilities"], lite.get(OOD_OUTPUT)
         out = self._serve(pixels=tf.constant(batch))  # type: ignore[operator]
         ood = out.get(OOD_OUTPUT)
         return out["probabilities"].numpy(), None if ood is None else ood.numpy()
@@ -78,8 +96,17 @@ def configure_threads(intra_op: int) -> int:
     return current
 
 
-def load_version(model_dir: Path, version: int) -> LoadedModel:
-    """Verify and load one version; raise ModelStoreError if it is not servable."""
+def load_version(
+    model_dir: Path, version: int, runtime: str = "auto", threads: int = 1
+) -> LoadedModel:
+    """Verify and load one version; raise ModelStoreError if it is not servable.
+
+    With runtime 'auto', a version that has `model.tflite` is served by LiteRT with `threads`
+    threads per call (0: LiteRT's default), once that file gave the SavedModel's answers on the
+    probe batch; a version without one, or a machine without LiteRT, gets TensorFlow.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
     import tensorflow as tf
 
     path = model_dir / str(version)
@@ -112,11 +139,44 @@ def load_version(model_dir: Path, version: int) -> LoadedModel:
         probs, ood = model.score(np.zeros((1, TARGET_SIZE, TARGET_SIZE, 1), np.uint8))
     except Exception as exc:
         raise ModelStoreError(f"{path}: warm-up prediction failed: {exc}") from exc
+    if runtime == "auto" and (path / TFLITE_FILE).is_file():
+        if litert_available():
+            model._lite = _checked_lite(model, threads)
+            probs, ood = model.score(np.zeros((1, TARGET_SIZE, TARGET_SIZE, 1), np.uint8))
+        else:
+            log.warning(
+                "%s has %s but LiteRT (ai-edge-litert) is not installed: serving it with "
+                "TensorFlow, slower",
+                path,
+                TFLITE_FILE,
+            )
     if probs.shape != (1, 2) or not np.all(np.isfinite(probs)):
         raise ModelStoreError(f"{path}: warm-up gave {probs!r}, expected finite (1, 2)")
     if ood is not None and (ood.shape != (1,) or not np.all(np.isfinite(ood))):
         raise ModelStoreError(f"{path}: warm-up gave {OOD_OUTPUT} {ood!r}, expected finite (1,)")
     return model
+
+
+def _checked_lite(model: LoadedModel, threads: int) -> LiteEngine:
+    """The version's LiteRT engine, once it gave the SavedModel's outputs on the probe."""
+    path = model.path / TFLITE_FILE
+    try:
+        engine = LiteEngine(path, threads, model.card.get("signature", "serving_default"))
+        probe = parity_probe()
+        lite = engine(probe)
+        reference = model.score(probe)
+    except Exception as exc:
+        raise ModelStoreError(f"{path}: LiteRT failed to load or run it: {exc}") from exc
+    expected = {"probabilities": reference[0]}
+    if reference[1] is not None:
+        expected[OOD_OUTPUT] = reference[1]
+    for name, difference in differences(lite, expected).items():
+        if not difference <= LITE_TOLERANCE[name]:
+            raise ModelStoreError(
+                f"{path}: its {name} differ from the SavedModel's by {difference:.2e} on the "
+                f"probe batch (allowed {LITE_TOLERANCE[name]:.0e}); republish the version"
+            )
+    return engine
 
 
 class ModelManager:
@@ -127,8 +187,18 @@ class ModelManager:
     model they started with and no request fails during a switch.
     """
 
-    def __init__(self, store: Path, name: str, pinned: int | None, poll_seconds: float) -> None:
+    def __init__(
+        self,
+        store: Path,
+        name: str,
+        pinned: int | None,
+        poll_seconds: float,
+        runtime: str = "auto",
+        threads: int = 1,
+    ) -> None:
         self.model_dir = store / name
+        self.runtime = runtime
+        self.threads = threads
         self.pinned = pinned
         self.poll_seconds = poll_seconds
         self.current: LoadedModel | None = None
@@ -165,7 +235,7 @@ class ModelManager:
         with self._retired_lock:
             model = self._retired.get(version)
             if model is None:
-                model = load_version(self.model_dir, version)
+                model = load_version(self.model_dir, version, self.runtime, self.threads)
                 log.info("loaded model version %d to explain its predictions", version)
             self._keep_retired(model)
             return model
@@ -209,7 +279,7 @@ class ModelManager:
                 if version in self.failed and self._failed_mtime.get(version) == mtime:
                     continue
                 try:
-                    model = load_version(self.model_dir, version)
+                    model = load_version(self.model_dir, version, self.runtime, self.threads)
                 except ModelStoreError as exc:
                     self.failed[version] = str(exc)
                     self._failed_mtime[version] = mtime
@@ -221,7 +291,13 @@ class ModelManager:
                         self._keep_retired(self.current)
                 self.current = model
                 self.failed.pop(version, None)
-                log.info("serving model %s version %d (was %s)", model.name, version, previous)
+                log.info(
+                    "serving model %s version %d on %s (was %s)",
+                    model.name,
+                    version,
+                    model.runtime,
+                    previous,
+                )
                 return
             if self.current is None:
                 log.error("no valid model version under %s: not ready", self.model_dir)

@@ -83,7 +83,12 @@ def install_error_handlers(app: FastAPI) -> None:
 def build_services(settings: Settings, metrics: Metrics) -> Services:
     records = RecordStore(settings.data_dir, settings.retention_hours * 3600)
     manager = ModelManager(
-        settings.model_store, settings.model_name, settings.model_version, settings.poll_seconds
+        settings.model_store,
+        settings.model_name,
+        settings.model_version,
+        settings.poll_seconds,
+        settings.model_runtime,
+        settings.model_threads,
     )
     return Services(
         settings=settings,
@@ -140,9 +145,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services.batcher.start()
         purger = asyncio.create_task(purge_loop(services), name="retention-purge")
         log.info(
-            "pneumoscan started: model store %s, serving %s, %d model instances x %s threads",
+            "pneumoscan started: model store %s, serving %s (%s), %d model instances x %s threads",
             current.model_store.name,
             services.manager.current.version if services.manager.current else "nothing",
+            services.manager.current.runtime if services.manager.current else "-",
             current.instances,
             threads or "default",
         )

@@ -125,6 +125,10 @@ class VersionInfo(BaseModel):
 class ModelsPublic(BaseModel):
     name: str
     serving: int | None
+    runtime: Literal["tflite", "savedmodel"] | None = Field(
+        None,
+        description="What runs the serving version: LiteRT on its model.tflite, or TensorFlow.",
+    )
     pinned: int | None
     versions: list[VersionInfo]
     card: dict | None = Field(None, description="model.json of the serving version.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,6 +73,11 @@ class Settings(BaseSettings):
         "per core). One thread per call, with one call per core (model_instances), was faster "
         "than one call spread over the cores for both /predict and explanations (README, "
         "Benchmarks).",
+    )
+    model_runtime: Literal["auto", "savedmodel"] = Field(
+        "auto",
+        description="auto: a version that has model.tflite is served by LiteRT (XNNPACK), "
+        "checked against its SavedModel at load; savedmodel: always TensorFlow's runtime.",
     )
     model_instances: int = Field(
         0,

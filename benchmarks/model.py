@@ -1,6 +1,6 @@
 """Raw model ceiling: the served SavedModel in-process, batch-1 latency and batch-32 throughput.
 
-python -m benchmarks.model [--threads N] [--callers N] [--seconds S]
+python -m benchmarks.model [--threads N] [--callers N] [--seconds S] [--runtime R]
 
 TensorFlow fixes its intra-op thread count once per process, so one run measures one setting
 (default: the service's, PNEUMOSCAN_MODEL_THREADS). Batch-32 throughput is measured with one
@@ -69,35 +69,46 @@ def ceiling_batch32(model, seconds: float, callers: int) -> dict[str, float]:
     }
 
 
-def load_served(threads: int | None = None):
+def load_served(threads: int | None = None, runtime: str | None = None):
     """Set TensorFlow's threads (default: the service's setting) and load the version the
-    service would serve; returns (model, threads in effect)."""
+    service would serve, on the service's runtime unless `runtime` says otherwise ('auto':
+    LiteRT when the version has model.tflite; 'savedmodel': TensorFlow); returns (model,
+    threads in effect)."""
     settings = Settings()
     in_effect = configure_threads(settings.model_threads if threads is None else threads)
     model_dir = default_store() / "pneumonia"
-    return load_version(model_dir, max(list_versions(model_dir))), in_effect
+    version = max(list_versions(model_dir))
+    lite_threads = settings.model_threads if threads is None else threads
+    return load_version(
+        model_dir, version, runtime or settings.model_runtime, lite_threads
+    ), in_effect
 
 
 def run(
-    seconds: float = 8.0, threads: int | None = None, callers: int | None = None, loaded=None
+    seconds: float = 8.0,
+    threads: int | None = None,
+    callers: int | None = None,
+    loaded=None,
+    runtime: str | None = None,
 ) -> dict:
     """`loaded`: a (model, threads in effect) pair from `load_served`, to measure that one."""
     callers = callers or Settings().instances
-    model, in_effect = loaded or load_served(threads)
+    model, in_effect = loaded or load_served(threads, runtime)
     version = model.version
     b1 = [t * 1000 for t in measure(model, 1, seconds)]
     b32 = ceiling_batch32(model, seconds, callers)
     result = {
         "version": version,
+        "runtime": model.runtime,
         "intra_op_threads": in_effect or "default",
         "batch1_ms": percentiles(b1, (50, 95)),
         "batch32": b32,
         "batch32_images_per_s": round(b32["best"], 1),
     }
     report(
-        "raw model (SavedModel in-process)",
+        "raw model (in-process, the service's loader)",
         [
-            ("model version", version),
+            ("model version, runtime", f"{version}, {model.runtime}"),
             ("TensorFlow intra-op threads", result["intra_op_threads"]),
             (
                 "batch 1 p50 / p95 (ms)",
@@ -120,5 +131,11 @@ if __name__ == "__main__":
         "--threads", type=int, default=None, help="intra-op threads (0 = TensorFlow's default)"
     )
     parser.add_argument("--callers", type=int, default=None, help="concurrent batch-32 callers")
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "savedmodel"),
+        default=None,
+        help="default: the service's (PNEUMOSCAN_MODEL_RUNTIME)",
+    )
     args = parser.parse_args()
-    run(seconds=args.seconds, threads=args.threads, callers=args.callers)
+    run(seconds=args.seconds, threads=args.threads, callers=args.callers, runtime=args.runtime)

@@ -104,11 +104,13 @@ def raw_batch32_now(model, seconds: float, callers: int) -> float:
     return model_bench.ceiling_batch32(model, seconds / 2, callers)["best"]
 
 
-def default_threads_reference(seconds: float) -> dict:
-    """The raw model at TensorFlow's default thread count, in a process of its own (the count
-    is fixed per process): the yardstick the service's own setting has to beat."""
+def raw_reference(seconds: float, *options: str) -> dict:
+    """The raw model with other `options` for benchmarks.model, in a process of its own
+    (TensorFlow fixes its thread count per process): '--threads 0', the runtime's default
+    thread count, is the yardstick the service's own setting has to beat; '--runtime
+    savedmodel' is TensorFlow's runtime, which served every version before model.tflite."""
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.model", "--threads", "0", "--seconds", str(seconds)],
+        [sys.executable, "-m", "benchmarks.model", *options, "--seconds", str(seconds)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -292,7 +294,8 @@ def one_client_rows(label: str, measured: dict) -> list[tuple[str, str]]:
 
 
 def run(seconds: float) -> dict:
-    reference = default_threads_reference(4)
+    reference = raw_reference(4, "--threads", "0")
+    tensorflow = raw_reference(4, "--runtime", "savedmodel")
     loaded = model_bench.load_served()
     model = loaded[0]
     raw = model_bench.run(seconds=5, loaded=loaded)
@@ -346,13 +349,18 @@ def run(seconds: float) -> dict:
         "lime_stability_seeds_1_vs_2": stability,
         "raw": raw,
         "raw_default_threads": reference,
+        "raw_tensorflow_runtime": tensorflow,
         "decode": decode["decode_ms"],
     }
     rows = [
         (
-            "raw b1 p50 (ms) / b32 img/s: service's threads, TensorFlow default threads",
+            f"raw b1 p50 (ms) / b32 img/s ({raw['runtime']}): service's threads, default threads",
             f"{raw['batch1_ms']['p50']} / {raw['batch32_images_per_s']}, "
             f"{reference['batch1_ms']['p50']} / {reference['batch32_images_per_s']}",
+        ),
+        (
+            "raw b1 p50 (ms) / b32 img/s on TensorFlow's runtime (for comparison only)",
+            f"{tensorflow['batch1_ms']['p50']} / {tensorflow['batch32_images_per_s']}",
         ),
         ("start to ready (s)", ready_s),
         ("RSS after load (MB)", rss),

@@ -189,6 +189,14 @@ def parser() -> argparse.ArgumentParser:
     attach.add_argument("--data", default=str(DEFAULT_DATA), help="the data its split names")
     attach.add_argument("--model-store", default=str(DEFAULT_STORE))
     attach.add_argument("--model-name", default="pneumonia")
+    lite = sub.add_parser(
+        "attach-tflite",
+        help="publish a version again as the next one, unchanged but with model.tflite added "
+        "(the service runs it with LiteRT)",
+    )
+    lite.add_argument("--source", required=True, help="the version folder to take")
+    lite.add_argument("--model-store", default=str(DEFAULT_STORE))
+    lite.add_argument("--model-name", default="pneumonia")
     ensemble = sub.add_parser(
         "ensemble",
         help="publish the average of two or more versions of one patient split as the next version",
@@ -221,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.attach_ood import main_attach
 
         return main_attach(args)
+    if args.command == "attach-tflite":
+        from training.export import main_attach_tflite
+
+        return main_attach_tflite(args)
     if args.command == "ensemble":
         from training.ensemble import main_ensemble
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import keras
@@ -11,8 +13,11 @@ import numpy as np
 import tensorflow as tf
 
 from app.imaging import TARGET_SIZE
-from app.model_store import CARD, publish_version
+from app.lite_runtime import LITE_TOLERANCE, TFLITE_FILE, differences, parity_probe
+from app.model_store import CARD, CHECKSUMS, publish_version, verify_version
 from training.ood import FeatureStats, feature_model
+
+log = logging.getLogger("pneumoscan.training")
 
 SIGNATURE = "serving_default"
 INPUT_SPEC = {
@@ -72,6 +77,36 @@ def save_savedmodel(
     archive.write_out(str(folder), verbose=False)
 
 
+def write_tflite(folder: Path) -> dict:
+    """Convert the SavedModel in `folder` to `model.tflite` (float32, no quantisation: the same
+    graph for LiteRT, which the service runs faster) and check that both give the same outputs
+    on the probe batch; returns the card's `tflite` section. Raises ValueError on a mismatch."""
+    log.info("converting the SavedModel to %s for LiteRT", TFLITE_FILE)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(folder), signature_keys=[SIGNATURE])
+    (folder / TFLITE_FILE).write_bytes(converter.convert())
+
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # a platform without LiteRT wheels: TensorFlow's own copy
+        Interpreter = tf.lite.Interpreter
+
+    probe = parity_probe()
+    reference = tf.saved_model.load(str(folder)).signatures[SIGNATURE](pixels=tf.constant(probe))
+    runner = Interpreter(model_path=str(folder / TFLITE_FILE)).get_signature_runner(SIGNATURE)
+    lite = runner(pixels=probe)
+    found = differences(lite, {name: value.numpy() for name, value in reference.items()})
+    if not all(found[name] <= LITE_TOLERANCE.get(name, 1e-4) for name in found):
+        raise ValueError(f"{TFLITE_FILE} differs from the SavedModel on the probe: {found}")
+    return {
+        "file": TFLITE_FILE,
+        "runtime": "LiteRT (TensorFlow Lite), XNNPACK on CPU; float32, not quantised",
+        "converted_with": f"tensorflow {tf.__version__}",
+        "max_difference_on_probe": found,
+        "difference": "max |tflite - savedmodel| / max(1, |savedmodel|)",
+        "probe_images": len(probe),
+    }
+
+
 def export_version(
     model_dir: Path,
     model: keras.Model,
@@ -82,8 +117,10 @@ def export_version(
     ood: FeatureStats | None = None,
     copy_files: dict[str, Path] | None = None,
     extractor: keras.Model | None = None,
+    tflite: bool = True,
 ) -> tuple[int, Path]:
-    """Publish the model as the next version of `model_dir`; returns (version, folder)."""
+    """Publish the model as the next version of `model_dir`; returns (version, folder). With
+    `tflite`, the version also holds the same graph as `model.tflite` (write_tflite)."""
 
     def write(folder: Path, version: int) -> None:
         save_savedmodel(model, temperature, folder, ood, extractor)
@@ -94,6 +131,8 @@ def export_version(
             "output": OUTPUT_SPEC,
             "signature": SIGNATURE,
         }
+        if tflite:
+            full["tflite"] = write_tflite(folder)
         if ood is not None:
             full["outputs"] = [OUTPUT_SPEC, OOD_OUTPUT_SPEC]
         (folder / CARD).write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
@@ -107,6 +146,55 @@ def export_version(
             write_plots(folder, plots)
 
     return publish_version(model_dir, write)
+
+
+def attach_tflite(source: Path, model_dir: Path) -> tuple[int, Path]:
+    """Publish `source` again as the next version of `model_dir`, unchanged (its SavedModel,
+    plots and split byte for byte) but with `model.tflite` added; returns (version, folder)."""
+    card = verify_version(source)
+    if card.get("signature", SIGNATURE) != SIGNATURE:
+        raise ValueError(f"{source}: signature {card['signature']!r} is not {SIGNATURE!r}")
+
+    def write(folder: Path, version: int) -> None:
+        for path in source.iterdir():
+            if path.name in (CARD, CHECKSUMS, TFLITE_FILE):
+                continue
+            if path.is_dir():
+                shutil.copytree(path, folder / path.name)
+            else:
+                shutil.copy2(path, folder / path.name)
+        derived = {k: v for k, v in card.items() if k not in ("version", "tflite")}
+        derived["derived_from"] = {
+            "path": f"{source.parent.name}/{source.name}",
+            "version": card.get("version"),
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "change": "the same SavedModel, byte for byte; model.tflite added for LiteRT",
+            "git_commit": _git_commit(),
+            "previous": card.get("derived_from"),
+        }
+        derived["tflite"] = write_tflite(folder)
+        derived["version"] = version
+        (folder / CARD).write_text(json.dumps(derived, indent=2, default=_json_default) + "\n")
+
+    return publish_version(model_dir, write)
+
+
+def main_attach_tflite(args) -> int:
+    from app.errors import ModelStoreError
+
+    try:
+        model_dir = Path(args.model_store) / args.model_name
+        _version, folder = attach_tflite(Path(args.source), model_dir)
+    except (ValueError, ModelStoreError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    print(folder)
+    return 0
+
+
+def _git_commit() -> str | None:
+    from training.train import git_commit
+
+    return git_commit()
 
 
 def _json_default(value: object) -> object:

@@ -36,6 +36,7 @@ async def list_models(services: ServicesDep, key_id: KeyIdDep) -> ModelsPublic:
     return ModelsPublic(
         name=manager.model_dir.name,
         serving=current.version if current else None,
+        runtime=current.runtime if current else None,
         pinned=manager.pinned,
         versions=versions,
         card=card,

@@ -1,0 +1,107 @@
+"""A version's `model.tflite` run by LiteRT (TensorFlow Lite, XNNPACK on CPU): the same graph
+as its SavedModel, converted when the version was exported, at a fraction of the per-call cost.
+
+TensorFlow's own runtime spends most of a one-image call on dispatch (2-8 ms here, for a
+66 MFLOP model), LiteRT about 1.5 ms; at batch 32 LiteRT gives 1.6x the images/s (README,
+"Model runtime"). The SavedModel stays the reference: a version's `.tflite` is served only after
+it gave the SavedModel's answers on a fixed probe batch (`parity_probe`) when it was loaded.
+
+LiteRT interpreters are not thread-safe, so calls take one from a pool (made on demand, so
+there are as many as calls ever ran at once: the model instances, the explanation threads and
+the inline caller) and give it back afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from pathlib import Path
+
+import numpy as np
+
+from app.imaging import TARGET_SIZE
+
+log = logging.getLogger("pneumoscan.model")
+
+TFLITE_FILE = "model.tflite"
+# Largest difference allowed between the two runtimes' outputs on the probe batch, relative to
+# max(1, |SavedModel's value|): absolute for probabilities; relative for the out-of-distribution
+# score, a Mahalanobis distance whose float32 rounding grows with its precision matrix (a model
+# trained for one epoch on a few dozen images, as in the tests, differed by 5e-4). XNNPACK orders
+# sums differently: the shipped model's outputs differed by at most 1.2e-5. A wrong graph moves
+# the probabilities far beyond 1e-4.
+LITE_TOLERANCE = {"probabilities": 1e-4, "ood_score": 1e-2}
+
+
+def differences(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per output of `expected`, the largest |got - expected| / max(1, |expected|); infinite
+    when `got` lacks the output or has another shape."""
+    result = {}
+    for name, reference in expected.items():
+        reference = np.asarray(reference, np.float64)
+        value = got.get(name)
+        if value is None or np.shape(value) != reference.shape:
+            result[name] = float("inf")
+            continue
+        scale = np.maximum(1.0, np.abs(reference))
+        result[name] = float(np.max(np.abs(np.asarray(value, np.float64) - reference) / scale))
+    return result
+
+
+def parity_probe() -> np.ndarray:
+    """A fixed uint8 batch (N, 224, 224, 1): blank, saturated, gradients and seeded noise, so a
+    graph that differs anywhere shows it."""
+    rng = np.random.default_rng(20261202)
+    ramp = np.linspace(0, 255, TARGET_SIZE, dtype=np.float64)
+    images = [
+        np.zeros((TARGET_SIZE, TARGET_SIZE)),
+        np.full((TARGET_SIZE, TARGET_SIZE), 255.0),
+        np.tile(ramp, (TARGET_SIZE, 1)),
+        np.tile(ramp[:, None], (1, TARGET_SIZE)),
+        *rng.integers(0, 256, (3, TARGET_SIZE, TARGET_SIZE)),
+        # smooth blobs, closer to a radiograph's grey levels than noise
+        *(
+            np.clip(128 + 100 * np.sin(np.add.outer(ramp / f, ramp / g)), 0, 255)
+            for f, g in ((17.0, 29.0), (41.0, 11.0), (60.0, 60.0))
+        ),
+    ]
+    return np.stack(images).astype(np.uint8)[..., None]
+
+
+def available() -> bool:
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class LiteEngine:
+    """The `serving_default` signature of one `.tflite` file; callable from any thread."""
+
+    def __init__(self, path: Path, threads: int, signature: str = "serving_default") -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter = Interpreter
+        self._content = path.read_bytes()
+        self._threads = threads if threads > 0 else None
+        self._signature = signature
+        self._pool: queue.SimpleQueue = queue.SimpleQueue()
+        runner = self._new()  # fails here, at load, if the file or signature is wrong
+        self.outputs = tuple(sorted(runner.get_output_details()))
+        self._pool.put(runner)
+
+    def _new(self):
+        interpreter = self._interpreter(model_content=self._content, num_threads=self._threads)
+        return interpreter.get_signature_runner(self._signature)  # the runner holds it
+
+    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        try:
+            runner = self._pool.get_nowait()
+        except queue.Empty:
+            runner = self._new()
+        try:
+            # The signature runner resizes the input for a new batch size and returns copies.
+            return runner(pixels=np.ascontiguousarray(pixels))
+        finally:
+            self._pool.put(runner)

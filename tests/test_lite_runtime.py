@@ -1,0 +1,174 @@
+"""The LiteRT runtime: model.tflite exported beside the SavedModel, checked against it at load,
+served from a pool of interpreters, and republished for an existing version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.errors import ModelStoreError
+from app.lite_runtime import TFLITE_FILE, parity_probe
+from app.model_store import file_sha256, verify_version, write_checksums
+from tests.conftest import API_KEY, FIXTURES, make_settings, publish_tiny
+
+
+def radiographs() -> np.ndarray:
+    from app.imaging import load_path
+
+    paths = sorted(FIXTURES.glob("originals/*.jpeg")) + sorted(FIXTURES.glob("chest_xray/*/*"))
+    return np.stack([load_path(str(path)) for path in paths])[..., None]
+
+
+@pytest.fixture(scope="module")
+def lite_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pneumonia/1: a tiny version; pneumonia/2: another one whose model.tflite is swapped for
+    version 1's (a wrong graph under correct checksums)."""
+    store = tmp_path_factory.mktemp("lite-store")
+    first = publish_tiny(store / "pneumonia")
+    second = publish_tiny(store / "pneumonia", bias=3.0)
+    (second / TFLITE_FILE).write_bytes((first / TFLITE_FILE).read_bytes())
+    write_checksums(second)
+    return store
+
+
+def test_export_writes_a_checked_tflite(tiny_store: Path) -> None:
+    folder = tiny_store / "pneumonia" / "1"
+    card = verify_version(folder)  # model.tflite is covered by the checksums
+    assert TFLITE_FILE in (folder / "checksums.sha256").read_text()
+    section = card["tflite"]
+    assert section["file"] == TFLITE_FILE
+    assert section["probe_images"] == len(parity_probe())
+    assert 0 <= section["max_difference_on_probe"]["probabilities"] <= 1e-4
+
+
+def test_both_runtimes_give_the_same_probabilities(tiny_store: Path) -> None:
+    from app.classifier import load_version
+
+    lite = load_version(tiny_store / "pneumonia", 1)
+    reference = load_version(tiny_store / "pneumonia", 1, runtime="savedmodel")
+    assert (lite.runtime, reference.runtime) == ("tflite", "savedmodel")
+    images = radiographs()
+    got, expected = lite.predict(images), reference.predict(images)
+    assert got.shape == expected.shape == (len(images), 2)
+    assert np.abs(got - expected).max() < 1e-5
+    assert np.allclose(got.sum(axis=1), 1.0, atol=1e-6)
+    # one image at a time (a new batch size each call) gives the batch's answers
+    for index in range(len(images)):
+        assert np.abs(lite.predict(images[index : index + 1])[0] - got[index]).max() < 1e-6
+
+
+def test_a_tflite_that_is_not_the_savedmodel_is_refused(lite_store: Path) -> None:
+    from app.classifier import ModelManager, load_version
+
+    with pytest.raises(ModelStoreError, match="differ from the SavedModel"):
+        load_version(lite_store / "pneumonia", 2)
+    manager = ModelManager(lite_store, "pneumonia", None, 60)
+    manager.refresh()
+    assert manager.current is not None and manager.current.version == 1
+    assert "differ from the SavedModel" in manager.failed[2]
+    # the same version is servable by TensorFlow, whose SavedModel is intact
+    assert load_version(lite_store / "pneumonia", 2, runtime="savedmodel").version == 2
+
+
+def test_concurrent_calls_each_get_their_own_answers(tiny_store: Path) -> None:
+    from app.classifier import load_version
+
+    model = load_version(tiny_store / "pneumonia", 1)
+    images = np.concatenate([radiographs(), parity_probe()])
+    expected = load_version(tiny_store / "pneumonia", 1, runtime="savedmodel").predict(images)
+    failures: list[str] = []
+
+    def caller(offset: int) -> None:
+        for round_ in range(25):
+            size = 1 + (offset + round_) % 5
+            rows = [(offset * 3 + round_ + k) % len(images) for k in range(size)]
+            got = model.predict(images[rows])
+            if np.abs(got - expected[rows]).max() > 1e-5:
+                failures.append(f"caller {offset} round {round_}")
+
+    threads = [threading.Thread(target=caller, args=(offset,)) for offset in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+def test_without_litert_the_savedmodel_serves(
+    tiny_store: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from app import classifier
+
+    monkeypatch.setattr(classifier, "litert_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.model"):
+        model = classifier.load_version(tiny_store / "pneumonia", 1)
+    assert model.runtime == "savedmodel"
+    assert "LiteRT (ai-edge-litert) is not installed" in caplog.text
+
+
+def test_unknown_runtime_is_a_settings_error(tiny_store: Path, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="model_runtime"):
+        make_settings(tiny_store, tmp_path, model_runtime="onnx")
+
+
+@pytest.mark.parametrize("runtime", ["auto", "savedmodel"])
+def test_the_service_reports_its_runtime(tiny_store: Path, tmp_path: Path, runtime: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = make_settings(tiny_store, tmp_path / "data", model_runtime=runtime)
+    with TestClient(create_app(settings)) as client:
+        client.headers["X-API-Key"] = API_KEY
+        models = client.get("/models").json()
+        upload = (FIXTURES / "originals" / "person495_bacteria_2094.jpeg").read_bytes()
+        answer = client.post("/predict", files={"file": ("x.jpeg", upload)})
+    assert models["runtime"] == ("tflite" if runtime == "auto" else "savedmodel")
+    assert models["card"]["tflite"]["file"] == TFLITE_FILE
+    assert answer.status_code == 200
+
+
+def test_attach_tflite_republishes_the_same_savedmodel(tmp_path: Path) -> None:
+    from tests.conftest import build_tiny_model
+    from training.__main__ import main
+    from training.export import export_version
+
+    model_dir = tmp_path / "store" / "pneumonia"
+    card = {
+        "name": "pneumonia",
+        "architecture": "tiny-test",
+        "class_names": ["NORMAL", "PNEUMONIA"],
+        "threshold": 0.4,
+        "temperature": 1.0,
+    }
+    _, source = export_version(model_dir, build_tiny_model(1.0), 1.0, card, tflite=False)
+    assert not (source / TFLITE_FILE).exists()
+    store = str(model_dir.parent)
+    assert main(["attach-tflite", "--source", str(source), "--model-store", store]) == 0
+    target = model_dir / "2"
+    new_card = verify_version(target)
+    for name in ("saved_model.pb", "fingerprint.pb", "variables/variables.index"):
+        assert file_sha256(target / name) == file_sha256(source / name), name
+    old_card = json.loads((source / "model.json").read_text())
+    added = ("version", "tflite", "derived_from")
+    assert {k: v for k, v in new_card.items() if k not in added} == {
+        k: v for k, v in old_card.items() if k != "version"
+    }
+    assert new_card["version"] == 2 and new_card["derived_from"]["version"] == 1
+    assert new_card["tflite"]["max_difference_on_probe"]["probabilities"] <= 1e-4
+
+    from app.classifier import load_version
+
+    assert load_version(model_dir, 2).runtime == "tflite"
+    assert load_version(model_dir, 1).runtime == "savedmodel"  # nothing to run with LiteRT
+    # the source folder is left as it was, and a bad source is one clear line
+    assert not (source / TFLITE_FILE).exists()
+    with pytest.raises(SystemExit, match=r"error: .*incomplete"):
+        main(["attach-tflite", "--source", str(tmp_path), "--model-store", store])
