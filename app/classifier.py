@@ -12,13 +12,7 @@ import numpy as np
 
 from app.errors import ModelStoreError, ModelUnavailableError
 from app.imaging import TARGET_SIZE
-from app.lite_runtime import (
-    LITE_TOLERANCE,
-    TFLITE_FILE,
-    LiteEngine,
-    differences,
-    parity_probe,
-)
+from app.lite_runtime import TFLITE_FILE, LiteEngine, mismatches, parity_probe
 from app.lite_runtime import available as litert_available
 from app.model_store import list_versions, verify_version
 
@@ -103,7 +97,8 @@ def load_version(
 
     With runtime 'auto', a version that has `model.tflite` is served by LiteRT with `threads`
     threads per call (0: LiteRT's default), once that file gave the SavedModel's answers on the
-    probe batch; a version without one, or a machine without LiteRT, gets TensorFlow.
+    probe batch. A version without one, a file that fails that check (logged as an error), or a
+    machine without LiteRT gets TensorFlow's runtime on the SavedModel.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
@@ -141,8 +136,10 @@ def load_version(
         raise ModelStoreError(f"{path}: warm-up prediction failed: {exc}") from exc
     if runtime == "auto" and (path / TFLITE_FILE).is_file():
         if litert_available():
-            model._lite = _checked_lite(model, threads)
-            probs, ood = model.score(np.zeros((1, TARGET_SIZE, TARGET_SIZE, 1), np.uint8))
+            try:
+                model._lite = _checked_lite(model, threads)
+            except ModelStoreError as exc:  # the SavedModel, the reference, still serves
+                log.error("%s: serving this version with TensorFlow's runtime instead", exc)
         else:
             log.warning(
                 "%s has %s but LiteRT (ai-edge-litert) is not installed: serving it with "
@@ -170,12 +167,12 @@ def _checked_lite(model: LoadedModel, threads: int) -> LiteEngine:
     expected = {"probabilities": reference[0]}
     if reference[1] is not None:
         expected[OOD_OUTPUT] = reference[1]
-    for name, difference in differences(lite, expected).items():
-        if not difference <= LITE_TOLERANCE[name]:
-            raise ModelStoreError(
-                f"{path}: its {name} differ from the SavedModel's by {difference:.2e} on the "
-                f"probe batch (allowed {LITE_TOLERANCE[name]:.0e}); republish the version"
-            )
+    problems = mismatches(lite, expected, model.ood_threshold)
+    if problems:
+        raise ModelStoreError(
+            f"{path} does not give the SavedModel's answers on the probe batch: "
+            f"{'; '.join(problems)}; republish the version"
+        )
     return engine
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.errors import ModelStoreError
 from app.lite_runtime import TFLITE_FILE, parity_probe
 from app.model_store import file_sha256, verify_version, write_checksums
 from tests.conftest import API_KEY, FIXTURES, make_settings, publish_tiny
@@ -62,17 +61,42 @@ def test_both_runtimes_give_the_same_probabilities(tiny_store: Path) -> None:
         assert np.abs(lite.predict(images[index : index + 1])[0] - got[index]).max() < 1e-6
 
 
-def test_a_tflite_that_is_not_the_savedmodel_is_refused(lite_store: Path) -> None:
+def test_a_tflite_that_is_not_the_savedmodel_is_not_served(
+    lite_store: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Version 2's model.tflite is version 1's graph: the SavedModel (the reference) serves it."""
     from app.classifier import ModelManager, load_version
 
-    with pytest.raises(ModelStoreError, match="differ from the SavedModel"):
-        load_version(lite_store / "pneumonia", 2)
+    with caplog.at_level(logging.ERROR, logger="pneumoscan.model"):
+        model = load_version(lite_store / "pneumonia", 2)
+    assert model.runtime == "savedmodel"
+    assert "does not give the SavedModel's answers" in caplog.text
+    assert "probabilities differ" in caplog.text
+    images = radiographs()
+    reference = load_version(lite_store / "pneumonia", 2, runtime="savedmodel").predict(images)
+    wrong_graph = load_version(lite_store / "pneumonia", 1).predict(images)
+    assert np.abs(reference - wrong_graph).max() > 0.01  # the two graphs really differ
+    np.testing.assert_allclose(model.predict(images), reference, atol=1e-6)
     manager = ModelManager(lite_store, "pneumonia", None, 60)
     manager.refresh()
-    assert manager.current is not None and manager.current.version == 1
-    assert "differ from the SavedModel" in manager.failed[2]
-    # the same version is servable by TensorFlow, whose SavedModel is intact
-    assert load_version(lite_store / "pneumonia", 2, runtime="savedmodel").version == 2
+    assert manager.current is not None and manager.current.version == 2
+    assert manager.current.runtime == "savedmodel" and manager.failed == {}
+
+
+def test_export_without_a_faithful_tflite_publishes_the_savedmodel_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training import export
+
+    monkeypatch.setattr(export, "mismatches", lambda *args: ["forced for the test"])
+    folder = publish_tiny(tmp_path / "pneumonia")
+    card = verify_version(folder)
+    assert not (folder / TFLITE_FILE).exists()
+    assert card["tflite"]["file"] is None
+    assert "forced for the test" in card["tflite"]["not_written"]
+    from app.classifier import load_version
+
+    assert load_version(tmp_path / "pneumonia", 1).runtime == "savedmodel"
 
 
 def test_concurrent_calls_each_get_their_own_answers(tiny_store: Path) -> None:
@@ -172,3 +196,21 @@ def test_attach_tflite_republishes_the_same_savedmodel(tmp_path: Path) -> None:
     assert not (source / TFLITE_FILE).exists()
     with pytest.raises(SystemExit, match=r"error: .*incomplete"):
         main(["attach-tflite", "--source", str(tmp_path), "--model-store", store])
+
+
+def test_the_runtimes_must_agree_on_probabilities_flags_and_scores_near_the_threshold() -> None:
+    from app.lite_runtime import mismatches
+
+    p = np.array([[0.3, 0.7], [0.9, 0.1]], np.float32)
+    ood = np.array([0.5, 500.0])  # threshold 1: one typical, one far out
+    reference = {"probabilities": p, "ood_score": ood}
+    assert mismatches(reference, reference, 1.0) == []
+    moved = {"probabilities": p + np.float32(2e-4), "ood_score": ood}
+    assert "probabilities differ" in mismatches(moved, reference, 1.0)[0]
+    far_off = {"probabilities": p, "ood_score": np.array([0.5, 525.0])}  # 5 %, 500x threshold
+    assert mismatches(far_off, reference, 1.0) == []
+    near_off = {"probabilities": p, "ood_score": np.array([0.52, 500.0])}  # 2 % near it
+    assert "ood_score differs" in mismatches(near_off, reference, 1.0)[0]
+    flipped = {"probabilities": p, "ood_score": np.array([0.5, 0.9])}
+    assert "flag differs" in " ".join(mismatches(flipped, reference, 1.0))
+    assert "missing" in mismatches({"probabilities": p}, reference, 1.0)[0]

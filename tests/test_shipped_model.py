@@ -92,7 +92,8 @@ def test_shipped_model_flags_non_radiographs_and_not_the_val_split(shipped_clien
 
 def test_shipped_version_is_v2_with_the_score_added() -> None:
     """v3 and v4 were published by `training attach-ood` from v2 (v4 with the two-layer score):
-    the same probabilities as v2, plus `ood_score`."""
+    the same probabilities as v2, plus `ood_score`. v5 is v4 republished by `training
+    attach-tflite`: the same SavedModel, byte for byte, and model.tflite."""
     import tensorflow as tf
 
     store = SHIPPED / "pneumonia"
@@ -102,10 +103,11 @@ def test_shipped_version_is_v2_with_the_score_added() -> None:
     v2 = tf.saved_model.load(str(store / "2")).signatures["serving_default"]
     reference = v2(pixels=tf.constant(images))
     assert "ood_score" not in reference
-    assert max(list_versions(store)) == 4
-    for version in ("3", "4"):
+    assert max(list_versions(store)) == 5
+    for version in ("3", "4", "5"):
         card = verify_version(store / version)
-        assert card["derived_from"]["version"] == 2 and card["ood"]["threshold"] > 0
+        source = card["derived_from"] if version != "5" else card["derived_from"]["previous"]
+        assert source["version"] == 2 and card["ood"]["threshold"] > 0
         out = tf.saved_model.load(str(store / version)).signatures["serving_default"](
             pixels=tf.constant(images)
         )
@@ -114,3 +116,28 @@ def test_shipped_version_is_v2_with_the_score_added() -> None:
         )
         assert out["ood_score"].shape == (len(images),)
     assert card["ood"]["feature_layers"] == ["s2_1_relu", "gap"]
+    assert card["derived_from"]["version"] == 4
+    for name in ("saved_model.pb", "variables/variables.data-00000-of-00001"):
+        assert (store / "5" / name).read_bytes() == (store / "4" / name).read_bytes()
+    assert card["tflite"]["max_difference_on_probe"]["probabilities"] < 1e-5
+    from training.card import render
+
+    shown = render(store / "5")
+    assert "Republished from version 4" in shown and "That one from version 2" in shown
+    assert "Runtimes: the SavedModel and `model.tflite`" in shown
+
+
+def test_shipped_model_is_served_by_litert_with_the_savedmodels_answers() -> None:
+    """The service's loader runs v5's model.tflite (checked against the SavedModel on the probe
+    batch as it loads); on real radiographs both runtimes agree."""
+    from app.classifier import load_version
+
+    store = SHIPPED / "pneumonia"
+    lite = load_version(store, 5)
+    reference = load_version(store, 5, runtime="savedmodel")
+    assert (lite.runtime, reference.runtime) == ("tflite", "savedmodel")
+    paths = sorted((FIXTURES / "val").rglob("*.jpeg")) + sorted(FIXTURES.glob("originals/*"))
+    images = np.stack([load_path(str(p)) for p in paths])[..., None]
+    (p_lite, ood_lite), (p_ref, ood_ref) = lite.score(images), reference.score(images)
+    np.testing.assert_allclose(p_lite, p_ref, atol=1e-5)
+    np.testing.assert_allclose(ood_lite, ood_ref, rtol=1e-4)

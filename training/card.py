@@ -80,6 +80,18 @@ def render(version_dir: Path) -> str:
     if "derived_from" in card:
         source = card["derived_from"]
         lines += ["", f"Republished from version {source['version']}: {source['change']}."]
+        while isinstance(source.get("previous"), dict):
+            source = source["previous"]
+            lines.append(f"That one from version {source['version']}: {source['change']}.")
+    if card.get("tflite", {}).get("file"):
+        worst = card["tflite"]["max_difference_on_probe"]
+        shown = ", ".join(f"{name} {value:.1e}" for name, value in worst.items())
+        lines += [
+            "",
+            f"Runtimes: the SavedModel and `{card['tflite']['file']}` "
+            f"({card['tflite']['runtime']}), which the service runs; largest difference on the "
+            f"{card['tflite']['probe_images']}-image probe batch: {shown}.",
+        ]
     if "ood" in card:
         section = card["ood"]
         rates = section["flag_rates"]

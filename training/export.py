@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from app.imaging import TARGET_SIZE
-from app.lite_runtime import LITE_TOLERANCE, TFLITE_FILE, differences, parity_probe
+from app.lite_runtime import TFLITE_FILE, differences, mismatches, parity_probe
 from app.model_store import CARD, CHECKSUMS, publish_version, verify_version
 from training.ood import FeatureStats, feature_model
 
@@ -77,10 +77,12 @@ def save_savedmodel(
     archive.write_out(str(folder), verbose=False)
 
 
-def write_tflite(folder: Path) -> dict:
+def write_tflite(folder: Path, ood_threshold: float | None = None) -> dict:
     """Convert the SavedModel in `folder` to `model.tflite` (float32, no quantisation: the same
     graph for LiteRT, which the service runs faster) and check that both give the same outputs
-    on the probe batch; returns the card's `tflite` section. Raises ValueError on a mismatch."""
+    on the probe batch (`app.lite_runtime.mismatches`, with the version's out-of-distribution
+    flag threshold); returns the card's `tflite` section. Raises ValueError on a mismatch,
+    after removing the file."""
     log.info("converting the SavedModel to %s for LiteRT", TFLITE_FILE)
     converter = tf.lite.TFLiteConverter.from_saved_model(str(folder), signature_keys=[SIGNATURE])
     (folder / TFLITE_FILE).write_bytes(converter.convert())
@@ -94,9 +96,15 @@ def write_tflite(folder: Path) -> dict:
     reference = tf.saved_model.load(str(folder)).signatures[SIGNATURE](pixels=tf.constant(probe))
     runner = Interpreter(model_path=str(folder / TFLITE_FILE)).get_signature_runner(SIGNATURE)
     lite = runner(pixels=probe)
-    found = differences(lite, {name: value.numpy() for name, value in reference.items()})
-    if not all(found[name] <= LITE_TOLERANCE.get(name, 1e-4) for name in found):
-        raise ValueError(f"{TFLITE_FILE} differs from the SavedModel on the probe: {found}")
+    expected = {name: value.numpy() for name, value in reference.items()}
+    problems = mismatches(lite, expected, ood_threshold)
+    if problems:
+        (folder / TFLITE_FILE).unlink()
+        raise ValueError(
+            f"{TFLITE_FILE} did not give the SavedModel's answers on the probe batch: "
+            + "; ".join(problems)
+        )
+    found = differences(lite, expected)
     return {
         "file": TFLITE_FILE,
         "runtime": "LiteRT (TensorFlow Lite), XNNPACK on CPU; float32, not quantised",
@@ -120,7 +128,9 @@ def export_version(
     tflite: bool = True,
 ) -> tuple[int, Path]:
     """Publish the model as the next version of `model_dir`; returns (version, folder). With
-    `tflite`, the version also holds the same graph as `model.tflite` (write_tflite)."""
+    `tflite`, the version also holds the same graph as `model.tflite` (write_tflite), unless
+    LiteRT's answers on the probe batch differ from the SavedModel's: then the version is
+    published without it (the service runs its SavedModel) and the card says why."""
 
     def write(folder: Path, version: int) -> None:
         save_savedmodel(model, temperature, folder, ood, extractor)
@@ -132,7 +142,12 @@ def export_version(
             "signature": SIGNATURE,
         }
         if tflite:
-            full["tflite"] = write_tflite(folder)
+            try:
+                full["tflite"] = write_tflite(folder, None if ood is None else ood.threshold)
+            except Exception as exc:  # noqa: BLE001 - the SavedModel is published either way
+                (folder / TFLITE_FILE).unlink(missing_ok=True)
+                log.warning("%s; publishing without it", exc)
+                full["tflite"] = {"file": None, "not_written": f"{type(exc).__name__}: {exc}"}
         if ood is not None:
             full["outputs"] = [OUTPUT_SPEC, OOD_OUTPUT_SPEC]
         (folder / CARD).write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
@@ -172,7 +187,7 @@ def attach_tflite(source: Path, model_dir: Path) -> tuple[int, Path]:
             "git_commit": _git_commit(),
             "previous": card.get("derived_from"),
         }
-        derived["tflite"] = write_tflite(folder)
+        derived["tflite"] = write_tflite(folder, card.get("ood", {}).get("threshold"))
         derived["version"] = version
         (folder / CARD).write_text(json.dumps(derived, indent=2, default=_json_default) + "\n")
 
