@@ -2,8 +2,10 @@
 as its SavedModel, converted when the version was exported, at a fraction of the per-call cost.
 
 Measured side by side on 2 cores, a one-image call took 1.45 ms on LiteRT against 4.6 ms on
-TensorFlow's runtime, and batch 32 ran at 1.6x the images/s (README, "Model runtime"). The SavedModel stays the reference: a version's `.tflite` is served only after
-it gave the SavedModel's answers on a fixed probe batch (`parity_probe`) when it was loaded.
+TensorFlow's runtime, and batch 32 ran at 1.6x the images/s (README, "Model runtime"). The
+SavedModel stays the reference: a version's `.tflite` is served only after it gave the
+SavedModel's answers on a fixed probe batch (`parity_probe`) when it was loaded; otherwise the
+SavedModel serves.
 
 LiteRT interpreters are not thread-safe, so calls take one from a pool (made on demand, so
 there are as many as calls ever ran at once: the model instances, the explanation threads and

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -26,6 +25,7 @@ from app.imaging import load_path
 from app.model_store import list_versions
 from app.settings import Settings
 from benchmarks.common import SHARED, default_store, report
+from benchmarks.compare_versions import per_call_ms
 
 
 def images() -> np.ndarray:
@@ -40,13 +40,6 @@ def scores(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     probs = np.concatenate([p for p, _ in parts])[:, 1]
     ood = None if parts[0][1] is None else np.concatenate([o for _, o in parts])
     return probs, ood
-
-
-def per_call_ms(model, x: np.ndarray, calls: int) -> float:
-    started = time.perf_counter()
-    for _ in range(calls):
-        model.score(x)
-    return (time.perf_counter() - started) / calls * 1000
 
 
 def main() -> None:

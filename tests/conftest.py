@@ -32,16 +32,22 @@ def build_tiny_model(bias: float = 0.0):
     return model
 
 
-def publish_tiny(model_dir: Path, bias: float = 0.0, threshold: float = 0.5) -> Path:
-    from training.export import export_version
-
-    card = {
-        "name": model_dir.name,
-        "architecture": "tiny-test",
+def tiny_card(threshold: float = 0.5, architecture: str = "tiny-test", **extra) -> dict:
+    """The least model.json a test version needs (export adds the input contract)."""
+    return {
+        "name": "pneumonia",
+        "architecture": architecture,
         "class_names": ["NORMAL", "PNEUMONIA"],
         "threshold": threshold,
         "temperature": 1.0,
+        **extra,
     }
+
+
+def publish_tiny(model_dir: Path, bias: float = 0.0, threshold: float = 0.5) -> Path:
+    from training.export import export_version
+
+    card = {**tiny_card(threshold), "name": model_dir.name}
     _, folder = export_version(model_dir, build_tiny_model(bias), 1.0, card)
     return folder
 

@@ -160,19 +160,13 @@ def test_the_service_reports_its_runtime(tiny_store: Path, tmp_path: Path, runti
 
 
 def test_attach_tflite_republishes_the_same_savedmodel(tmp_path: Path) -> None:
-    from tests.conftest import build_tiny_model
+    from tests.conftest import build_tiny_model, tiny_card
     from training.__main__ import main
     from training.export import export_version
 
     model_dir = tmp_path / "store" / "pneumonia"
-    card = {
-        "name": "pneumonia",
-        "architecture": "tiny-test",
-        "class_names": ["NORMAL", "PNEUMONIA"],
-        "threshold": 0.4,
-        "temperature": 1.0,
-    }
-    _, source = export_version(model_dir, build_tiny_model(1.0), 1.0, card, tflite=False)
+    model = build_tiny_model(1.0)
+    _, source = export_version(model_dir, model, 1.0, tiny_card(0.4), tflite=False)
     assert not (source / TFLITE_FILE).exists()
     store = str(model_dir.parent)
     assert main(["attach-tflite", "--source", str(source), "--model-store", store]) == 0

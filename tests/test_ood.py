@@ -19,7 +19,7 @@ from app.errors import ModelStoreError
 from app.imaging import load_path
 from app.main import create_app
 from app.records import PredictionRecord, RecordStore
-from tests.conftest import API_KEY, FIXTURES, make_settings
+from tests.conftest import API_KEY, FIXTURES, make_settings, tiny_card
 from tests.utils.dicom_factory import make_dicom
 from training import ood
 from training.architectures import build_sepcnn
@@ -116,14 +116,7 @@ def known_flag_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, fl
     assert far > 0.05
     stats = ood.FeatureStats((gaussian,), far / 2)
     store = tmp_path_factory.mktemp("ood-store")
-    card = {
-        "name": "pneumonia",
-        "architecture": "block-means-test",
-        "class_names": ["NORMAL", "PNEUMONIA"],
-        "threshold": 0.5,
-        "temperature": 1.0,
-        "ood": {"threshold": stats.threshold},
-    }
+    card = tiny_card(0.5, "block-means-test", ood={"threshold": stats.threshold})
     export_version(store / "pneumonia", model, 1.0, card, ood=stats)
     return store, far
 
