@@ -29,7 +29,7 @@ class LoadedModel:
     version: int
     path: Path
     card: dict
-    _serve: object = field(repr=False)
+    _serve: object | None = field(repr=False)  # the SavedModel's signature; None on LiteRT alone
     _lite: LiteEngine | None = field(default=None, repr=False)
 
     @property
@@ -49,20 +49,25 @@ class LoadedModel:
     def ood_threshold(self) -> float | None:
         """The card's out-of-distribution flag threshold, when the signature has the score
         (load_version has checked that the card then has a finite one)."""
-        if OOD_OUTPUT not in self._serve.structured_outputs:  # type: ignore[attr-defined]
+        outputs = (
+            self._lite.outputs
+            if self._serve is None and self._lite is not None
+            else self._serve.structured_outputs  # type: ignore[attr-defined]
+        )
+        if OOD_OUTPUT not in outputs:
             return None
         return float(self.card["ood"]["threshold"])
 
     def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 (N, 224, 224, 1) -> probabilities (N, 2) in class_names order, and the
         out-of-distribution scores (N,) when the version has them (same model call)."""
-        import tensorflow as tf
-
         if batch.dtype != np.uint8 or batch.shape[1:] != (TARGET_SIZE, TARGET_SIZE, 1):
             raise ValueError(f"model input must be uint8 (N, 224, 224, 1), got {batch.shape}")
         if self._lite is not None:
             lite = self._lite(batch)
             return lite["probabilities"], lite.get(OOD_OUTPUT)
+        import tensorflow as tf
+
         out = self._serve(pixels=tf.constant(batch))  # type: ignore[operator]
         ood = out.get(OOD_OUTPUT)
         return out["probabilities"].numpy(), None if ood is None else ood.numpy()
@@ -96,14 +101,14 @@ def load_version(
     """Verify and load one version; raise ModelStoreError if it is not servable.
 
     With runtime 'auto', a version that has `model.tflite` is served by LiteRT with `threads`
-    threads per call (0: LiteRT's default), once that file gave the SavedModel's answers on the
-    probe batch. A version without one, a file that fails that check (logged as an error), or a
-    machine without LiteRT gets TensorFlow's runtime on the SavedModel.
+    threads per call (0: the runtime's default), once that file gave the SavedModel's answers
+    on the probe batch: the answers its card recorded at export (then TensorFlow is not even
+    imported), or, for a card without them, the SavedModel's own, computed now. A version
+    without the file, a file that fails the check (logged as an error), or a machine without
+    LiteRT gets TensorFlow's runtime on the SavedModel.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
-    import tensorflow as tf
-
     path = model_dir / str(version)
     card = verify_version(path)
     spec = card.get("input", {})
@@ -115,38 +120,33 @@ def load_version(
         raise ModelStoreError(f"{path}: input contract {spec} is not uint8 [N,224,224,1]")
     if card.get("class_names") != ["NORMAL", "PNEUMONIA"]:
         raise ModelStoreError(f"{path}: class_names must be ['NORMAL', 'PNEUMONIA']")
-    try:
-        loaded = tf.saved_model.load(str(path))
-        serve = loaded.signatures[card.get("signature", "serving_default")]
-    except Exception as exc:
-        raise ModelStoreError(f"{path}: SavedModel failed to load: {exc}") from exc
-    if OOD_OUTPUT in serve.structured_outputs:
-        threshold = card.get("ood", {}).get("threshold")
-        if not isinstance(threshold, int | float) or not np.isfinite(threshold):
-            raise ModelStoreError(
-                f"{path}: the signature returns {OOD_OUTPUT} but model.json "
-                "has no finite ood.threshold"
-            )
-    model = LoadedModel(model_dir.name, version, path, card, serve)
-    model._loaded = loaded  # type: ignore[attr-defined]  # keep the trackable alive
-    # Warm up before declaring ready: the first call traces the graph.
-    try:
-        probs, ood = model.score(np.zeros((1, TARGET_SIZE, TARGET_SIZE, 1), np.uint8))
-    except Exception as exc:
-        raise ModelStoreError(f"{path}: warm-up prediction failed: {exc}") from exc
+    model = None
     if runtime == "auto" and (path / TFLITE_FILE).is_file():
-        if litert_available():
-            try:
-                model._lite = _checked_lite(model, threads)
-            except ModelStoreError as exc:  # the SavedModel, the reference, still serves
-                log.error("%s: serving this version with TensorFlow's runtime instead", exc)
-        else:
+        if not litert_available():
             log.warning(
                 "%s has %s but LiteRT (ai-edge-litert) is not installed: serving it with "
                 "TensorFlow, slower",
                 path,
                 TFLITE_FILE,
             )
+        elif card.get("tflite", {}).get("probe_reference"):
+            try:
+                model = _lite_model(model_dir.name, version, path, card, threads)
+            except ModelStoreError as exc:  # the SavedModel, the reference, serves instead
+                log.error("%s: serving this version with TensorFlow's runtime instead", exc)
+    if model is None:
+        model = _savedmodel(model_dir.name, version, path, card, threads)
+        if runtime == "auto" and (path / TFLITE_FILE).is_file() and litert_available():
+            if not card.get("tflite", {}).get("probe_reference"):
+                try:
+                    model._lite = _checked_lite(model, threads)
+                except ModelStoreError as exc:
+                    log.error("%s: serving this version with TensorFlow's runtime instead", exc)
+    # Warm up before declaring ready (the first TensorFlow call traces the graph).
+    try:
+        probs, ood = model.score(np.zeros((1, TARGET_SIZE, TARGET_SIZE, 1), np.uint8))
+    except Exception as exc:
+        raise ModelStoreError(f"{path}: warm-up prediction failed: {exc}") from exc
     if probs.shape != (1, 2) or not np.all(np.isfinite(probs)):
         raise ModelStoreError(f"{path}: warm-up gave {probs!r}, expected finite (1, 2)")
     if ood is not None and (ood.shape != (1,) or not np.all(np.isfinite(ood))):
@@ -154,8 +154,56 @@ def load_version(
     return model
 
 
+def _check_ood_threshold(path: Path, card: dict, outputs) -> None:
+    if OOD_OUTPUT in outputs:
+        threshold = card.get("ood", {}).get("threshold")
+        if not isinstance(threshold, int | float) or not np.isfinite(threshold):
+            raise ModelStoreError(
+                f"{path}: the signature returns {OOD_OUTPUT} but model.json "
+                "has no finite ood.threshold"
+            )
+
+
+def _savedmodel(name: str, version: int, path: Path, card: dict, threads: int) -> LoadedModel:
+    """The version on TensorFlow's runtime."""
+    configure_threads(threads)  # TensorFlow fixes it at its first op; a no-op after that
+    import tensorflow as tf
+
+    try:
+        loaded = tf.saved_model.load(str(path))
+        serve = loaded.signatures[card.get("signature", "serving_default")]
+    except Exception as exc:
+        raise ModelStoreError(f"{path}: SavedModel failed to load: {exc}") from exc
+    _check_ood_threshold(path, card, serve.structured_outputs)
+    model = LoadedModel(name, version, path, card, serve)
+    model._loaded = loaded  # type: ignore[attr-defined]  # keep the trackable alive
+    return model
+
+
+def _lite_model(name: str, version: int, path: Path, card: dict, threads: int) -> LoadedModel:
+    """The version on LiteRT alone, once its model.tflite reproduced the SavedModel's answers
+    on the probe batch as the card recorded them at export."""
+    try:
+        engine = LiteEngine(path / TFLITE_FILE, threads, card.get("signature", "serving_default"))
+        lite = engine(parity_probe())
+    except Exception as exc:
+        raise ModelStoreError(f"{path / TFLITE_FILE}: LiteRT failed to run it: {exc}") from exc
+    _check_ood_threshold(path, card, engine.outputs)
+    recorded = card["tflite"]["probe_reference"]
+    expected = {key: np.asarray(value, np.float32) for key, value in recorded.items()}
+    threshold = card.get("ood", {}).get("threshold") if OOD_OUTPUT in engine.outputs else None
+    problems = mismatches(lite, expected, threshold)
+    if problems:
+        raise ModelStoreError(
+            f"{path / TFLITE_FILE} does not give the answers its card recorded for the "
+            f"SavedModel on the probe batch: {'; '.join(problems)}"
+        )
+    return LoadedModel(name, version, path, card, None, engine)
+
+
 def _checked_lite(model: LoadedModel, threads: int) -> LiteEngine:
-    """The version's LiteRT engine, once it gave the SavedModel's outputs on the probe."""
+    """The version's LiteRT engine, once it gave the SavedModel's outputs on the probe (for a
+    card that did not record them at export)."""
     path = model.path / TFLITE_FILE
     try:
         engine = LiteEngine(path, threads, model.card.get("signature", "serving_default"))

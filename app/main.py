@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.admission import UploadBudget
 from app.batching import MicroBatcher
-from app.classifier import ModelManager, configure_threads
+from app.classifier import ModelManager
 from app.errors import OverloadedError, PneumoscanError
 from app.observability import Metrics, ObservabilityMiddleware, configure_logging
 from app.records import RecordStore, RecordWriter
@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "AUTHENTICATION IS OFF (PNEUMOSCAN_ALLOW_NO_AUTH=true): development "
                 "only, never on a hospital network"
             )
-        threads = configure_threads(current.model_threads)
+        threads = current.model_threads  # applied by each runtime as it loads a version
         services = build_services(current, metrics)
         app.state.services = services
         await asyncio.to_thread(services.manager.refresh)

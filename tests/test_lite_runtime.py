@@ -70,7 +70,7 @@ def test_a_tflite_that_is_not_the_savedmodel_is_not_served(
     with caplog.at_level(logging.ERROR, logger="pneumoscan.model"):
         model = load_version(lite_store / "pneumonia", 2)
     assert model.runtime == "savedmodel"
-    assert "does not give the SavedModel's answers" in caplog.text
+    assert "does not give the answers its card recorded for the SavedModel" in caplog.text
     assert "probabilities differ" in caplog.text
     images = radiographs()
     reference = load_version(lite_store / "pneumonia", 2, runtime="savedmodel").predict(images)
@@ -97,6 +97,59 @@ def test_export_without_a_faithful_tflite_publishes_the_savedmodel_alone(
     from app.classifier import load_version
 
     assert load_version(tmp_path / "pneumonia", 1).runtime == "savedmodel"
+
+
+def test_litert_serves_without_importing_tensorflow(tiny_store: Path, tmp_path: Path) -> None:
+    """The card records the SavedModel's answers on the probe at export, so a service on
+    LiteRT checks the file and answers /predict without loading TensorFlow at all (its import
+    alone takes seconds and hundreds of MB)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from fastapi.testclient import TestClient
+from app.main import create_app
+from tests.conftest import API_KEY, make_settings
+from pathlib import Path
+settings = make_settings(Path({str(tiny_store)!r}), Path({str(tmp_path / "data")!r}))
+with TestClient(create_app(settings), headers={{"X-API-Key": API_KEY}}) as client:
+    upload = Path("tests/fixtures/originals/person495_bacteria_2094.jpeg").read_bytes()
+    answer = client.post("/predict", files={{"file": ("x.jpeg", upload)}})
+    models = client.get("/models").json()
+print(answer.status_code, models["runtime"], "tensorflow" in sys.modules, "keras" in sys.modules)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=True,
+    ).stdout
+    assert out.strip().splitlines()[-1] == "200 tflite False False"
+
+
+def test_a_card_without_recorded_answers_is_checked_against_the_savedmodel(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """Versions published before the answers were recorded (the shipped v5): the file is
+    checked against the SavedModel itself, then served by LiteRT."""
+    import shutil
+
+    from app.classifier import load_version
+
+    folder = tmp_path / "pneumonia" / "1"
+    shutil.copytree(tiny_store / "pneumonia" / "1", folder)
+    card = json.loads((folder / "model.json").read_text())
+    del card["tflite"]["probe_reference"]
+    (folder / "model.json").write_text(json.dumps(card))
+    write_checksums(folder)
+    model = load_version(tmp_path / "pneumonia", 1)
+    assert model.runtime == "tflite"
+    images = radiographs()
+    reference = load_version(tmp_path / "pneumonia", 1, runtime="savedmodel").predict(images)
+    np.testing.assert_allclose(model.predict(images), reference, atol=1e-5)
 
 
 def test_concurrent_calls_each_get_their_own_answers(tiny_store: Path) -> None:

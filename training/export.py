@@ -105,6 +105,9 @@ def write_tflite(folder: Path, ood_threshold: float | None = None) -> dict:
             + "; ".join(problems)
         )
     found = differences(lite, expected)
+    # The SavedModel's answers, kept so that the service can check the file as it loads it
+    # without TensorFlow (float32 values, which JSON's doubles hold exactly).
+    reference_answers = {name: value.tolist() for name, value in expected.items()}
     return {
         "file": TFLITE_FILE,
         "runtime": "LiteRT (TensorFlow Lite), XNNPACK on CPU; float32, not quantised",
@@ -112,6 +115,7 @@ def write_tflite(folder: Path, ood_threshold: float | None = None) -> dict:
         "max_difference_on_probe": found,
         "difference": "max |tflite - savedmodel| / max(1, |savedmodel|)",
         "probe_images": len(probe),
+        "probe_reference": reference_answers,
     }
 
 
