@@ -92,8 +92,9 @@ def test_shipped_model_flags_non_radiographs_and_not_the_val_split(shipped_clien
 
 def test_shipped_version_is_v2_with_the_score_added() -> None:
     """v3 and v4 were published by `training attach-ood` from v2 (v4 with the two-layer score):
-    the same probabilities as v2, plus `ood_score`. v5 is v4 republished by `training
-    attach-tflite`: the same SavedModel, byte for byte, and model.tflite."""
+    the same probabilities as v2, plus `ood_score`. v5 and v6 are v4 republished by `training
+    attach-tflite`: the same SavedModel, byte for byte, and model.tflite (v6 also with the
+    SavedModel's answers on the probe batch, so the service checks it without TensorFlow)."""
     import tensorflow as tf
 
     store = SHIPPED / "pneumonia"
@@ -103,10 +104,12 @@ def test_shipped_version_is_v2_with_the_score_added() -> None:
     v2 = tf.saved_model.load(str(store / "2")).signatures["serving_default"]
     reference = v2(pixels=tf.constant(images))
     assert "ood_score" not in reference
-    assert max(list_versions(store)) == 5
-    for version in ("3", "4", "5"):
+    assert max(list_versions(store)) == 6
+    for version in ("3", "4", "5", "6"):
         card = verify_version(store / version)
-        source = card["derived_from"] if version != "5" else card["derived_from"]["previous"]
+        source = card["derived_from"]
+        if version in ("5", "6"):
+            source = source["previous"]
         assert source["version"] == 2 and card["ood"]["threshold"] > 0
         out = tf.saved_model.load(str(store / version)).signatures["serving_default"](
             pixels=tf.constant(images)
@@ -117,24 +120,27 @@ def test_shipped_version_is_v2_with_the_score_added() -> None:
         assert out["ood_score"].shape == (len(images),)
     assert card["ood"]["feature_layers"] == ["s2_1_relu", "gap"]
     assert card["derived_from"]["version"] == 4
-    for name in ("saved_model.pb", "variables/variables.data-00000-of-00001"):
-        assert (store / "5" / name).read_bytes() == (store / "4" / name).read_bytes()
+    for version in ("5", "6"):
+        for name in ("saved_model.pb", "variables/variables.data-00000-of-00001"):
+            assert (store / version / name).read_bytes() == (store / "4" / name).read_bytes()
     assert card["tflite"]["max_difference_on_probe"]["probabilities"] < 1e-5
+    assert set(card["tflite"]["probe_reference"]) == {"probabilities", "ood_score"}
     from training.card import render
 
-    shown = render(store / "5")
+    shown = render(store / "6")
     assert "Republished from version 4" in shown and "That one from version 2" in shown
     assert "Runtimes: the SavedModel and `model.tflite`" in shown
 
 
 def test_shipped_model_is_served_by_litert_with_the_savedmodels_answers() -> None:
-    """The service's loader runs v5's model.tflite (checked against the SavedModel on the probe
-    batch as it loads); on real radiographs both runtimes agree."""
+    """The service's loader runs v6's model.tflite (checked against the SavedModel's answers
+    on the probe batch, recorded in its card, as it loads); on real radiographs both runtimes
+    agree."""
     from app.classifier import load_version
 
     store = SHIPPED / "pneumonia"
-    lite = load_version(store, 5)
-    reference = load_version(store, 5, runtime="savedmodel")
+    lite = load_version(store, 6)
+    reference = load_version(store, 6, runtime="savedmodel")
     assert (lite.runtime, reference.runtime) == ("tflite", "savedmodel")
     paths = sorted((FIXTURES / "val").rglob("*.jpeg")) + sorted(FIXTURES.glob("originals/*"))
     images = np.stack([load_path(str(p)) for p in paths])[..., None]
