@@ -189,10 +189,13 @@ def _lite_model(name: str, version: int, path: Path, card: dict, threads: int) -
     except Exception as exc:
         raise ModelStoreError(f"{path / TFLITE_FILE}: LiteRT failed to run it: {exc}") from exc
     _check_ood_threshold(path, card, engine.outputs)
-    recorded = card["tflite"]["probe_reference"]
-    expected = {key: np.asarray(value, np.float32) for key, value in recorded.items()}
     threshold = card.get("ood", {}).get("threshold") if OOD_OUTPUT in engine.outputs else None
-    problems = mismatches(lite, expected, threshold)
+    try:
+        recorded = card["tflite"]["probe_reference"]
+        expected = {key: np.asarray(value, np.float32) for key, value in recorded.items()}
+        problems = mismatches(lite, expected, threshold)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        problems = [f"its recorded answers are unreadable ({type(exc).__name__})"]
     if problems:
         raise ModelStoreError(
             f"{path / TFLITE_FILE} does not give the answers its card recorded for the "

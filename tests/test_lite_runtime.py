@@ -261,3 +261,20 @@ def test_the_runtimes_must_agree_on_probabilities_flags_and_scores_near_the_thre
     flipped = {"probabilities": p, "ood_score": np.array([0.5, 0.9])}
     assert "flag differs" in " ".join(mismatches(flipped, reference, 1.0))
     assert "missing" in mismatches({"probabilities": p}, reference, 1.0)[0]
+
+
+@pytest.mark.parametrize("recorded", ["not a table", {"probabilities": [[0.5]]}, {"x": "y"}])
+def test_unreadable_recorded_answers_fall_back_to_the_savedmodel(
+    tiny_store: Path, tmp_path: Path, recorded: object
+) -> None:
+    import shutil
+
+    from app.classifier import load_version
+
+    folder = tmp_path / "pneumonia" / "1"
+    shutil.copytree(tiny_store / "pneumonia" / "1", folder)
+    card = json.loads((folder / "model.json").read_text())
+    card["tflite"]["probe_reference"] = recorded
+    (folder / "model.json").write_text(json.dumps(card))
+    write_checksums(folder)
+    assert load_version(tmp_path / "pneumonia", 1).runtime == "savedmodel"
