@@ -143,13 +143,11 @@ def test_full_queue_answers_503_with_retry_after(tiny_store: Path, tmp_path: Pat
 def test_model_threads_setting_reaches_tensorflow(tmp_path: Path) -> None:
     """PNEUMOSCAN_MODEL_THREADS sets TensorFlow's intra-op pool before the first op; in a
     process where TensorFlow already runs, the setting is reported, not crashed on."""
-    import subprocess
-    import sys
-
     from pydantic import ValidationError
 
     from app.classifier import configure_threads
     from app.settings import Settings
+    from tests.utils.fresh_process import last_line
 
     code = (
         "import tensorflow as tf\n"
@@ -158,15 +156,7 @@ def test_model_threads_setting_reaches_tensorflow(tmp_path: Path) -> None:
         "tf.constant(1) + 1\n"
         "print(tf.config.threading.get_intra_op_parallelism_threads())\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parent.parent,
-        check=True,
-    ).stdout
-    assert out.strip().splitlines()[-1] == "1"
+    assert last_line(code) == "1"
     import tensorflow as tf
 
     tf.constant(1) + 1  # this process's runtime is initialised by now

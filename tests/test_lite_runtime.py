@@ -103,8 +103,7 @@ def test_litert_serves_without_importing_tensorflow(tiny_store: Path, tmp_path: 
     """The card records the SavedModel's answers on the probe at export, so a service on
     LiteRT checks the file and answers /predict without loading TensorFlow at all (its import
     alone takes seconds and hundreds of MB)."""
-    import subprocess
-    import sys
+    from tests.utils.fresh_process import last_line
 
     code = f"""
 import sys
@@ -119,15 +118,7 @@ with TestClient(create_app(settings), headers={{"X-API-Key": API_KEY}}) as clien
     models = client.get("/models").json()
 print(answer.status_code, models["runtime"], "tensorflow" in sys.modules, "keras" in sys.modules)
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parent.parent,
-        check=True,
-    ).stdout
-    assert out.strip().splitlines()[-1] == "200 tflite False False"
+    assert last_line(code) == "200 tflite False False"
 
 
 def test_a_card_without_recorded_answers_is_checked_against_the_savedmodel(
