@@ -50,8 +50,8 @@ class LoadedModel:
         """The card's out-of-distribution flag threshold, when the signature has the score
         (load_version has checked that the card then has a finite one)."""
         outputs = (
-            self._lite.outputs
-            if self._serve is None and self._lite is not None
+            self._lite.outputs  # type: ignore[union-attr]
+            if self._serve is None
             else self._serve.structured_outputs  # type: ignore[attr-defined]
         )
         if OOD_OUTPUT not in outputs:
@@ -120,28 +120,29 @@ def load_version(
         raise ModelStoreError(f"{path}: input contract {spec} is not uint8 [N,224,224,1]")
     if card.get("class_names") != ["NORMAL", "PNEUMONIA"]:
         raise ModelStoreError(f"{path}: class_names must be ['NORMAL', 'PNEUMONIA']")
+    lite = runtime == "auto" and (path / TFLITE_FILE).is_file()
+    if lite and not litert_available():
+        log.warning(
+            "%s has %s but LiteRT (ai-edge-litert) is not installed: serving it with "
+            "TensorFlow, slower",
+            path,
+            TFLITE_FILE,
+        )
+        lite = False
+    recorded = card.get("tflite", {}).get("probe_reference") if lite else None
     model = None
-    if runtime == "auto" and (path / TFLITE_FILE).is_file():
-        if not litert_available():
-            log.warning(
-                "%s has %s but LiteRT (ai-edge-litert) is not installed: serving it with "
-                "TensorFlow, slower",
-                path,
-                TFLITE_FILE,
-            )
-        elif card.get("tflite", {}).get("probe_reference"):
-            try:
-                model = _lite_model(model_dir.name, version, path, card, threads)
-            except ModelStoreError as exc:  # the SavedModel, the reference, serves instead
-                log.error("%s: serving this version with TensorFlow's runtime instead", exc)
+    if recorded:  # checked against the answers the card recorded: no TensorFlow at all
+        try:
+            model = _lite_model(model_dir.name, version, path, card, threads, recorded)
+        except ModelStoreError as exc:  # the SavedModel, the reference, serves instead
+            log.error("%s: serving this version with TensorFlow's runtime instead", exc)
     if model is None:
         model = _savedmodel(model_dir.name, version, path, card, threads)
-        if runtime == "auto" and (path / TFLITE_FILE).is_file() and litert_available():
-            if not card.get("tflite", {}).get("probe_reference"):
-                try:
-                    model._lite = _checked_lite(model, threads)
-                except ModelStoreError as exc:
-                    log.error("%s: serving this version with TensorFlow's runtime instead", exc)
+        if lite and not recorded:  # checked against the SavedModel's answers, computed now
+            try:
+                model._lite = _checked_engine(path, card, threads, _answers(model, path))
+            except ModelStoreError as exc:
+                log.error("%s: serving this version with TensorFlow's runtime instead", exc)
     # Warm up before declaring ready (the first TensorFlow call traces the graph).
     try:
         probs, ood = model.score(np.zeros((1, TARGET_SIZE, TARGET_SIZE, 1), np.uint8))
@@ -180,48 +181,59 @@ def _savedmodel(name: str, version: int, path: Path, card: dict, threads: int) -
     return model
 
 
-def _lite_model(name: str, version: int, path: Path, card: dict, threads: int) -> LoadedModel:
-    """The version on LiteRT alone, once its model.tflite reproduced the SavedModel's answers
-    on the probe batch as the card recorded them at export."""
+def _lite_model(
+    name: str, version: int, path: Path, card: dict, threads: int, recorded: object
+) -> LoadedModel:
+    """The version on LiteRT alone, checked against the SavedModel's answers on the probe
+    batch as its card recorded them at export."""
+    try:
+        expected = {
+            str(key): np.asarray(value, np.float32)
+            for key, value in recorded.items()  # type: ignore[attr-defined]
+        }
+        if "probabilities" not in expected:
+            raise KeyError("probabilities")
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelStoreError(
+            f"{path / TFLITE_FILE}: its card's recorded answers are unreadable "
+            f"({type(exc).__name__})"
+        ) from exc
+    against = "the answers its card recorded for the SavedModel"
+    engine = _checked_engine(path, card, threads, expected, against)
+    _check_ood_threshold(path, card, engine.outputs)
+    return LoadedModel(name, version, path, card, None, engine)
+
+
+def _answers(model: LoadedModel, path: Path) -> dict[str, np.ndarray]:
+    """The SavedModel's outputs on the probe batch, computed now."""
+    try:
+        probs, ood = model.score(parity_probe())
+    except Exception as exc:
+        raise ModelStoreError(f"{path}: the SavedModel failed on the probe batch: {exc}") from exc
+    return {"probabilities": probs} if ood is None else {"probabilities": probs, OOD_OUTPUT: ood}
+
+
+def _checked_engine(
+    path: Path,
+    card: dict,
+    threads: int,
+    expected: dict[str, np.ndarray],
+    against: str = "the SavedModel's answers",
+) -> LiteEngine:
+    """The version's LiteRT engine, once it gave `expected` (the SavedModel's outputs) on the
+    probe batch; ModelStoreError otherwise."""
     try:
         engine = LiteEngine(path / TFLITE_FILE, threads, card.get("signature", "serving_default"))
         lite = engine(parity_probe())
     except Exception as exc:
-        raise ModelStoreError(f"{path / TFLITE_FILE}: LiteRT failed to run it: {exc}") from exc
-    _check_ood_threshold(path, card, engine.outputs)
-    threshold = card.get("ood", {}).get("threshold") if OOD_OUTPUT in engine.outputs else None
-    try:
-        recorded = card["tflite"]["probe_reference"]
-        expected = {key: np.asarray(value, np.float32) for key, value in recorded.items()}
-        problems = mismatches(lite, expected, threshold)
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        problems = [f"its recorded answers are unreadable ({type(exc).__name__})"]
+        raise ModelStoreError(
+            f"{path / TFLITE_FILE}: LiteRT failed to load or run it: {exc}"
+        ) from exc
+    threshold = card.get("ood", {}).get("threshold") if OOD_OUTPUT in expected else None
+    problems = mismatches(lite, expected, threshold)
     if problems:
         raise ModelStoreError(
-            f"{path / TFLITE_FILE} does not give the answers its card recorded for the "
-            f"SavedModel on the probe batch: {'; '.join(problems)}"
-        )
-    return LoadedModel(name, version, path, card, None, engine)
-
-
-def _checked_lite(model: LoadedModel, threads: int) -> LiteEngine:
-    """The version's LiteRT engine, once it gave the SavedModel's outputs on the probe (for a
-    card that did not record them at export)."""
-    path = model.path / TFLITE_FILE
-    try:
-        engine = LiteEngine(path, threads, model.card.get("signature", "serving_default"))
-        probe = parity_probe()
-        lite = engine(probe)
-        reference = model.score(probe)
-    except Exception as exc:
-        raise ModelStoreError(f"{path}: LiteRT failed to load or run it: {exc}") from exc
-    expected = {"probabilities": reference[0]}
-    if reference[1] is not None:
-        expected[OOD_OUTPUT] = reference[1]
-    problems = mismatches(lite, expected, model.ood_threshold)
-    if problems:
-        raise ModelStoreError(
-            f"{path} does not give the SavedModel's answers on the probe batch: "
+            f"{path / TFLITE_FILE} does not give {against} on the probe batch: "
             f"{'; '.join(problems)}; republish the version"
         )
     return engine
