@@ -9,6 +9,7 @@ Only UIDs leave this module; patient tags are never read into logs or responses.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image
@@ -33,6 +34,22 @@ NOT_CHEST_RADIOGRAPH_MODALITIES = frozenset(
 # every image of a study, so the lateral of a PA + lateral pair would otherwise get its own
 # NORMAL / PNEUMONIA. Decubitus views (RLD, LLD) are frontal projections and are scored.
 NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT", "LATERAL"})
+# BodyPartExamined (PS3.16 Annex L defined terms, plus common free text) of radiographs that are
+# not of the chest. A PACS routing every CR/DX image of the department would otherwise get a
+# NORMAL / PNEUMONIA answer for a hand or a knee. A deny-list, not an allow-list: sites write the
+# chest as CHEST, THORAX, TORAX, LUNG, PORT CHEST and more, and an absent value is common, so
+# only parts that are certainly not a chest radiograph are refused. Compared without spaces,
+# hyphens or underscores ("L SPINE" is LSPINE).
+NOT_CHEST_BODY_PARTS = frozenset(
+    {
+        "ABDOMEN", "ABDOMENPELVIS", "ANKLE", "ARM", "BRAIN", "BREAST", "CALCANEUS", "CLAVICLE",
+        "COCCYX", "CSPINE", "ELBOW", "EXTREMITY", "FACE", "FEMUR", "FIBULA", "FINGER", "FOOT",
+        "FOREARM", "HAND", "HEAD", "HEEL", "HIP", "HUMERUS", "JAW", "KNEE", "KUB", "LEG",
+        "LSPINE", "LSSPINE", "MANDIBLE", "MAXILLA", "NECK", "NOSE", "ORBIT", "PATELLA",
+        "PELVIS", "SACRUM", "SCAPULA", "SHOULDER", "SINUS", "SKULL", "SPINE", "SSPINE",
+        "THIGH", "THUMB", "TIBIA", "TLSPINE", "TMJ", "TOE", "TSPINE", "WRIST", "ZYGOMA",
+    }
+)  # fmt: skip
 
 
 # SOP classes of images "for processing": raw detector data meant for the modality's own
@@ -59,6 +76,11 @@ def is_frontal_view(view_position: object) -> bool:
     return str(view_position or "").strip().upper() not in NOT_FRONTAL_VIEWS
 
 
+def is_chest_body_part(body_part: object) -> bool:
+    """False for a BodyPartExamined that is certainly not the chest; absent counts as chest."""
+    return re.sub(r"[\s_-]+", "", str(body_part or "")).upper() not in NOT_CHEST_BODY_PARTS
+
+
 def _uids(ds) -> dict[str, str]:
     return {tag: str(getattr(ds, tag)) for tag in UID_TAGS if getattr(ds, tag, None)}
 
@@ -67,6 +89,8 @@ def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """DICOM linear window (PS3.3 C.11.2.1.2.1) straight to 0..255."""
     width = max(float(width), 1.0)
     low = center - 0.5 - (width - 1) / 2
+    if width == 1.0:  # the standard's limit: a threshold at the centre (no 0 / 0)
+        return np.where(values > low, 255.0, 0.0)
     scaled = (values - low) / (width - 1)
     return np.clip(scaled, 0.0, 1.0) * 255.0
 
@@ -159,7 +183,11 @@ def to_8bit_direct(ds, stored: np.ndarray, present: np.ndarray | None = None) ->
         bits_stored = int(ds.get("BitsStored", 8))
         rescaled = "RescaleSlope" in ds or "RescaleIntercept" in ds
         if bits_stored <= 8 and not rescaled:
-            eight = values
+            # The stored range is the display range (fewer than 8 bits is stretched to it, and
+            # signed values are shifted into it); 8-bit unsigned pixels are used as they are.
+            signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+            offset = 2.0 ** (bits_stored - 1) if signed else 0.0
+            eight = (values + offset) * 255.0 / max(2.0**bits_stored - 1, 1.0)
         else:
             counted = np.ones(values.shape, bool) if present is None else present.copy()
             padding = _padding(ds, stored)
@@ -223,11 +251,13 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
         )
     try:
         view = ds.get("ViewPosition", "")
+        body_part = ds.get("BodyPartExamined", "")
         for_processing = is_for_processing(
             ds.get("SOPClassUID", ""), ds.get("PresentationIntentType", "")
         )
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
-        view, for_processing = "", False  # unreadable: judged on the pixels like absent ones
+        # Unreadable: judged on the pixels like absent ones.
+        view, body_part, for_processing = "", "", False
     if for_processing:
         raise UnsupportedDicomError(
             "This is a 'for processing' image (raw detector data, not meant for display): send "
@@ -238,18 +268,30 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
             f"ViewPosition {str(view).strip().upper()} is a lateral or oblique projection: "
             "pneumoscan scores frontal (AP or PA) chest radiographs only."
         )
+    if not is_chest_body_part(body_part):
+        raise UnsupportedDicomError(
+            f"BodyPartExamined {str(body_part).strip().upper()} is not the chest: pneumoscan "
+            "scores chest radiographs only."
+        )
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, columns = int(ds.Rows), int(ds.Columns)
         photometric = str(ds.PhotometricInterpretation)
+        one_bit = 1 in (int(ds.get("BitsStored", 8) or 8), int(ds.get("BitsAllocated", 8) or 8))
     except (AttributeError, ValueError, TypeError, KeyError) as exc:
         raise UndecodableImageError(
-            "The DICOM image lacks Rows, Columns or PhotometricInterpretation."
+            "The DICOM image lacks Rows, Columns, bit depth or PhotometricInterpretation, or "
+            "one of them is not a number or text."
         ) from exc
     if frames > 1:
         raise UnsupportedDicomError(
             f"Multi-frame DICOM ({frames} frames) is not accepted: send one radiograph per "
             "instance."
+        )
+    if one_bit:
+        raise UnsupportedDicomError(
+            "The pixel data is 1-bit (a bitmap, such as a scanned form or an overlay), not a "
+            "radiograph: send the CR/DX image."
         )
     if photometric not in ACCEPTED_PHOTOMETRIC:
         raise UnsupportedDicomError(

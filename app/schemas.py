@@ -152,7 +152,8 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
         415: "Not a JPEG, PNG or DICOM Part 10 file.",
         422: "Undecodable, truncated, too large (pixels), too small or blank image, or "
         "unsupported DICOM (multi-frame, colour palette, floating-point pixels, not a radiograph "
-        "modality such as CT, a lateral or oblique view, or a 'for processing' image).",
+        "modality such as CT, a lateral or oblique view, a 'for processing' image, a body part "
+        "other than the chest, or 1-bit pixels).",
         503: "No model loaded, a queue is full, or the audit record could not be written "
         "(see Retry-After).",
     }

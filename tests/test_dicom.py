@@ -32,15 +32,18 @@ def mad(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
-@pytest.mark.parametrize("bits", [8, 12, 16])
+@pytest.mark.parametrize("bits", [6, 8, 12, 16])
 def test_bit_depths_and_photometric(reference: np.ndarray, photometric: str, bits: int) -> None:
-    """8-bit values pass through; deeper data with no VOI is stretched min..max to 0..255."""
+    """8-bit values pass through, fewer bits are scaled from their stored range (before, 6-bit
+    pixels came out as 0..63, a near-black image); deeper data with no VOI is stretched
+    min..max to 0..255."""
     decoded = decode_image(make_dicom(reference, bits=bits, photometric=photometric))
     assert decoded.format == "DICOM"
     expected = reference.astype(np.float64)
     if bits > 8:
         expected = (expected - expected.min()) * 255.0 / (expected.max() - expected.min())
-    assert mad(decoded.pixels, np.rint(expected).astype(np.uint8)) < 1.0
+    quantisation = 1.0 if bits >= 8 else 255 / (2**bits - 1) / 2  # 6 bits: steps of 4
+    assert mad(decoded.pixels, np.rint(expected).astype(np.uint8)) < quantisation
 
 
 @pytest.mark.parametrize("bits", [12, 16])
@@ -122,6 +125,43 @@ def test_cross_sectional_modality_refused_before_decoding() -> None:
     ds.PixelData = b"\x00" * 16  # never decoded: the Modality refuses it first
     with pytest.raises(UnsupportedDicomError, match="Modality CT is not a projection"):
         decode_image(_save(ds))
+
+
+def test_signed_8_bit_pixels_are_shifted_into_the_display_range(reference: np.ndarray) -> None:
+    """Two's complement 8-bit pixels (PixelRepresentation 1) span -128..127; before, every
+    negative value was clipped to black."""
+    signed = (reference.astype(np.int16) - 128).astype(np.int8)
+    ds = eight_bit_dataset("MONOCHROME2", signed.view(np.uint8))
+    ds.PixelRepresentation = 1
+    assert mad(decode_image(_save(ds)).pixels, reference) < 1.0
+
+
+@pytest.mark.parametrize("allocated", [1, 8])
+def test_one_bit_pixel_data_refused(allocated: int) -> None:
+    """A 1-bit bitmap (a scanned form, an overlay) is never a radiograph; before, it was scored
+    as a near-black image."""
+    from pydicom.pixels import pack_bits
+
+    ds = base_dataset(224, 224)
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, 1, 0
+    bitmap = np.random.default_rng(0).integers(0, 2, (224, 224), dtype=np.uint8)
+    ds.PixelData = pack_bits(bitmap) if allocated == 1 else bitmap.tobytes()
+    with pytest.raises(UnsupportedDicomError, match="1-bit"):
+        decode_image(_save(ds))
+
+
+@pytest.mark.parametrize("part", ["HAND", "knee", "L SPINE", "T_SPINE", " Abdomen ", "SKULL"])
+def test_radiographs_of_other_body_parts_refused(reference: np.ndarray, part: str) -> None:
+    """A PACS that routes every CR/DX image would otherwise get NORMAL / PNEUMONIA for a hand."""
+    with pytest.raises(UnsupportedDicomError, match="is not the chest"):
+        decode_image(_with(make_dicom(reference), BodyPartExamined=part))
+
+
+@pytest.mark.parametrize("part", ["CHEST", "THORAX", "TORAX", "PORT CHEST", "LUNG", "", None])
+def test_chest_body_parts_as_sites_write_them_are_scored(reference: np.ndarray, part) -> None:
+    decoded = decode_image(_with(make_dicom(reference), BodyPartExamined=part))
+    assert mad(decoded.pixels, reference) < 1.0
 
 
 def _with(data: bytes, **attributes) -> bytes:

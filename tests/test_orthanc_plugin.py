@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.dicom import FOR_PROCESSING_CLASSES, NOT_FRONTAL_VIEWS
+from app.dicom import FOR_PROCESSING_CLASSES, NOT_CHEST_BODY_PARTS, NOT_FRONTAL_VIEWS
 
 PLUGIN = Path(__file__).resolve().parents[1] / "integrations" / "orthanc" / "pneumoscan_plugin.py"
 STUDY = "study-1"
@@ -165,6 +165,10 @@ def test_only_frontal_chest_radiographs_are_sent(orthanc) -> None:
     assert should({"Modality": "CR", "ViewPosition": "LLD"})
     assert not should({"Modality": "DX", "ViewPosition": "lateral "})
     assert not should({"Modality": "DX", "BodyPartExamined": "HAND"})
+    assert not should({"Modality": "CR", "BodyPartExamined": "L SPINE"})
+    # Before, only CHEST and THORAX were sent: a site writing TORAX or PORT CHEST got nothing.
+    for chest in ("TORAX", "PORT CHEST", "LUNG", "thorax"):
+        assert should({"Modality": "CR", "BodyPartExamined": chest})
     assert not should({"Modality": "CT"})
     assert not should({"Modality": "DX", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1.1"})
     assert not should({"Modality": "DX", "PresentationIntentType": "FOR PROCESSING"})
@@ -175,6 +179,7 @@ def test_only_frontal_chest_radiographs_are_sent(orthanc) -> None:
 def test_the_plugin_skips_exactly_the_images_the_service_refuses(orthanc) -> None:
     assert orthanc.plugin.NOT_FRONTAL_VIEWS == NOT_FRONTAL_VIEWS
     assert orthanc.plugin.FOR_PROCESSING_CLASSES == FOR_PROCESSING_CLASSES
+    assert orthanc.plugin.NOT_CHEST_BODY_PARTS == NOT_CHEST_BODY_PARTS
 
 
 def test_the_change_log_is_followed_from_a_saved_cursor_across_a_kill(orthanc, monkeypatch) -> None:

@@ -23,7 +23,8 @@ those stored before the plugin was installed are not.
 
 A study often holds several images (PA and lateral, a repeat exposure). Lateral and oblique
 views are not sent (the service would refuse them: its model learned frontal views), nor are
-"for processing" images (raw detector data kept beside the displayed one). The
+"for processing" images (raw detector data kept beside the displayed one), nor radiographs
+whose BodyPartExamined is certainly not the chest (HAND, KNEE, L SPINE...). The
 study's `PneumoscanResult` summarises its scored instances, so that no image's call is hidden
 by another's: PNEUMONIA if any instance is PNEUMONIA, else an instance's error if any failed
 (the study is not fully screened), else NORMAL. `PneumoscanInputCheck` is "flagged" if any
@@ -32,6 +33,7 @@ instance was.
 
 import json
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -63,6 +65,19 @@ LOADED_AT = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
 # Lateral and oblique ViewPosition values: the same set as app.dicom.NOT_FRONTAL_VIEWS (this
 # file runs inside Orthanc's Python, without the service's packages; a test keeps them equal).
 NOT_FRONTAL_VIEWS = frozenset({"LL", "RL", "LLO", "RLO", "LAT", "LATERAL"})
+# BodyPartExamined values that are certainly not the chest: app.dicom.NOT_CHEST_BODY_PARTS,
+# compared without spaces, hyphens or underscores. A deny-list: sites write the chest as CHEST,
+# THORAX, TORAX, LUNG, PORT CHEST and more, and all of those are sent.
+NOT_CHEST_BODY_PARTS = frozenset(
+    {
+        "ABDOMEN", "ABDOMENPELVIS", "ANKLE", "ARM", "BRAIN", "BREAST", "CALCANEUS", "CLAVICLE",
+        "COCCYX", "CSPINE", "ELBOW", "EXTREMITY", "FACE", "FEMUR", "FIBULA", "FINGER", "FOOT",
+        "FOREARM", "HAND", "HEAD", "HEEL", "HIP", "HUMERUS", "JAW", "KNEE", "KUB", "LEG",
+        "LSPINE", "LSSPINE", "MANDIBLE", "MAXILLA", "NECK", "NOSE", "ORBIT", "PATELLA",
+        "PELVIS", "SACRUM", "SCAPULA", "SHOULDER", "SINUS", "SKULL", "SPINE", "SSPINE",
+        "THIGH", "THUMB", "TIBIA", "TLSPINE", "TMJ", "TOE", "TSPINE", "WRIST", "ZYGOMA",
+    }
+)  # fmt: skip
 # "For processing" images (raw detector data, not for display): app.dicom.FOR_PROCESSING_CLASSES.
 FOR_PROCESSING_CLASSES = frozenset(
     {
@@ -131,8 +146,8 @@ def _should_score(tags):
         return False
     if tags.get("PresentationIntentType", "").strip().upper() == "FOR PROCESSING":
         return False
-    body_part = tags.get("BodyPartExamined", "").upper()
-    return body_part in ("", "CHEST", "THORAX")
+    body_part = re.sub(r"[\s_-]+", "", tags.get("BodyPartExamined", "")).upper()
+    return body_part not in NOT_CHEST_BODY_PARTS
 
 
 def summarise(results):
