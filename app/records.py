@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS images (
     pixels BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS images_expires ON images(expires);
+CREATE TABLE IF NOT EXISTS write_probe (payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS explanations (
     id TEXT NOT NULL,
     num_samples INTEGER NOT NULL,
@@ -223,6 +224,15 @@ class RecordStore:
                 self._db.execute("ROLLBACK")
             raise
 
+    def probe_write(self) -> None:
+        """Commit, then delete, a blob twice the size of a stored image: raises sqlite3.Error
+        where a prediction's write would fail now (full, read-only or failing storage). Twice:
+        with room for exactly one image, the probe passed and the next write failed (measured
+        with `benchmarks.full_disk`)."""
+        with self._lock, self._transaction():
+            self._db.execute("INSERT INTO write_probe VALUES (?)", (bytes(2 * RAW_SIZE),))
+            self._db.execute("DELETE FROM write_probe")
+
     def get(self, prediction_id: str) -> PredictionRecord | None:
         with self._lock:
             row = self._db.execute(
@@ -288,6 +298,8 @@ class RecordWriter:
     def __init__(self, store: RecordStore, max_group: int = 64) -> None:
         self.store = store
         self.max_group = max_group
+        # The last group's write failed: readiness reports it until a write succeeds.
+        self.failing = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="records-writer", daemon=True)
         self._thread.start()
@@ -332,6 +344,7 @@ class RecordWriter:
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 log.error("audit records not written, %d request(s) refused: %s", len(group), exc)
                 error = exc
+            self.failing = error is not None
             for _, _, loop, future in group:
                 loop.call_soon_threadsafe(_settle, future, error)
             if stop:

@@ -137,6 +137,9 @@ class ModelsPublic(BaseModel):
 class Health(BaseModel):
     status: str
     model: ModelRef | None = None
+    reason: str | None = Field(
+        None, description="Why the service is not ready, where the model is not the reason."
+    )
 
 
 def error_responses(*codes: int) -> dict[int | str, dict]:

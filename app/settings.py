@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     explain_queue_max: int = Field(8, ge=1, description="Waiting explanations before 503.")
     explain_num_samples: int = Field(1000, ge=100, le=5000, description="Default LIME samples.")
     explain_num_features: int = Field(5, ge=1, le=20, description="Default LIME regions shown.")
+    min_free_mb: int = Field(
+        64,
+        ge=0,
+        description="/readyz answers 503 while the data directory's file system has less free "
+        "space than this (0 = no check), so a load balancer stops sending images before audit "
+        "writes fail.",
+    )
     retention_hours: float = Field(24.0, gt=0, description="Keep stored images this long.")
     poll_seconds: float = Field(5.0, gt=0, description="Model store poll interval.")
     cors_origins: str = Field("", description="Comma-separated CORS origins; empty = CORS off.")

@@ -82,8 +82,10 @@ def running_server(
     port: int | None = None,
     extra_env: dict[str, str] | None = None,
     workers: int = 1,
+    wait_for: str = "/readyz",
 ) -> Iterator[dict]:
-    """Start `pneumoscan serve` on 127.0.0.1, wait for /readyz, stop it on exit. With
+    """Start `pneumoscan serve` on 127.0.0.1, wait for `wait_for` (/readyz: serving; /healthz:
+    the process answers, ready or not), stop it on exit. With
     `workers` > 1 it runs uvicorn's own multi-process mode instead (a measurement only:
     `pneumoscan serve` has one worker), in a process group of its own, stopped as a group."""
     import httpx
@@ -123,7 +125,7 @@ def running_server(
             if process.poll() is not None:
                 raise RuntimeError(f"server exited: {Path(log_file.name).read_text()[-2000:]}")
             try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{url}{wait_for}", timeout=1).status_code == 200:
                     ready_s = time.perf_counter() - started
                     break
             except httpx.HTTPError:

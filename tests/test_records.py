@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -202,6 +203,34 @@ def test_a_full_disk_answers_503_storage_unavailable_then_recovers(
         overlay = client.get(first["explain_url"] + "?num_samples=100")  # not stored: disk full
         assert overlay.status_code == 200 and overlay.content[:4] == b"\x89PNG"
         assert 'reason="storage_unavailable"' in client.get("/metrics").text
+        # Out of rotation until a write works again (before, /readyz stayed 200), but alive.
+        for _ in range(2):
+            ready = client.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert ready.json()["reason"].startswith("storage_unavailable: audit records")
+            assert ready.json()["model"]["version"] == 1
+        assert client.get("/healthz").status_code == 200
         _free_the_disk(store)
+        # The probe write finds the space without a prediction: a drained instance gets none.
+        assert client.get("/readyz").json() == {
+            "status": "ready",
+            "model": {"name": "pneumonia", "version": 1},
+        }
         assert client.post("/predict", files={"file": ("a.jpeg", image)}).status_code == 200
+        assert store.integrity_ok()
+        with store._lock:
+            assert store._db.execute("SELECT COUNT(*) FROM write_probe").fetchone()[0] == 0
     assert not any(record.exc_info for record in caplog.records)
+
+
+def test_readiness_fails_below_the_free_space_floor(tiny_store: Path, tmp_path: Path) -> None:
+    """A load balancer stops sending images before writes fail; 0 turns the check off."""
+    free_mb = shutil.disk_usage(tmp_path).free // (1024 * 1024)
+    for floor, status in ((free_mb + 1024, 503), (0, 200), (1, 200)):
+        settings = make_settings(tiny_store, tmp_path / "data", min_free_mb=floor)
+        with TestClient(create_app(settings)) as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == status, ready.text
+            if status == 503:
+                assert ready.json()["reason"].startswith("storage_low: ")
+                assert "PNEUMOSCAN_MIN_FREE_MB" in ready.json()["reason"]

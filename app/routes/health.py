@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import sqlite3
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import ServicesDep
 from app.schemas import Health, ModelRef
+from app.services import Services
 
 router = APIRouter(tags=["operations"])
 
@@ -25,17 +30,51 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Health,
     summary="A model is loaded and answers",
-    responses={503: {"model": Health, "description": "No model loaded."}},
+    responses={
+        503: {
+            "model": Health,
+            "description": "No model loaded, or audit records cannot be written.",
+        }
+    },
 )
 @router.head("/readyz", include_in_schema=False)
 async def readyz(services: ServicesDep) -> Response:
-    """200 once a verified, warmed-up model version serves; 503 otherwise."""
+    """200 once a verified, warmed-up model version serves and audit records can be written;
+    503 otherwise. Every answer needs its audit record, so an instance whose storage is full or
+    failing is taken out of rotation (its liveness stays 200: a restart would not help)."""
     model = services.manager.current
     if model is None:
-        return JSONResponse(Health(status="not_ready").model_dump(), status_code=503)
-    return JSONResponse(
-        Health(status="ready", model=ModelRef(name=model.name, version=model.version)).model_dump()
-    )
+        return JSONResponse(Health(status="not_ready").model_dump(exclude_none=True), 503)
+    ref = ModelRef(name=model.name, version=model.version)
+    problem = await storage_problem(services)
+    if problem is not None:
+        health = Health(status="not_ready", model=ref, reason=problem)
+        return JSONResponse(health.model_dump(exclude_none=True), 503)
+    return JSONResponse(Health(status="ready", model=ref).model_dump(exclude_none=True))
+
+
+async def storage_problem(services: Services) -> str | None:
+    """Why audit records cannot be written now, or None. Free space is read on every call (one
+    statvfs); after a failed write, a probe write says when it works again, since a drained
+    instance gets no predictions to find out by."""
+    settings = services.settings
+    if settings.min_free_mb:
+        try:
+            free = shutil.disk_usage(settings.data_dir).free
+        except OSError as exc:
+            return f"storage_unavailable: the data directory cannot be read ({exc.strerror})"
+        if free < settings.min_free_mb * 1024 * 1024:
+            return (
+                f"storage_low: {free // (1024 * 1024)} MB free in PNEUMOSCAN_DATA_DIR, under "
+                f"PNEUMOSCAN_MIN_FREE_MB={settings.min_free_mb}"
+            )
+    if services.writer.failing:
+        try:
+            await asyncio.to_thread(services.records.probe_write)
+        except sqlite3.Error as exc:
+            return f"storage_unavailable: audit records cannot be written ({exc})"
+        services.writer.failing = False
+    return None
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
