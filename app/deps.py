@@ -8,13 +8,19 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import UnauthorizedError
 from app.services import Services
 
 api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="One of the keys in PNEUMOSCAN_API_KEYS."
+)
+# The same keys as `Authorization: Bearer <key>`, which most HTTP clients, gateways and
+# integration engines can send without a custom header. X-API-Key wins where both come.
+bearer = HTTPBearer(
+    auto_error=False,
+    description="One of the keys in PNEUMOSCAN_API_KEYS, as `Authorization: Bearer <key>`.",
 )
 
 
@@ -28,14 +34,29 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 def key_id_or_401(services: Services, key: str | None) -> str:
     identity = services.keyring.identify(key)
     if identity is None:
-        raise UnauthorizedError("Missing or wrong X-API-Key header.")
+        raise UnauthorizedError(
+            "Missing or wrong API key: send one of the keys in PNEUMOSCAN_API_KEYS as the "
+            "X-API-Key header or as Authorization: Bearer <key>."
+        )
     return identity
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
 async def get_key_id(
-    services: ServicesDep, key: Annotated[str | None, Security(api_key_header)] = None
+    services: ServicesDep,
+    key: Annotated[str | None, Security(api_key_header)] = None,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
 ) -> str:
-    return key_id_or_401(services, key)
+    return key_id_or_401(services, key or (credentials.credentials if credentials else None))
 
 
 KeyIdDep = Annotated[str, Depends(get_key_id)]
@@ -43,10 +64,12 @@ KeyIdDep = Annotated[str, Depends(get_key_id)]
 # For the one hot route (POST /predict), which resolves both by hand: FastAPI's dependency
 # solving cost ~90 us of event-loop time per request (measured), and the OpenAPI document
 # still names the scheme through this.
-API_KEY_SECURITY = {"security": [{api_key_header.scheme_name: []}]}
+API_KEY_SECURITY = {"security": [{api_key_header.scheme_name: []}, {bearer.scheme_name: []}]}
 
 
 def services_and_key_id(request: Request) -> tuple[Services, str]:
     """What ServicesDep and KeyIdDep give, without the dependency solver."""
     services: Services = request.app.state.services
-    return services, key_id_or_401(services, request.headers.get(api_key_header.model.name))
+    headers = request.headers
+    key = headers.get(api_key_header.model.name) or bearer_token(headers.get("authorization"))
+    return services, key_id_or_401(services, key)

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.admission import UploadBudget
 from app.batching import MicroBatcher
 from app.classifier import ModelManager
-from app.errors import OverloadedError, PneumoscanError
+from app.errors import OverloadedError, PneumoscanError, UnauthorizedError
 from app.observability import Metrics, ObservabilityMiddleware, configure_logging
 from app.records import RecordStore, RecordWriter
 from app.routes import explain, health, models, predict
@@ -53,9 +53,11 @@ def error_json(status: int, code: str, message: str, headers: dict | None = None
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PneumoscanError)
     async def domain_error(request: Request, exc: PneumoscanError) -> JSONResponse:
-        headers = (
-            {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
-        )
+        headers = None
+        if isinstance(exc, OverloadedError):
+            headers = {"Retry-After": str(exc.retry_after)}
+        elif isinstance(exc, UnauthorizedError):  # RFC 9110: a 401 names its scheme
+            headers = {"WWW-Authenticate": 'Bearer realm="pneumoscan"'}
         return error_json(exc.status_code, exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -177,7 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["X-API-Key", "Content-Type"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type"],
         )
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     install_error_handlers(app)

@@ -146,6 +146,35 @@ def test_auth_required_except_operations(client, pneumonia_jpeg: bytes) -> None:
         assert client.get(path, headers={"X-API-Key": ""}).status_code == 200
 
 
+def test_keys_also_come_as_bearer_tokens(client, pneumonia_jpeg: bytes) -> None:
+    """`Authorization: Bearer <key>` is the same key (before, only X-API-Key was read); a 401
+    names the scheme (RFC 9110), and the key is never echoed."""
+    del client.headers["X-API-Key"]
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    made = post(client, pneumonia_jpeg, headers=bearer)
+    assert made.status_code == 200, made.text
+    assert (
+        client.get(made.json()["explain_url"] + "?num_samples=100", headers=bearer).status_code
+        == 200
+    )
+    assert (
+        client.get("/models", headers={"Authorization": f"bearer  {API_KEY} "}).status_code == 200
+    )
+    for wrong in (f"Basic {API_KEY}", "Bearer wrong-key-xxxxxxxx", "Bearer", API_KEY):
+        for response in (
+            post(client, pneumonia_jpeg, headers={"Authorization": wrong}),
+            client.get("/models", headers={"Authorization": wrong}),
+        ):
+            assert_error(response, 401, "unauthorized")
+            assert response.headers["www-authenticate"] == 'Bearer realm="pneumoscan"'
+            assert API_KEY not in response.text
+    # An explanation made with one key is another key's 404, whichever header carries it.
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    assert_error(client.get(made.json()["explain_url"], headers=other), 404)
+    schemes = client.get("/openapi.json").json()["components"]["securitySchemes"]
+    assert {scheme["type"] for scheme in schemes.values()} == {"apiKey", "http"}
+
+
 def test_other_keys_explanation_is_not_found(client, pneumonia_jpeg: bytes) -> None:
     url = post(client, pneumonia_jpeg).json()["explain_url"]
     assert_error(client.get(url, headers={"X-API-Key": OTHER_KEY}), 404)
