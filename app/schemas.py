@@ -147,7 +147,9 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
         400: "The client closed the connection mid-upload.",
         401: "Missing or wrong X-API-Key.",
         404: "Unknown prediction id (or one made with another key).",
-        406: "An SR (application/dicom) was asked for a non-DICOM input.",
+        406: "The Accept header allows none of the answers (application/json, "
+        "application/fhir+json, application/dicom), or asks only for an SR (application/dicom) "
+        "for a non-DICOM input.",
         409: "The model version that made the prediction is no longer in the store.",
         408: "The upload did not arrive in time.",
         410: "The stored image passed its retention period.",

@@ -26,6 +26,7 @@ from app.errors import (
     UnsupportedMediaError,
 )
 from app.imaging import DecodedImage, check_content, decode_image, decode_small_raster
+from app.negotiation import DICOM, FHIR, JSON, choose
 from app.records import PredictionRecord
 from app.reports import build_fhir, build_sr
 from app.schemas import (
@@ -252,11 +253,18 @@ async def score_upload(
     if decoded is None:  # large, progressive or DICOM: off the event loop
         decoded = await decode_in_pool(services, data)
     check_content(decoded.pixels)
-    accept = request.headers.get("accept", "")
-    wants_sr = "application/dicom" in accept and "application/fhir+json" not in accept
-    if wants_sr and decoded.source is None:  # before the model runs and anything is recorded
+    # Negotiated before the model runs, so nothing is recorded for an answer never delivered.
+    accept = request.headers.get("accept")
+    is_dicom = decoded.source is not None
+    answer_type = choose(accept, (JSON, FHIR, DICOM) if is_dicom else (JSON, FHIR))
+    if answer_type is None:
+        if not is_dicom and choose(accept, (DICOM,)) == DICOM:
+            raise NotAcceptableError(
+                "A DICOM SR can only be returned for a DICOM input; ask for application/json."
+            )
         raise NotAcceptableError(
-            "A DICOM SR can only be returned for a DICOM input; ask for application/json."
+            "The Accept header allows none of the answers: application/json (the default), "
+            "application/fhir+json, or application/dicom (a DICOM SR, for DICOM inputs)."
         )
     decode_ms = (time.perf_counter() - decode_started) * 1000
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
@@ -301,12 +309,12 @@ async def score_upload(
     ood = out_of_distribution(result.ood_score, model.ood_threshold)
     if ood is not None and ood.flagged:
         services.metrics.out_of_distribution.labels(str(model.version)).inc()
-    if "application/fhir+json" in accept:
+    if answer_type == FHIR:
         fhir = build_fhir(record, model.name, model.version, model.ood_threshold)
         return JSONResponse(
             fhir, media_type="application/fhir+json", headers={"X-Prediction-Id": prediction_id}
         )
-    if wants_sr:
+    if answer_type == DICOM:
         sr = await asyncio.to_thread(
             build_sr, decoded.source, record, model.name, model.version, model.ood_threshold
         )
