@@ -1,10 +1,15 @@
 # pneumoscan serving image: slim, non-root, shipped model baked in, offline-buildable.
 #   docker build -t pneumoscan .                       (wheels from the package index)
-#   python3.11 -m pip wheel -w wheelhouse . && docker build -t pneumoscan .   (offline)
+#   python3.11 -m pip wheel -w wheelhouse . 'setuptools>=69' wheel && docker build -t pneumoscan .
+#   (offline: the wheelhouse holds the build backend too)
+# It serves on LiteRT without TensorFlow. The training image adds it (1.3 GB):
+#   docker build --build-arg EXTRAS=training -t pneumoscan-train .
+#   (offline: python3.11 -m pip wheel -w wheelhouse '.[training]' 'setuptools>=69' wheel first)
 # BASE_IMAGE must be Debian bookworm-like; one without Python gets Debian's python3 (3.11).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
+ARG EXTRAS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -21,11 +26,13 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY training ./training
 RUN python3 -m venv /opt/venv && \
+    target="." && \
+    if [ -n "$EXTRAS" ]; then target=".[$EXTRAS]"; fi && \
     set -- /wheelhouse/*.whl && \
     if [ -e "$1" ]; then \
-        /opt/venv/bin/pip install --no-index --find-links /wheelhouse . ; \
+        /opt/venv/bin/pip install --no-index --find-links /wheelhouse "$target" ; \
     else \
-        /opt/venv/bin/pip install . ; \
+        /opt/venv/bin/pip install "$target" ; \
     fi && \
     find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
@@ -53,6 +60,6 @@ VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status == 200 else 1)"]
-# One process: the model, the micro-batcher and the SQLite writer share it; TensorFlow's own
-# thread pools use the cores. Scale out with more containers, not more workers.
+# One process: the model, the micro-batcher and the SQLite writer share it; the model instances
+# use the cores. Scale out with more containers, not more workers.
 CMD ["pneumoscan", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -167,8 +167,16 @@ def _check_ood_threshold(path: Path, card: dict, outputs) -> None:
 
 def _savedmodel(name: str, version: int, path: Path, card: dict, threads: int) -> LoadedModel:
     """The version on TensorFlow's runtime."""
+    try:
+        import tensorflow as tf
+    except ImportError as exc:  # a serving install: TensorFlow is the `training` extra
+        raise ModelStoreError(
+            f"{path}: this version needs TensorFlow's runtime (no {TFLITE_FILE} that passed "
+            "its check, or PNEUMOSCAN_MODEL_RUNTIME=savedmodel) and TensorFlow is not "
+            "installed: pip install 'pneumoscan[training]', or publish the version with "
+            "`python -m training attach-tflite`"
+        ) from exc
     configure_threads(threads)  # TensorFlow fixes it at its first op; a no-op after that
-    import tensorflow as tf
 
     try:
         loaded = tf.saved_model.load(str(path))

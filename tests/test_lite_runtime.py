@@ -99,14 +99,26 @@ def test_export_without_a_faithful_tflite_publishes_the_savedmodel_alone(
     assert load_version(tmp_path / "pneumonia", 1).runtime == "savedmodel"
 
 
-def test_litert_serves_without_importing_tensorflow(tiny_store: Path, tmp_path: Path) -> None:
+# A serving install (`pip install .`) has no TensorFlow: it is the `training` extra. In these
+# child processes it cannot be imported (None in sys.modules makes `import tensorflow` raise
+# ModuleNotFoundError and find_spec answer None), though this venv has it.
+WITHOUT_TENSORFLOW = """
+import sys
+sys.modules["tensorflow"] = sys.modules["keras"] = None
+"""
+
+
+def test_a_serving_install_without_tensorflow_predicts_and_explains(
+    tiny_store: Path, tmp_path: Path
+) -> None:
     """The card records the SavedModel's answers on the probe at export, so a service on
-    LiteRT checks the file and answers /predict without loading TensorFlow at all (its import
-    alone takes seconds and hundreds of MB)."""
+    LiteRT checks the file and answers /predict and /explain without TensorFlow at all (its
+    import alone takes seconds and hundreds of MB, and the package 1.3 GB of disk)."""
     from tests.utils.fresh_process import last_line
 
-    code = f"""
-import sys
+    code = (
+        WITHOUT_TENSORFLOW
+        + f"""
 from fastapi.testclient import TestClient
 from app.main import create_app
 from tests.conftest import API_KEY, make_settings
@@ -115,10 +127,53 @@ settings = make_settings(Path({str(tiny_store)!r}), Path({str(tmp_path / "data")
 with TestClient(create_app(settings), headers={{"X-API-Key": API_KEY}}) as client:
     upload = Path("tests/fixtures/originals/person495_bacteria_2094.jpeg").read_bytes()
     answer = client.post("/predict", files={{"file": ("x.jpeg", upload)}})
+    overlay = client.get(answer.json()["explain_url"] + "?num_samples=100")
     models = client.get("/models").json()
-print(answer.status_code, models["runtime"], "tensorflow" in sys.modules, "keras" in sys.modules)
+print(answer.status_code, overlay.status_code, overlay.content[:4], models["runtime"])
 """
-    assert last_line(code) == "200 tflite False False"
+    )
+    assert last_line(code) == "200 200 b'\\x89PNG' tflite"
+
+
+def test_without_tensorflow_a_savedmodel_only_version_says_what_to_install(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    code = (
+        WITHOUT_TENSORFLOW
+        + f"""
+from fastapi.testclient import TestClient
+from app.main import create_app
+from tests.conftest import API_KEY, make_settings
+from pathlib import Path
+settings = make_settings(
+    Path({str(tiny_store)!r}), Path({str(tmp_path / "data")!r}), model_runtime="savedmodel"
+)
+with TestClient(create_app(settings), headers={{"X-API-Key": API_KEY}}) as client:
+    ready = client.get("/readyz").status_code
+    detail = client.get("/models").json()["versions"][0]["detail"]
+print(ready, "pip install 'pneumoscan[training]'" in detail)
+"""
+    )
+    from tests.utils.fresh_process import REPO, last_line
+
+    assert last_line(code) == "503 True"
+    import subprocess
+    import sys
+
+    training = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            WITHOUT_TENSORFLOW + "from training.__main__ import main\n"
+            "raise SystemExit(main(['evaluate', '--model', 'x', '--data', 'y']))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert training.returncode == 2
+    assert "pip install -e '.[training]'" in training.stderr
 
 
 def test_a_card_without_recorded_answers_is_checked_against_the_savedmodel(

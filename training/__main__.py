@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -217,6 +218,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.command not in ("card", "promote") and importlib.util.find_spec("tensorflow") is None:
+        print(
+            f"python -m training {args.command} needs TensorFlow, which a serving install "
+            "leaves out: pip install -e '.[training]'",
+            file=sys.stderr,
+        )
+        return 2
     if args.command == "card":
         from training.card import main_card
 
