@@ -75,6 +75,25 @@ def test_compressed_syntaxes(reference: np.ndarray, syntax: str) -> None:
     assert mad(decoded.pixels, reference) < 2.0
 
 
+@pytest.mark.parametrize(
+    ("name", "syntax", "tolerance"),
+    [
+        ("jpeg-lossless-sv1-12bit.dcm", "1.2.840.10008.1.2.4.70", 0.0),
+        ("jpeg-extended-12bit.dcm", "1.2.840.10008.1.2.4.51", 0.1),
+    ],
+)
+def test_jpeg_syntaxes_of_cr_dx_archives(
+    reference: np.ndarray, name: str, syntax: str, tolerance: float
+) -> None:
+    """12-bit JPEG Lossless SV1 and JPEG Extended, as CR/DX modalities and archives send them
+    (files made by DCMTK's dcmcjpeg; pydicom cannot encode them)."""
+    import pydicom
+
+    data = (FIXTURES / "dicom" / name).read_bytes()
+    assert pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID == syntax
+    assert mad(decode_image(data).pixels, reference) <= tolerance
+
+
 def test_uids_are_echoed_and_nothing_else(reference: np.ndarray) -> None:
     decoded = decode_image(make_dicom(reference))
     assert set(decoded.dicom) == {
