@@ -4,6 +4,7 @@ scores a normal radiograph afterwards."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import socket
 import struct
@@ -49,12 +50,13 @@ def png_bomb_header(side: int = 20000) -> bytes:
     )
 
 
-def lateral_dicom() -> bytes:
-    """The DICOM fixture as the lateral image of a PA + lateral study."""
+def dicom_with(**attributes) -> bytes:
+    """The DICOM fixture with some attributes changed."""
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(DICOM))
-    ds.ViewPosition = "LL"
+    for name, value in attributes.items():
+        setattr(ds, name, value)
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
@@ -89,7 +91,14 @@ CASES: dict[str, tuple[str, bytes, int, str | None]] = {
     ),
     "text": ("multipart", b"hello world", 415, "unsupported_media_type"),
     "pdf": ("multipart", b"%PDF-1.4\n" + b"0" * 1000, 415, "unsupported_media_type"),
-    "dicom lateral view": ("multipart", lateral_dicom(), 422, "unsupported_dicom"),
+    "dicom lateral view": ("multipart", dicom_with(ViewPosition="LL"), 422, "unsupported_dicom"),
+    "dicom of a hand": ("multipart", dicom_with(BodyPartExamined="HAND"), 422, "unsupported_dicom"),
+    "jpeg gzip-encoded": (
+        "body-gzip:image/jpeg",
+        gzip.compress(JPEG),
+        415,
+        "unsupported_media_type",
+    ),
     "dicom without preamble": ("multipart", DICOM[128:], 415, "unsupported_media_type"),
     "jpeg as text/plain": ("body:text/plain", JPEG, 415, "unsupported_media_type"),
     "body without content type": ("body:", JPEG, 415, "unsupported_media_type"),
@@ -125,6 +134,9 @@ def send(client: httpx.Client, url: str, how: str, data: bytes) -> httpx.Respons
         body = b'--zzz\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + data
         headers = {**HEADERS, "Content-Type": "multipart/form-data; boundary=yyy"}
         return client.post(url, content=body, headers=headers)
+    if how.startswith("body-gzip:"):
+        headers = {**HEADERS, "Content-Type": how.split(":")[1], "Content-Encoding": "gzip"}
+        return client.post(url, content=data, headers=headers)
     content_type = how.removeprefix("body:")
     headers = {**HEADERS, **({"Content-Type": content_type} if content_type else {})}
     return client.post(url, content=data, headers=headers)

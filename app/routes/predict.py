@@ -122,6 +122,12 @@ async def read_upload(
     the bytes; the content type only says how they are wrapped."""
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
+    coding = request.headers.get("content-encoding", "").strip().lower()
+    if coding not in ("", "identity"):  # before a byte is read: the sniffing would only see noise
+        raise UnsupportedMediaError(
+            f"Content-Encoding {coding[:40]!r} is not accepted: send the image bytes "
+            "uncompressed (JPEG, PNG and compressed DICOM syntaxes are compressed already)."
+        )
     if media_type in RAW_BODY_TYPES:
         data = await read_body(request, max_bytes, timeout_s, holding)
         if not data:
