@@ -78,6 +78,16 @@ class Metrics:
         self.queue_depth = Gauge(
             "pneumoscan_queue_depth", "Predictions waiting for the model", registry=self.registry
         )
+        self.data_free_bytes = Gauge(
+            "pneumoscan_data_dir_free_bytes",
+            "Free space on the file system of PNEUMOSCAN_DATA_DIR (audit records, images)",
+            registry=self.registry,
+        )
+        self.audit_write_failing = Gauge(
+            "pneumoscan_audit_write_failing",
+            "1 while the last audit write failed (predictions answer 503 storage_unavailable)",
+            registry=self.registry,
+        )
         self.rejected = Counter(
             "pneumoscan_rejected_total",
             "Requests refused by limits",

@@ -203,6 +203,7 @@ def test_a_full_disk_answers_503_storage_unavailable_then_recovers(
         overlay = client.get(first["explain_url"] + "?num_samples=100")  # not stored: disk full
         assert overlay.status_code == 200 and overlay.content[:4] == b"\x89PNG"
         assert 'reason="storage_unavailable"' in client.get("/metrics").text
+        assert "pneumoscan_audit_write_failing 1.0" in client.get("/metrics").text
         # Out of rotation until a write works again (before, /readyz stayed 200), but alive.
         for _ in range(2):
             ready = client.get("/readyz")
@@ -217,6 +218,9 @@ def test_a_full_disk_answers_503_storage_unavailable_then_recovers(
             "model": {"name": "pneumonia", "version": 1},
         }
         assert client.post("/predict", files={"file": ("a.jpeg", image)}).status_code == 200
+        metrics = client.get("/metrics").text
+        assert "pneumoscan_audit_write_failing 0.0" in metrics
+        assert "pneumoscan_data_dir_free_bytes " in metrics
         assert store.integrity_ok()
         with store._lock:
             assert store._db.execute("SELECT COUNT(*) FROM write_probe").fetchone()[0] == 0

@@ -84,4 +84,9 @@ async def metrics(services: ServicesDep) -> Response:
     if model is not None:
         services.metrics.model_version.labels(model.name).set(model.version)
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
+    services.metrics.audit_write_failing.set(int(services.writer.failing))
+    try:
+        services.metrics.data_free_bytes.set(shutil.disk_usage(services.settings.data_dir).free)
+    except OSError:
+        services.metrics.data_free_bytes.set(float("nan"))
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
