@@ -36,6 +36,8 @@ class Services:
     explain_cache_max: int = 64
     # Explanations being computed, by cache key: concurrent requests for one share the work.
     explain_inflight: dict[tuple[str, int, int], asyncio.Task] = field(default_factory=dict)
+    # What /readyz last found wrong with the audit storage ("storage_low", ...), or None.
+    storage_state: str | None = None
 
     def cache_get(self, key: tuple[str, int, int]) -> bytes | None:
         png = self.explain_cache.get(key)

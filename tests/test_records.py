@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sqlite3
 import time
@@ -227,14 +228,22 @@ def test_a_full_disk_answers_503_storage_unavailable_then_recovers(
     assert not any(record.exc_info for record in caplog.records)
 
 
-def test_readiness_fails_below_the_free_space_floor(tiny_store: Path, tmp_path: Path) -> None:
-    """A load balancer stops sending images before writes fail; 0 turns the check off."""
+def test_readiness_fails_below_the_free_space_floor(
+    tiny_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load balancer stops sending images before writes fail; 0 turns the check off. The
+    reason is logged once, not on every probe."""
     free_mb = shutil.disk_usage(tmp_path).free // (1024 * 1024)
     for floor, status in ((free_mb + 1024, 503), (0, 200), (1, 200)):
         settings = make_settings(tiny_store, tmp_path / "data", min_free_mb=floor)
         with TestClient(create_app(settings)) as client:
-            ready = client.get("/readyz")
-            assert ready.status_code == status, ready.text
+            # The app's logger does not propagate (its own JSON handler): listen on it.
+            logging.getLogger("pneumoscan").addHandler(caplog.handler)
+            for _ in range(3):
+                ready = client.get("/readyz")
+                assert ready.status_code == status, ready.text
             if status == 503:
                 assert ready.json()["reason"].startswith("storage_low: ")
                 assert "PNEUMOSCAN_MIN_FREE_MB" in ready.json()["reason"]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("not ready:")]
+    assert len(said) == 1 and "storage_low" in said[0], said

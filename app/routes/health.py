@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import sqlite3
 
@@ -15,6 +16,7 @@ from app.schemas import Health, ModelRef
 from app.services import Services
 
 router = APIRouter(tags=["operations"])
+log = logging.getLogger("pneumoscan")
 
 
 # HEAD too (kept out of the OpenAPI schema, where it would repeat GET's operation): some load
@@ -54,9 +56,24 @@ async def readyz(services: ServicesDep) -> Response:
 
 
 async def storage_problem(services: Services) -> str | None:
-    """Why audit records cannot be written now, or None. Free space is read on every call (one
-    statvfs); after a failed write, a probe write says when it works again, since a drained
-    instance gets no predictions to find out by."""
+    """Why audit records cannot be written now, or None; a change is logged once, so that an
+    operator whose instance never gets ready finds why in the log too."""
+    problem = await _storage_problem(services)
+    kind = None if problem is None else problem.split(":", 1)[0]
+    if kind != services.storage_state:
+        if problem is None:
+            log.info("audit storage writable again: ready")
+        else:
+            log.warning(
+                "not ready: %s (PNEUMOSCAN_MIN_FREE_MB=0 turns the free-space check off)", problem
+            )
+        services.storage_state = kind
+    return problem
+
+
+async def _storage_problem(services: Services) -> str | None:
+    """Free space is read on every call (one statvfs); after a failed write, a probe write
+    says when it works again, since a drained instance gets no predictions to find out by."""
     settings = services.settings
     if settings.min_free_mb:
         try:
