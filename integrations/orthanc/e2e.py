@@ -6,9 +6,10 @@ Comprehensive 3D SR in the same study and a `PneumoscanResult` study metadata en
 Starts pneumoscan (shipped model store) and Orthanc with the plugin, both on loopback in temp
 folders, stores four radiographs made from the shared originals (MONOCHROME2 8-bit, MONOCHROME1
 12-bit with a VOI LUT, JPEG 2000, RLE), waits for each SR, checks its label and model version,
-and stops both processes. Then one study of three images, sent in this order: a PA that the
-model calls PNEUMONIA, a repeat PA it calls NORMAL, and a lateral: the lateral must not be
-scored, each PA must get its own SR and result, and the study must read PNEUMONIA. Last,
+and stops both processes. Then one study of five images, sent in this order: a PA that the
+model calls PNEUMONIA, a repeat PA it calls NORMAL, an AP whose BodyPartExamined is TORAX, a
+lateral, and an image labelled HAND: the lateral and the hand must not be scored, each frontal
+chest image must get its own SR and result, and the study must read PNEUMONIA. Last,
 kill -9: Orthanc is restarted with the service unreachable, an image is stored, Orthanc is
 killed while the plugin retries it and started again, and the image must then be scored once,
 with no earlier image scored again.
@@ -64,18 +65,23 @@ def cases() -> list[tuple[str, bytes]]:
 
 
 def multi_image_study() -> list[tuple[str, bytes]]:
-    """PA (pneumonia), repeat PA (normal) and lateral, in one study, in the order sent."""
+    """PA (pneumonia), repeat PA (normal), an AP whose body part is written TORAX (sent: only
+    other body parts are left out), a lateral and an image labelled HAND (neither sent), in one
+    study, in the order sent."""
     study_uid = generate_uid()
     images = [
-        ("pa", "person495_bacteria_2094.jpeg", "PA"),
-        ("repeat", "NORMAL2-IM-0744-0001.jpeg", "PA"),
-        ("lateral", "NORMAL2-IM-0746-0001.jpeg", "LL"),
+        ("pa", "person495_bacteria_2094.jpeg", "PA", "CHEST"),
+        ("repeat", "NORMAL2-IM-0744-0001.jpeg", "PA", "CHEST"),
+        ("torax", "person1133_virus_1865.jpeg", "AP", "TORAX"),
+        ("lateral", "NORMAL2-IM-0746-0001.jpeg", "LL", "CHEST"),
+        ("hand", "NORMAL2-IM-0746-0001.jpeg", "PA", "HAND"),
     ]
     out = []
-    for name, original, view in images:
+    for name, original, view, body_part in images:
         gray = np.asarray(to_grayscale_u8(Image.open(FIXTURES / "originals" / original)))
         ds = pydicom.dcmread(io.BytesIO(make_dicom(gray)))
         ds.StudyInstanceUID, ds.ViewPosition = study_uid, view
+        ds.BodyPartExamined = body_part
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         out.append((name, buffer.getvalue()))
@@ -96,18 +102,25 @@ def check_multi_image_study(base: str, timeout: float) -> bool:
         return answer.text if answer.status_code == 200 else None
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not (instance_result("pa") and instance_result("repeat")):
+    scored = ("pa", "repeat", "torax")
+    while time.monotonic() < deadline and not all(instance_result(name) for name in scored):
         time.sleep(0.5)
-    time.sleep(2)  # the lateral came last: give a wrongly scored one time to show up
+    time.sleep(2)  # the lateral and the hand came last: give a wrongly scored one time to show
     results = {name: instance_result(name) for name in ids}
     study_result = httpx.get(f"{base}/studies/{study}/metadata/PneumoscanResult", timeout=5).text
     srs = sr_count(base, study)
-    ok = results == {"pa": "PNEUMONIA", "repeat": "NORMAL", "lateral": None} and (
-        study_result == "PNEUMONIA" and srs == 2
+    ok = (
+        results["pa"] == "PNEUMONIA"
+        and results["repeat"] == "NORMAL"
+        and results["torax"] in ("NORMAL", "PNEUMONIA")
+        and results["lateral"] is None
+        and results["hand"] is None
+        and study_result == "PNEUMONIA"
+        and srs == 3
     )
     print(
-        f"{'ok' if ok else 'FAIL'} study of PA + repeat PA + lateral: instances {results}, "
-        f"study {study_result}, {srs} SR instances"
+        f"{'ok' if ok else 'FAIL'} study of PA + repeat PA + AP (TORAX) + lateral + HAND: "
+        f"instances {results}, study {study_result}, {srs} SR instances"
     )
     return ok
 
