@@ -272,6 +272,9 @@ class ModelManager:
         self.current: LoadedModel | None = None
         self.failed: dict[int, str] = {}
         self._failed_mtime: dict[int, float] = {}
+        # "Nothing to serve" problems logged since a version last loaded: each said once, not
+        # on every poll.
+        self._said: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -322,7 +325,7 @@ class ModelManager:
             if self.pinned is not None:
                 candidates = [self.pinned] if self.pinned in versions else []
                 if not candidates and (self.current is None or self.current.version != self.pinned):
-                    log.error("pinned version %s not found under %s", self.pinned, self.model_dir)
+                    self._say(f"pinned version {self.pinned} not found under {self.model_dir}")
             else:
                 candidates = sorted(versions, reverse=True)
             if self.current is not None and self.current.version not in versions:
@@ -359,6 +362,7 @@ class ModelManager:
                         self._keep_retired(self.current)
                 self.current = model
                 self.failed.pop(version, None)
+                self._said.clear()
                 log.info(
                     "serving model %s version %d on %s (was %s)",
                     model.name,
@@ -368,7 +372,13 @@ class ModelManager:
                 )
                 return
             if self.current is None:
-                log.error("no valid model version under %s: not ready", self.model_dir)
+                self._say(f"no valid model version under {self.model_dir}: not ready")
+
+    def _say(self, problem: str) -> None:
+        """Log a problem once until a version loads (not on every poll)."""
+        if problem not in self._said:
+            log.error("%s", problem)
+            self._said.add(problem)
 
     def start_polling(self) -> None:
         self._thread = threading.Thread(target=self._poll, name="model-store-poll", daemon=True)

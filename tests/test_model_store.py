@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -70,12 +71,28 @@ def test_manager_skips_corrupt_newer_version_and_keeps_serving(
 
 
 def test_empty_store_is_not_ready_and_pinned_missing_is_refused(tmp_path: Path) -> None:
-    manager = ModelManager(tmp_path, "pneumonia", None, 60)
-    manager.refresh()
-    assert manager.current is None
-    pinned = ModelManager(tmp_path, "pneumonia", 5, 60)
-    pinned.refresh()
-    assert pinned.current is None
+    """Each problem is logged once, not on every poll (before: an error every 5 s)."""
+    said: list[str] = []
+
+    class Collect(logging.Handler):  # on the logger itself: the app's may not propagate
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    logger, collect = logging.getLogger("pneumoscan.model"), Collect(logging.ERROR)
+    logger.addHandler(collect)
+    try:
+        manager = ModelManager(tmp_path, "pneumonia", None, 60)
+        for _ in range(3):
+            manager.refresh()
+        assert manager.current is None
+        pinned = ModelManager(tmp_path, "pneumonia", 5, 60)
+        for _ in range(3):
+            pinned.refresh()
+        assert pinned.current is None
+    finally:
+        logger.removeHandler(collect)
+    assert len([m for m in said if m.startswith("no valid model version")]) == 2, said
+    assert len([m for m in said if m.startswith("pinned version 5 not found")]) == 1, said
 
 
 def test_pinned_version_is_served(tiny_store: Path, tmp_path: Path) -> None:
