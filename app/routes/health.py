@@ -64,9 +64,10 @@ async def storage_problem(services: Services) -> str | None:
         if problem is None:
             log.info("audit storage writable again: ready")
         else:
-            log.warning(
-                "not ready: %s (PNEUMOSCAN_MIN_FREE_MB=0 turns the free-space check off)", problem
+            hint = (
+                " (PNEUMOSCAN_MIN_FREE_MB=0 turns this check off)" if kind == "storage_low" else ""
             )
+            log.warning("not ready: %s%s", problem, hint)
         services.storage_state = kind
     return problem
 
