@@ -128,26 +128,8 @@ done
 [[ "$state" == "healthy" ]] || { docker logs pneumoscan-ci-api-1 | tail -n 30; echo "api never became healthy"; exit 1; }
 
 log "POST /predict and GET /explain against the container"
-python3.11 - "$PORT" "$KEY" "$ROOT/tests/fixtures/originals/person495_bacteria_2094.jpeg" <<'PY'
-import json, sys, urllib.request, uuid
-port, key, path = sys.argv[1], sys.argv[2], sys.argv[3]
-boundary = uuid.uuid4().hex
-body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpeg\"\r\n"
-        "Content-Type: image/jpeg\r\n\r\n").encode() + open(path, "rb").read() + f"\r\n--{boundary}--\r\n".encode()
-request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=body, headers={
-    "Content-Type": f"multipart/form-data; boundary={boundary}", "X-API-Key": key})
-result = json.load(urllib.request.urlopen(request, timeout=60))
-assert result["label"] in ("NORMAL", "PNEUMONIA"), result
-print("[container] prediction", result["label"], result["probabilities"], "model", result["model"])
-explain = urllib.request.Request(f"http://127.0.0.1:{port}{result['explain_url']}", headers={"X-API-Key": key})
-png = urllib.request.urlopen(explain, timeout=120).read()
-assert png[:8] == b"\x89PNG\r\n\x1a\n", png[:16]
-print("[container] explanation PNG", len(png), "bytes")
-models = urllib.request.Request(f"http://127.0.0.1:{port}/models", headers={"Authorization": f"Bearer {key}"})
-runtime = json.load(urllib.request.urlopen(models, timeout=30))["runtime"]
-assert runtime == "tflite", runtime
-print("[container] runtime", runtime)
-PY
+python3.11 "$ROOT/.ci/smoke.py" "http://127.0.0.1:$PORT" "$KEY" \
+  "$ROOT/tests/fixtures/originals/person495_bacteria_2094.jpeg" --tag container --multipart
 log "compose --profile pacs: Orthanc with the plugin, built offline from Debian's HTTP mirror"
 OPORT="$(python3.11 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 DPORT="$(python3.11 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"

@@ -28,32 +28,6 @@ PORT="$(python3.11 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)
 PNEUMOSCAN_API_KEYS="$KEY" PNEUMOSCAN_DATA_DIR="$WORK/data" \
   "$WORK/venv/bin/pneumoscan" serve --host 127.0.0.1 --port "$PORT" >"$WORK/server.log" 2>&1 &
 PID=$!
-"$WORK/venv/bin/python" - "$PORT" "$KEY" "$ROOT/tests/fixtures/originals/person495_bacteria_2094.jpeg" <<'PY'
-import json, sys, time, urllib.error, urllib.request
-port, key, path = sys.argv[1:]
-base = f"http://127.0.0.1:{port}"
-started = time.monotonic()
-while True:
-    try:
-        if urllib.request.urlopen(f"{base}/readyz", timeout=2).status == 200:
-            break
-    except (urllib.error.URLError, OSError):
-        pass
-    if time.monotonic() - started > 120:
-        raise SystemExit("[serving] not ready after 120 s")
-    time.sleep(0.2)
-ready_s = time.monotonic() - started
-request = urllib.request.Request(f"{base}/predict", data=open(path, "rb").read(),
-                                 headers={"Content-Type": "image/jpeg", "X-API-Key": key})
-result = json.load(urllib.request.urlopen(request, timeout=60))
-assert result["label"] == "PNEUMONIA", result
-overlay = urllib.request.Request(f"{base}{result['explain_url']}", headers={"X-API-Key": key})
-png = urllib.request.urlopen(overlay, timeout=120).read()
-assert png[:8] == b"\x89PNG\r\n\x1a\n", png[:16]
-models = urllib.request.Request(f"{base}/models", headers={"X-API-Key": key})
-served = json.load(urllib.request.urlopen(models, timeout=30))
-assert served["runtime"] == "tflite", served["runtime"]
-print(f"[serving] ready in {ready_s:.1f} s; v{served['serving']} on {served['runtime']}: "
-      f"{result['label']} {result['probabilities']['PNEUMONIA']:.4f}; overlay {len(png)} bytes")
-PY
+"$WORK/venv/bin/python" "$ROOT/.ci/smoke.py" "http://127.0.0.1:$PORT" "$KEY" \
+  "$ROOT/tests/fixtures/originals/person495_bacteria_2094.jpeg" --tag serving --label PNEUMONIA
 echo "[serving] OK"
