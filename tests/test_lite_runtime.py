@@ -14,6 +14,7 @@ import pytest
 from app.lite_runtime import TFLITE_FILE, parity_probe
 from app.model_store import file_sha256, verify_version, write_checksums
 from tests.conftest import API_KEY, FIXTURES, make_settings, publish_tiny
+from tests.utils.fresh_process import last_line, run_code
 
 
 def radiographs() -> np.ndarray:
@@ -108,69 +109,54 @@ sys.modules["tensorflow"] = sys.modules["keras"] = None
 """
 
 
+def service_without_tensorflow(store: Path, data: Path, settings: str, body: str) -> str:
+    """Code for a child process without TensorFlow that runs `body` (indented) with `client`,
+    a TestClient of the app on `store`, made with the extra settings `settings`."""
+    return (
+        WITHOUT_TENSORFLOW
+        + f"""
+from pathlib import Path
+from fastapi.testclient import TestClient
+from app.main import create_app
+from tests.conftest import API_KEY, make_settings
+settings = make_settings(Path({str(store)!r}), Path({str(data)!r}), {settings})
+with TestClient(create_app(settings), headers={{"X-API-Key": API_KEY}}) as client:
+{body}"""
+    )
+
+
 def test_a_serving_install_without_tensorflow_predicts_and_explains(
     tiny_store: Path, tmp_path: Path
 ) -> None:
     """The card records the SavedModel's answers on the probe at export, so a service on
     LiteRT checks the file and answers /predict and /explain without TensorFlow at all (its
     import alone takes seconds and hundreds of MB, and the package 1.3 GB of disk)."""
-    from tests.utils.fresh_process import last_line
-
-    code = (
-        WITHOUT_TENSORFLOW
-        + f"""
-from fastapi.testclient import TestClient
-from app.main import create_app
-from tests.conftest import API_KEY, make_settings
-from pathlib import Path
-settings = make_settings(Path({str(tiny_store)!r}), Path({str(tmp_path / "data")!r}))
-with TestClient(create_app(settings), headers={{"X-API-Key": API_KEY}}) as client:
+    body = """
     upload = Path("tests/fixtures/originals/person495_bacteria_2094.jpeg").read_bytes()
-    answer = client.post("/predict", files={{"file": ("x.jpeg", upload)}})
+    answer = client.post("/predict", files={"file": ("x.jpeg", upload)})
     overlay = client.get(answer.json()["explain_url"] + "?num_samples=100")
     models = client.get("/models").json()
 print(answer.status_code, overlay.status_code, overlay.content[:4], models["runtime"])
 """
-    )
+    code = service_without_tensorflow(tiny_store, tmp_path / "data", "", body)
     assert last_line(code) == "200 200 b'\\x89PNG' tflite"
 
 
 def test_without_tensorflow_a_savedmodel_only_version_says_what_to_install(
     tiny_store: Path, tmp_path: Path
 ) -> None:
-    code = (
-        WITHOUT_TENSORFLOW
-        + f"""
-from fastapi.testclient import TestClient
-from app.main import create_app
-from tests.conftest import API_KEY, make_settings
-from pathlib import Path
-settings = make_settings(
-    Path({str(tiny_store)!r}), Path({str(tmp_path / "data")!r}), model_runtime="savedmodel"
-)
-with TestClient(create_app(settings), headers={{"X-API-Key": API_KEY}}) as client:
+    body = """
     ready = client.get("/readyz").status_code
     detail = client.get("/models").json()["versions"][0]["detail"]
 print(ready, "pip install 'pneumoscan[training]'" in detail)
 """
+    code = service_without_tensorflow(
+        tiny_store, tmp_path / "data", 'model_runtime="savedmodel"', body
     )
-    from tests.utils.fresh_process import REPO, last_line
-
     assert last_line(code) == "503 True"
-    import subprocess
-    import sys
-
-    training = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            WITHOUT_TENSORFLOW + "from training.__main__ import main\n"
-            "raise SystemExit(main(['evaluate', '--model', 'x', '--data', 'y']))",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
+    training = run_code(
+        WITHOUT_TENSORFLOW + "from training.__main__ import main\n"
+        "raise SystemExit(main(['evaluate', '--model', 'x', '--data', 'y']))"
     )
     assert training.returncode == 2
     assert "pip install -e '.[training]'" in training.stderr

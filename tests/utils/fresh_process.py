@@ -10,14 +10,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
-def last_line(code: str, timeout: float = 120) -> str:
-    """The last line `code` prints, run by this interpreter from the repository root."""
-    out = subprocess.run(
+def run_code(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`code` run by this interpreter from the repository root, its output captured as text."""
+    return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO,
-        check=True,
-    ).stdout
-    return out.strip().splitlines()[-1]
+        check=False,
+    )
+
+
+def last_line(code: str, timeout: float = 120) -> str:
+    """The last line `code` prints; CalledProcessError if it fails."""
+    done = run_code(code, timeout)
+    done.check_returncode()
+    return done.stdout.strip().splitlines()[-1]
