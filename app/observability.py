@@ -116,6 +116,7 @@ class JsonFormatter(logging.Formatter):
             "model_version",
             "label",
             "ood_flagged",
+            "answer",
         ):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)

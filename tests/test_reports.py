@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pydicom
+import pytest
 from PIL import Image
 
 from tests.conftest import FIXTURES
@@ -79,3 +81,26 @@ def test_sr_for_a_jpeg_is_not_acceptable(client) -> None:
     assert response.json()["error"]["code"] == "not_acceptable"
     # refused before the model ran: nothing was recorded for an answer never delivered
     assert client.app.state.services.records.count() == 0
+
+
+@pytest.mark.parametrize(
+    "accept", ["application/json", "application/fhir+json", "application/dicom"]
+)
+def test_every_answer_type_logs_the_prediction(client, caplog, accept: str) -> None:
+    """A PACS integration asks for the SR: its predictions belong in the log like JSON ones."""
+    caplog.set_level(logging.INFO, logger="pneumoscan")
+    response = client.post(
+        "/predict",
+        files={"file": ("a.dcm", make_dicom(gray_image(), bits=12))},
+        headers={"Accept": accept},
+    )
+    assert response.status_code == 200, response.text
+    logged = [r for r in caplog.records if r.getMessage() == "prediction"]
+    assert len(logged) == 1
+    assert logged[0].answer == accept
+    assert logged[0].prediction_id == (
+        response.json()["prediction_id"]
+        if accept == "application/json"
+        else response.headers["x-prediction-id"]
+    )
+    assert logged[0].label in ("NORMAL", "PNEUMONIA")

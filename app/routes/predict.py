@@ -315,6 +315,19 @@ async def score_upload(
     ood = out_of_distribution(result.ood_score, model.ood_threshold)
     if ood is not None and ood.flagged:
         services.metrics.out_of_distribution.labels(str(model.version)).inc()
+    # Every recorded prediction is logged, whichever representation carries it (before round
+    # 18, FHIR and SR answers, which a PACS integration asks for, were missing from the log).
+    log.info(
+        "prediction",
+        extra={
+            "prediction_id": prediction_id,
+            "key_id": key_id,
+            "model_version": model.version,
+            "label": label,
+            "ood_flagged": None if ood is None else ood.flagged,
+            "answer": answer_type,
+        },
+    )
     if answer_type == FHIR:
         fhir = build_fhir(record, model.name, model.version, model.ood_threshold)
         return JSONResponse(
@@ -328,16 +341,6 @@ async def score_upload(
         if ood is not None:  # for a PACS plugin, which gets no JSON body with the SR
             headers["X-Input-Check"] = "flagged" if ood.flagged else "typical"
         return Response(sr, media_type="application/dicom", headers=headers)
-    log.info(
-        "prediction",
-        extra={
-            "prediction_id": prediction_id,
-            "key_id": key_id,
-            "model_version": model.version,
-            "label": label,
-            "ood_flagged": None if ood is None else ood.flagged,
-        },
-    )
     body = PredictionPublic(
         prediction_id=prediction_id,
         label=label,
