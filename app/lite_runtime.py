@@ -14,7 +14,12 @@ the inline caller) and give it back afterwards.
 
 from __future__ import annotations
 
+import logging
+import os
 import queue
+import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,13 @@ TFLITE_FILE = "model.tflite"
 PROBABILITY_TOLERANCE = 1e-4
 OOD_TOLERANCE = 1e-2
 OOD_CHECKED_BELOW = 10.0  # x the flag threshold
+
+log = logging.getLogger("pneumoscan.model")
+# Printed by LiteRT's C++ logger on file descriptor 2 at a process's first model call; no
+# setting silences it, and it would be the one line of the service's log that is not JSON.
+XNNPACK_NOTICE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+_first_call_lock = threading.Lock()
+_first_call_done = False
 
 
 def differences(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, float]:
@@ -124,6 +136,7 @@ class LiteEngine:
         self._pool: queue.SimpleQueue = queue.SimpleQueue()
         runner = self._new()  # fails here, at load, if the file or signature is wrong
         self.outputs = tuple(sorted(runner.get_output_details()))
+        _first_call_with_stderr_captured(runner)
         self._pool.put(runner)
 
     def _new(self):
@@ -140,3 +153,46 @@ class LiteEngine:
             return runner(pixels=np.ascontiguousarray(pixels))
         finally:
             self._pool.put(runner)
+
+
+def _first_call_with_stderr_captured(runner) -> None:
+    """Run the process's first model call with file descriptor 2 sent to a temporary file, so
+    LiteRT's notice becomes a debug record of the JSON log; any other output of that moment (a
+    LiteRT error, or another thread's log line) is written back to stderr unchanged."""
+    global _first_call_done
+    probe = np.zeros((1, TARGET_SIZE, TARGET_SIZE, 1), np.uint8)
+    with _first_call_lock:
+        if _first_call_done:
+            return
+        _first_call_done = True
+        try:
+            sys.stderr.flush()
+            captured = tempfile.TemporaryFile()
+        except (OSError, ValueError, AttributeError):  # no stderr or no temporary file
+            runner(pixels=probe)
+            return
+        with captured:
+            saved = os.dup(2)
+            os.dup2(captured.fileno(), 2)
+            try:
+                runner(pixels=probe)
+            finally:
+                try:
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+                os.dup2(saved, 2)
+                os.close(saved)
+                captured.seek(0)
+                _pass_on(captured.read())
+
+
+def _pass_on(output: bytes) -> None:
+    rest = []
+    for line in output.splitlines(keepends=True):
+        if line.strip() == XNNPACK_NOTICE:
+            log.debug("LiteRT: %s", XNNPACK_NOTICE.decode())
+        else:
+            rest.append(line)
+    if rest:
+        os.write(2, b"".join(rest))

@@ -310,3 +310,44 @@ def test_unreadable_recorded_answers_fall_back_to_the_savedmodel(
     (folder / "model.json").write_text(json.dumps(card))
     write_checksums(folder)
     assert load_version(tmp_path / "pneumonia", 1).runtime == "savedmodel"
+
+
+def test_litert_notice_is_kept_out_of_stderr(tiny_store: Path) -> None:
+    """LiteRT prints an `INFO:` line on stderr at a process's first model call, which no setting
+    silences: in a JSON log it would be the one line a log shipper cannot parse."""
+    tflite = tiny_store / "pneumonia" / "1" / TFLITE_FILE
+    done = run_code(
+        "import logging, sys\n"
+        "import numpy as np\n"
+        "from pathlib import Path\n"
+        "from app.lite_runtime import LiteEngine\n"
+        "logging.basicConfig(level=logging.DEBUG, stream=sys.stdout)\n"
+        f"engines = [LiteEngine(Path({str(tflite)!r}), 1) for _ in range(2)]\n"
+        "for engine in engines:\n"
+        "    engine(np.zeros((2, 224, 224, 1), np.uint8))\n"
+        "print('called')\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "XNNPACK" not in done.stderr
+    assert done.stdout.count("LiteRT: INFO: Created TensorFlow Lite XNNPACK delegate") == 1
+    assert done.stdout.strip().endswith("called")
+
+
+def test_other_output_of_the_first_call_still_reaches_stderr(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    from app import lite_runtime
+
+    monkeypatch.setattr(lite_runtime, "_first_call_done", False)
+
+    def failing_runner(pixels: np.ndarray) -> None:
+        os.write(2, lite_runtime.XNNPACK_NOTICE + b"\nERROR: a real LiteRT problem\n")
+        raise RuntimeError("invoke failed")
+
+    with pytest.raises(RuntimeError, match="invoke failed"):
+        lite_runtime._first_call_with_stderr_captured(failing_runner)
+    assert capfd.readouterr().err == "ERROR: a real LiteRT problem\n"
+    os.write(2, b"after\n")  # file descriptor 2 is restored
+    assert capfd.readouterr().err == "after\n"
