@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from app.http_protocol import BoundedHeadHttpToolsProtocol
+    from app.observability import uvicorn_log_config
 
     # One worker: the model, micro-batcher and SQLite writer live in one process; TensorFlow
     # uses the cores inside it.
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         workers=1,
         log_level="warning",
+        log_config=uvicorn_log_config("warning"),
+        access_log=False,
+        server_header=False,  # no product banner for scanners
         timeout_graceful_shutdown=10,
         # Longer than the idle expiry of common client pools (httpx 5 s, urllib3 none, nginx
         # upstream 60 s): with uvicorn's 5 s default a pooled connection could be closed by the

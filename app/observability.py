@@ -9,6 +9,8 @@ import logging
 import os
 import re
 import time
+import traceback
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -121,7 +123,13 @@ class JsonFormatter(logging.Formatter):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:
-            entry["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+            kind, _, trace = record.exc_info
+            entry["exc_type"] = kind.__name__ if kind else None
+            # Where it happened, never what it said: an exception's message can quote an upload.
+            entry["exc_where"] = [
+                f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+                for frame in traceback.extract_tb(trace)[-8:]
+            ]
         return json.dumps(entry)
 
 
@@ -132,6 +140,34 @@ def configure_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+def uvicorn_log_config(level: str) -> dict:
+    """For `pneumoscan serve`: uvicorn's own records (a malformed request, an exception that
+    escaped the app, a shutdown that timed out) and any library's warnings as the same JSON
+    lines as the service's, instead of plain text (a library logger without a handler writes
+    its bare message to stderr). uvicorn's access log is off: ObservabilityMiddleware writes
+    one per request. python-multipart's per-request warnings about a malformed body are
+    dropped: the client gets a 4xx that says so, and a hostile client must not fill the log."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "loggers": {
+            "uvicorn": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
+            "uvicorn.access": {"handlers": [], "level": level.upper(), "propagate": False},
+            "python_multipart": {"level": "ERROR"},
+            "multipart": {"level": "ERROR"},  # its name before python-multipart 0.0.13
+        },
+        "root": {"handlers": ["stderr"], "level": "WARNING"},
+    }
 
 
 access_log = logging.getLogger("pneumoscan.access")

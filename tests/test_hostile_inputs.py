@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import socket
 import struct
 import time
@@ -267,4 +268,12 @@ def test_after_the_battery_the_service_is_healthy_and_logged_no_traceback(
     good = client.post(f"{url}/predict", files={"file": ("x", JPEG)}, headers=HEADERS)
     assert good.status_code == 200
     assert 'status="500"' not in client.get(f"{url}/metrics").text
-    assert "Traceback" not in server["log"].read_text()
+    log = server["log"].read_text()
+    assert "Traceback" not in log
+    # One JSON object per line, uvicorn's own warnings included ("Invalid HTTP request
+    # received." was plain text before round 18), and no exception escaped to the server.
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert not [line for line in lines if not line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    assert any(r["logger"] == "uvicorn.error" for r in records)
+    assert not [r for r in records if "exc_type" in r or r["level"] in ("ERROR", "CRITICAL")]

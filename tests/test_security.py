@@ -66,3 +66,27 @@ def test_kill_9_during_writes_loses_no_answered_prediction(tiny_store: Path) -> 
     assert result["answered_200"] > 0
     assert result["missing"] == 0 and result["mismatched"] == 0
     assert result["integrity"] == "ok" and result["explain_after_restart"] == 200
+
+
+def test_a_logged_exception_says_where_it_happened_but_not_its_message() -> None:
+    """An exception's text can quote an upload (a DICOM tag, a file name); its frames cannot."""
+    import json
+    import sys
+
+    from app.observability import JsonFormatter
+
+    def decode_tags() -> None:
+        raise ValueError(f"bad value {PATIENT_NAME!r}")
+
+    try:
+        decode_tags()
+    except ValueError:
+        record = logging.LogRecord("pneumoscan", logging.ERROR, __file__, 1, "failed", (), None)
+        record.exc_info = sys.exc_info()
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["exc_type"] == "ValueError"
+    assert (
+        entry["exc_where"][-1].startswith("test_security.py:")
+        and "decode_tags" in (entry["exc_where"][-1])
+    )
+    assert PATIENT_NAME not in json.dumps(entry)
