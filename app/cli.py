@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # One worker: the model, micro-batcher and SQLite writer live in one process; TensorFlow
     # uses the cores inside it.
+    logging.captureWarnings(True)  # a library's warnings become JSON records, not bare text
     uvicorn.run(
         "app.main:create_app",
         factory=True,
