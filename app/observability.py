@@ -85,6 +85,11 @@ class Metrics:
             "Free space on the file system of PNEUMOSCAN_DATA_DIR (audit records, images)",
             registry=self.registry,
         )
+        self.ready = Gauge(
+            "pneumoscan_ready",
+            "1 while /readyz would answer 200 (a model serves and audit records can be written)",
+            registry=self.registry,
+        )
         self.audit_write_failing = Gauge(
             "pneumoscan_audit_write_failing",
             "1 while the last audit write failed (predictions answer 503 storage_unavailable)",

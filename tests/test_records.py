@@ -205,6 +205,7 @@ def test_a_full_disk_answers_503_storage_unavailable_then_recovers(
         assert overlay.status_code == 200 and overlay.content[:4] == b"\x89PNG"
         assert 'reason="storage_unavailable"' in client.get("/metrics").text
         assert "pneumoscan_audit_write_failing 1.0" in client.get("/metrics").text
+        assert "pneumoscan_ready 0.0" in client.get("/metrics").text
         # Out of rotation until a write works again (before, /readyz stayed 200), but alive.
         for _ in range(2):
             ready = client.get("/readyz")
@@ -221,6 +222,7 @@ def test_a_full_disk_answers_503_storage_unavailable_then_recovers(
         assert client.post("/predict", files={"file": ("a.jpeg", image)}).status_code == 200
         metrics = client.get("/metrics").text
         assert "pneumoscan_audit_write_failing 0.0" in metrics
+        assert "pneumoscan_ready 1.0" in metrics
         assert "pneumoscan_data_dir_free_bytes " in metrics
         assert store.integrity_ok()
         with store._lock:
@@ -242,6 +244,8 @@ def test_readiness_fails_below_the_free_space_floor(
             for _ in range(3):
                 ready = client.get("/readyz")
                 assert ready.status_code == status, ready.text
+            metrics = client.get("/metrics").text
+            assert f"pneumoscan_ready {1.0 if status == 200 else 0.0}" in metrics
             if status == 503:
                 assert ready.json()["reason"].startswith("storage_low: ")
                 assert "PNEUMOSCAN_MIN_FREE_MB" in ready.json()["reason"]

@@ -102,6 +102,9 @@ async def metrics(services: ServicesDep) -> Response:
     if model is not None:
         services.metrics.model_version.labels(model.name).set(model.version)
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
+    # /readyz's answer, for an alert on the scrape (a load balancer's probe leaves no history)
+    ready = model is not None and await storage_problem(services) is None
+    services.metrics.ready.set(int(ready))
     services.metrics.audit_write_failing.set(int(services.writer.failing))
     try:
         services.metrics.data_free_bytes.set(shutil.disk_usage(services.settings.data_dir).free)
