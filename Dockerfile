@@ -59,7 +59,7 @@ WORKDIR /tmp
 VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status == 200 else 1)"]
+    CMD ["python3", "-m", "app.healthcheck", "8000"]
 # One process: the model, the micro-batcher and the SQLite writer share it; the model instances
 # use the cores. Scale out with more containers, not more workers.
 CMD ["pneumoscan", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -108,7 +108,7 @@ services:
       PNEUMOSCAN_API_KEYS: "$KEY"
     command: ["pneumoscan", "serve", "--host", "127.0.0.1", "--port", "$PORT"]
     healthcheck:
-      test: ["CMD", "python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$PORT/readyz', timeout=4).status == 200 else 1)"]
+      test: ["CMD", "python3", "-m", "app.healthcheck", "$PORT"]
       interval: 3s
       start_period: 60s
 YAML

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.http_protocol import BoundedHeadHttpToolsProtocol
     from app.observability import uvicorn_log_config
+    from app.settings import Settings
+    from app.tls import uvicorn_tls_options
 
     # One worker: the model, micro-batcher and SQLite writer live in one process; TensorFlow
     # uses the cores inside it.
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_keep_alive=75,
         # httptools, with a bound on the request head (app/http_protocol.py)
         http=BoundedHeadHttpToolsProtocol,
+        **uvicorn_tls_options(Settings()),
     )
     return 0
 
@@ -91,7 +94,9 @@ def settings_problem() -> str | None:
             f"PNEUMOSCAN_DATA_DIR {data_dir} is not a writable folder ({exc.strerror}): the "
             "audit database and stored images live there; set it to one this user can write."
         )
-    return None
+    from app.tls import tls_problem
+
+    return tls_problem(settings)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,22 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(5.0, gt=0, description="Model store poll interval.")
     cors_origins: str = Field("", description="Comma-separated CORS origins; empty = CORS off.")
     log_level: str = Field("INFO", description="Logging level.")
+    tls_certfile: Path | None = Field(
+        None,
+        description="PEM certificate (chain) of this server: `pneumoscan serve` speaks HTTPS "
+        "only (with tls_keyfile).",
+    )
+    tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile.")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="PEM CA certificates: every client must present a certificate issued by "
+        "one of them (mutual TLS), as well as an API key.",
+    )
+
+    @field_validator("tls_certfile", "tls_keyfile", "tls_client_ca", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # `VAR=` in an env file or compose means unset
 
     @field_validator("log_level")
     @classmethod
@@ -118,6 +134,14 @@ class Settings(BaseSettings):
                 "max_inflight_upload_bytes must be at least max_upload_bytes + 65536, or the "
                 "largest accepted upload could never be admitted"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile are set together, or neither")
+        if self.tls_client_ca is not None and self.tls_certfile is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_certfile and tls_keyfile")
         return self
 
     @model_validator(mode="after")

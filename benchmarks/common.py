@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -83,9 +84,11 @@ def running_server(
     extra_env: dict[str, str] | None = None,
     workers: int = 1,
     wait_for: str = "/readyz",
+    tls_client: ssl.SSLContext | None = None,
 ) -> Iterator[dict]:
     """Start `pneumoscan serve` on 127.0.0.1, wait for `wait_for` (/readyz: serving; /healthz:
-    the process answers, ready or not), stop it on exit. With
+    the process answers, ready or not), stop it on exit. Served over HTTPS when `extra_env`
+    sets PNEUMOSCAN_TLS_CERTFILE; `tls_client` is then how the readiness poll connects. With
     `workers` > 1 it runs uvicorn's own multi-process mode instead (a measurement only:
     `pneumoscan serve` has one worker), in a process group of its own, stopped as a group."""
     import httpx
@@ -117,7 +120,8 @@ def running_server(
         stderr=subprocess.STDOUT,
         start_new_session=workers > 1,
     )
-    url = f"http://127.0.0.1:{port}"
+    scheme = "https" if env.get("PNEUMOSCAN_TLS_CERTFILE") else "http"
+    url = f"{scheme}://127.0.0.1:{port}"
     ready_s = None
     try:
         deadline = time.monotonic() + 120
@@ -125,7 +129,8 @@ def running_server(
             if process.poll() is not None:
                 raise RuntimeError(f"server exited: {Path(log_file.name).read_text()[-2000:]}")
             try:
-                if httpx.get(f"{url}{wait_for}", timeout=1).status_code == 200:
+                answer = httpx.get(f"{url}{wait_for}", timeout=1, verify=tls_client or True)
+                if answer.status_code == 200:
                     ready_s = time.perf_counter() - started
                     break
             except httpx.HTTPError:

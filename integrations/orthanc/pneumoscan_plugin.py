@@ -6,6 +6,11 @@ Configuration (environment of the Orthanc process):
   PNEUMOSCAN_API_KEY    API key for X-API-Key (required)
   PNEUMOSCAN_MAX_TRIES  tries before an instance is marked as waiting for the service (or, on
                         HTTP 500, given up as failing on that image) (default 6)
+  PNEUMOSCAN_CA_FILE    for an https:// URL: PEM CA certificates that verify the service's
+                        certificate (default: the system's CAs)
+  PNEUMOSCAN_CLIENT_CERT, PNEUMOSCAN_CLIENT_KEY
+                        for an https:// URL: the PEM certificate (and key, if not in the same
+                        file) presented when the service requires client certificates
 
 Ingest is never blocked: the change callback only wakes a worker thread, which follows Orthanc's
 own change log (`/changes`) from a cursor kept in Orthanc's database (global property
@@ -34,6 +39,7 @@ instance was.
 import json
 import os
 import re
+import ssl
 import threading
 import time
 import urllib.error
@@ -45,6 +51,23 @@ import orthanc
 SERVICE = os.environ.get("PNEUMOSCAN_URL", "http://127.0.0.1:8000").rstrip("/")
 API_KEY = os.environ.get("PNEUMOSCAN_API_KEY", "")
 MAX_TRIES = int(os.environ.get("PNEUMOSCAN_MAX_TRIES", "6"))
+
+
+def tls_context(service, environ):
+    """The TLS settings for an https:// service URL (None for http://): the service's
+    certificate verified against PNEUMOSCAN_CA_FILE or the system's CAs, its host name checked,
+    and a client certificate where one is configured. A file that cannot be read fails here, as
+    Orthanc loads the plugin, not on every image."""
+    if not service.lower().startswith("https://"):
+        return None
+    context = ssl.create_default_context(cafile=environ.get("PNEUMOSCAN_CA_FILE") or None)
+    certfile = environ.get("PNEUMOSCAN_CLIENT_CERT")
+    if certfile:
+        context.load_cert_chain(certfile, environ.get("PNEUMOSCAN_CLIENT_KEY") or None)
+    return context
+
+
+TLS_CONTEXT = tls_context(SERVICE, os.environ)
 SCORED_MODALITIES = {"CR", "DX", "DR"}
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 METADATA = "PneumoscanResult"
@@ -123,7 +146,9 @@ def _post_predict(dicom_bytes):
         },
     )
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+        with urllib.request.urlopen(  # noqa: S310
+            request, timeout=60, context=TLS_CONTEXT
+        ) as response:
             headers = response.headers
             return response.read(), headers.get("X-Label", ""), headers.get("X-Input-Check")
     except urllib.error.HTTPError as exc:

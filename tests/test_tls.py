@@ -1,0 +1,197 @@
+"""HTTPS and mutual TLS for `pneumoscan serve`, its container health probe, and the Orthanc
+plugin as an HTTPS client, against a real uvicorn on 127.0.0.1 with certificates from a test
+CA (trustme)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import ssl
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trustme
+
+from app.cli import settings_problem
+from benchmarks.common import BENCH_KEY, running_server
+from tests.conftest import fixture_bytes
+from tests.utils.fresh_process import REPO, run_code
+
+JPEG = fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg")
+DICOM = fixture_bytes("dicom/person1946_bacteria_4874.dcm")
+HEADERS = {"X-API-Key": BENCH_KEY, "Content-Type": "image/jpeg"}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
+    """The hospital's CA, the service's certificate, a client's (the PACS gateway) and one
+    from a CA the service does not trust."""
+    folder = tmp_path_factory.mktemp("pki")
+    ca, stranger = trustme.CA(), trustme.CA()
+    files = types.SimpleNamespace(folder=folder)
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    server.cert_chain_pems[0].write_to_path(str(folder / "server.pem"))
+    server.private_key_pem.write_to_path(str(folder / "server.key"))
+    ca.issue_cert("pacs-gateway.hospital.example").private_key_and_cert_chain_pem.write_to_path(
+        str(folder / "client.pem")
+    )
+    stranger.issue_cert("intruder.example").private_key_and_cert_chain_pem.write_to_path(
+        str(folder / "stranger.pem")
+    )
+    for name in ("ca", "server", "client", "stranger"):
+        setattr(files, name, folder / f"{name}.pem")
+    files.server_key = folder / "server.key"
+    return files
+
+
+def client_context(pki: types.SimpleNamespace, certificate: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if certificate is not None:
+        context.load_cert_chain(str(certificate))
+    return context
+
+
+def tls_env(pki: types.SimpleNamespace, mutual: bool) -> dict[str, str]:
+    env = {
+        "PNEUMOSCAN_TLS_CERTFILE": str(pki.server),
+        "PNEUMOSCAN_TLS_KEYFILE": str(pki.server_key),
+    }
+    if mutual:
+        env["PNEUMOSCAN_TLS_CLIENT_CA"] = str(pki.ca)
+    return env
+
+
+@pytest.fixture(scope="module")
+def mutual_server(
+    tiny_store: Path, tmp_path_factory: pytest.TempPathFactory, pki
+) -> Iterator[dict]:
+    with running_server(
+        tiny_store,
+        tmp_path_factory.mktemp("mtls"),
+        extra_env=tls_env(pki, mutual=True),
+        tls_client=client_context(pki, pki.client),
+    ) as running:
+        yield running
+
+
+def test_https_serves_and_refuses_plain_http(tiny_store: Path, tmp_path: Path, pki) -> None:
+    with running_server(
+        tiny_store, tmp_path, extra_env=tls_env(pki, mutual=False), tls_client=client_context(pki)
+    ) as server:
+        url = server["url"]
+        assert url.startswith("https://")
+        with httpx.Client(verify=client_context(pki)) as client:
+            answer = client.post(f"{url}/predict", content=JPEG, headers=HEADERS)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["label"] in ("NORMAL", "PNEUMONIA")
+        # The key still travels only inside TLS: plain HTTP on the same port gets no answer.
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(url.replace("https", "http"), content=JPEG, headers=HEADERS, timeout=5)
+        # A client that does not trust the hospital's CA refuses the server.
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=5)
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_configured_ca(
+    mutual_server: dict, pki
+) -> None:
+    url = mutual_server["url"]
+    for refused in (client_context(pki), client_context(pki, pki.stranger)):
+        with pytest.raises(httpx.HTTPError):
+            with httpx.Client(verify=refused, timeout=5) as client:
+                client.get(f"{url}/healthz").raise_for_status()
+    with httpx.Client(verify=client_context(pki, pki.client)) as client:
+        answer = client.post(f"{url}/predict", content=JPEG, headers=HEADERS)
+        assert answer.status_code == 200, answer.text
+        # A certificate is not a key: the API key is still required.
+        no_key = client.post(f"{url}/predict", content=JPEG, headers={"Content-Type": "image/jpeg"})
+        assert no_key.status_code == 401
+
+
+def test_the_container_health_probe_speaks_tls(mutual_server: dict, pki) -> None:
+    """The HEALTHCHECK of the image, `python -m app.healthcheck <port>`, under mutual TLS."""
+    port = mutual_server["url"].rsplit(":", 1)[1]
+    code = f"import sys; from app.healthcheck import main; sys.exit(main([{port!r}]))"
+    env_before = dict(os.environ)
+    try:
+        os.environ.update(tls_env(pki, mutual=True))
+        assert run_code(code).returncode == 0
+        os.environ.pop("PNEUMOSCAN_TLS_CLIENT_CA")  # no client certificate: refused
+        assert run_code(code).returncode == 1
+        for name in ("PNEUMOSCAN_TLS_CERTFILE", "PNEUMOSCAN_TLS_KEYFILE"):
+            os.environ.pop(name)  # plain HTTP against a TLS port
+        assert run_code(code).returncode == 1
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+
+
+def test_the_orthanc_plugin_posts_over_mutual_tls(
+    mutual_server: dict, pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(
+        sys.modules,
+        "orthanc",
+        types.SimpleNamespace(RegisterOnChangeCallback=lambda callback: None),
+    )
+    spec = importlib.util.spec_from_file_location(
+        "pneumoscan_plugin_tls", REPO / "integrations" / "orthanc" / "pneumoscan_plugin.py"
+    )
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    assert plugin.tls_context("http://api:8000", {}) is None
+    url = mutual_server["url"]
+    monkeypatch.setattr(plugin, "SERVICE", url)
+    monkeypatch.setattr(plugin, "API_KEY", BENCH_KEY)
+    environ = {"PNEUMOSCAN_CA_FILE": str(pki.ca), "PNEUMOSCAN_CLIENT_CERT": str(pki.client)}
+    monkeypatch.setattr(plugin, "TLS_CONTEXT", plugin.tls_context(url, environ))
+    sr, label, _ = plugin._post_predict(DICOM)
+    assert sr[128:132] == b"DICM" and label in ("NORMAL", "PNEUMONIA")
+    # Without the client certificate the service refuses the connection, which the plugin
+    # treats as the service being unreachable: it retries, the image is not lost.
+    monkeypatch.setattr(
+        plugin, "TLS_CONTEXT", plugin.tls_context(url, {"PNEUMOSCAN_CA_FILE": str(pki.ca)})
+    )
+    with pytest.raises(plugin.Transient):
+        plugin._post_predict(DICOM)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"PNEUMOSCAN_TLS_CERTFILE": "server.pem"}, "tls_certfile and tls_keyfile"),
+        ({"PNEUMOSCAN_TLS_CLIENT_CA": "ca.pem"}, "needs tls_certfile"),
+        (
+            {"PNEUMOSCAN_TLS_CERTFILE": "ca.pem", "PNEUMOSCAN_TLS_KEYFILE": "server.key"},
+            "PNEUMOSCAN_TLS_CERTFILE / PNEUMOSCAN_TLS_KEYFILE cannot be used",
+        ),
+        (
+            {
+                "PNEUMOSCAN_TLS_CERTFILE": "server.pem",
+                "PNEUMOSCAN_TLS_KEYFILE": "server.key",
+                "PNEUMOSCAN_TLS_CLIENT_CA": "missing.pem",
+            },
+            "PNEUMOSCAN_TLS_CLIENT_CA cannot be used",
+        ),
+        ({"PNEUMOSCAN_TLS_CERTFILE": "", "PNEUMOSCAN_TLS_KEYFILE": ""}, None),
+    ],
+)
+def test_tls_settings_problems_are_one_line_before_start(
+    pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict, expected: str | None
+) -> None:
+    """A certificate that is not the key's, a missing file, half a pair: said in one line by
+    `pneumoscan serve` before uvicorn starts (which would bury it in a traceback)."""
+    monkeypatch.setenv("PNEUMOSCAN_API_KEYS", BENCH_KEY)
+    monkeypatch.setenv("PNEUMOSCAN_DATA_DIR", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(pki.folder / value) if value else "")
+    problem = settings_problem()
+    if expected is None:
+        assert problem is None
+    else:
+        assert problem is not None and expected in problem and "\n" not in problem
