@@ -3,6 +3,7 @@ module (the real Orthanc round trip is `python -m integrations.orthanc.e2e`, run
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import sys
@@ -30,6 +31,7 @@ class FakeOrthanc(types.ModuleType):
         self.instances: dict[str, dict[str, str]] = {}
         self.metadata: dict[str, str] = {}
         self.stored_srs: list[bytes] = []
+        self.created: list[dict] = []  # POST /tools/create-dicom requests (the overlays)
         self.changes: list[dict] = []  # Orthanc's change log
         self.properties: dict[int, str] = {}  # global properties, kept in Orthanc's database
 
@@ -71,9 +73,13 @@ class FakeOrthanc(types.ModuleType):
     def RestApiPut(self, path: str, value: str) -> None:
         self.metadata[path] = value
 
-    def RestApiPost(self, path: str, body: bytes) -> None:
+    def RestApiPost(self, path: str, body: bytes | str) -> bytes | None:
+        if path == "/tools/create-dicom":
+            self.created.append(json.loads(body))
+            return json.dumps({"ID": f"overlay-{len(self.created)}"}).encode()
         assert path == "/instances"
         self.stored_srs.append(body)
+        return None
 
     def GetGlobalProperty(self, number: int, default: str) -> str:
         return self.properties.get(number, default)
@@ -106,9 +112,12 @@ def load_plugin(monkeypatch: pytest.MonkeyPatch, fake: FakeOrthanc, sent: list, 
         if isinstance(answer, BaseException):
             raise answer
         label, check = answer
-        return b"SR for " + instance_id.encode(), label, check
+        return b"SR for " + instance_id.encode(), label, check, f"prediction-of-{instance_id}"
 
     monkeypatch.setattr(plugin, "_post_predict", post_predict)
+    monkeypatch.setattr(
+        plugin, "_get_overlay", lambda prediction_id: b"PNG of " + prediction_id.encode()
+    )
     return plugin
 
 
@@ -273,4 +282,54 @@ def _next(outcomes: list):
     if isinstance(outcome, BaseException):
         raise outcome
     label, check = outcome
-    return b"SR", label, check
+    return b"SR", label, check, None
+
+
+@pytest.mark.parametrize(
+    ("setting", "with_overlay"),
+    [("pneumonia", {"pa"}), ("all", {"pa", "repeat"}), ("off", set()), ("", {"pa"})],
+)
+def test_explanation_overlays_are_stored_in_the_study(
+    orthanc, monkeypatch, setting: str, with_overlay: set
+) -> None:
+    """A radiologist reading in the PACS viewer sees the overlay as a Secondary Capture image
+    of the study: by default for PNEUMONIA calls only (each costs about a second of CPU)."""
+    monkeypatch.setenv("PNEUMOSCAN_OVERLAYS", setting)
+    fake, sent, answers = FakeOrthanc(), [], {}
+    plugin = load_plugin(monkeypatch, fake, sent, answers)
+    fake.add("pa", ViewPosition="PA", SOPInstanceUID="1.2.3.4")
+    fake.add("repeat", ViewPosition="PA")
+    answers.update(pa=("PNEUMONIA", "typical"), repeat=("NORMAL", "typical"))
+    plugin.drain(0)
+    overlays = {
+        name
+        for name in ("pa", "repeat")
+        if f"/instances/{name}/metadata/PneumoscanOverlay" in fake.metadata
+    }
+    assert overlays == with_overlay
+    for request in fake.created:
+        assert request["Parent"] == STUDY
+        assert request["Tags"]["Modality"] == "OT"  # never scored by the plugin itself
+        assert "NOT FOR DIAGNOSTIC USE" in request["Tags"]["SeriesDescription"]
+        assert request["Content"].startswith("data:image/png;base64,")
+    if "pa" in with_overlay:
+        assert fake.metadata["/instances/pa/metadata/PneumoscanOverlay"] == "overlay-1"
+        first = fake.created[0]
+        assert "1.2.3.4" in first["Tags"]["ImageComments"]
+        assert base64.b64decode(first["Content"].split(",", 1)[1]) == b"PNG of prediction-of-pa"
+
+
+def test_a_failed_overlay_is_said_and_the_call_stands(orthanc, monkeypatch) -> None:
+    def unreachable(prediction_id: str) -> bytes:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(orthanc.plugin, "_get_overlay", unreachable)
+    orthanc.fake.add("pa", ViewPosition="PA")
+    orthanc.answers["pa"] = ("PNEUMONIA", "typical")
+    orthanc.plugin.drain(0)
+    assert orthanc.fake.metadata["/instances/pa/metadata/PneumoscanResult"] == "PNEUMONIA"
+    assert study_metadata(orthanc.fake, "PneumoscanResult") == "PNEUMONIA"
+    assert orthanc.fake.metadata["/instances/pa/metadata/PneumoscanOverlay"].startswith(
+        "error: OSError"
+    )
+    assert len(orthanc.fake.stored_srs) == 1 and not orthanc.fake.created

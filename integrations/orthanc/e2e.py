@@ -122,7 +122,40 @@ def check_multi_image_study(base: str, timeout: float) -> bool:
         f"{'ok' if ok else 'FAIL'} study of PA + repeat PA + AP (TORAX) + lateral + HAND: "
         f"instances {results}, study {study_result}, {srs} SR instances"
     )
-    return ok
+    return check_overlays(base, study, {name: ids[name]["ID"] for name in ids}, deadline) and ok
+
+
+def check_overlays(base: str, study: str, ids: dict[str, str], deadline: float) -> bool:
+    """The PNEUMONIA call's explanation overlay is a Secondary Capture in a new series of the
+    same study (the plugin's default, PNEUMOSCAN_OVERLAYS=pneumonia); the NORMAL call has none."""
+
+    def overlay(name: str) -> str | None:
+        answer = httpx.get(f"{base}/instances/{ids[name]}/metadata/PneumoscanOverlay", timeout=5)
+        return answer.text if answer.status_code == 200 else None
+
+    while time.monotonic() < deadline and overlay("pa") is None:
+        time.sleep(0.5)
+    created = overlay("pa")
+    problems = []
+    if created is None or created.startswith("error"):
+        problems.append(f"PA overlay: {created!r}")
+    else:
+        tags = httpx.get(f"{base}/instances/{created}/simplified-tags", timeout=5).json()
+        parent = httpx.get(f"{base}/instances/{created}/study", timeout=5).json()["ID"]
+        preview = httpx.get(f"{base}/instances/{created}/preview", timeout=10)
+        if parent != study or tags.get("Modality") != "OT":
+            problems.append(f"overlay in study {parent}, modality {tags.get('Modality')}")
+        if "NOT FOR DIAGNOSTIC USE" not in tags.get("SeriesDescription", ""):
+            problems.append(f"overlay series {tags.get('SeriesDescription')!r}")
+        if preview.status_code != 200 or int(tags.get("Rows", 0)) != 224:
+            problems.append(f"overlay preview {preview.status_code}, rows {tags.get('Rows')}")
+    if overlay("repeat") is not None:
+        problems.append(f"the NORMAL repeat got an overlay: {overlay('repeat')!r}")
+    print(
+        f"{'FAIL' if problems else 'ok'} overlay of the PNEUMONIA call stored as a Secondary "
+        f"Capture in the study{': ' + '; '.join(problems) if problems else ''}"
+    )
+    return not problems
 
 
 class Orthanc:
@@ -237,7 +270,11 @@ def run(timeout: float) -> bool:
             "IndexDirectory": f"{tmp}/orthanc",
             "Plugins": [str(PYTHON_PLUGIN)],
             "PythonScript": str(PLUGIN),
-            "UserMetadata": {"PneumoscanResult": 4200, "PneumoscanInputCheck": 4201},
+            "UserMetadata": {
+                "PneumoscanResult": 4200,
+                "PneumoscanInputCheck": 4201,
+                "PneumoscanOverlay": 4202,
+            },
             "StableAge": 2,
         }
         config_path = Path(tmp) / "orthanc.json"

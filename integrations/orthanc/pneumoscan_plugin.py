@@ -6,6 +6,10 @@ Configuration (environment of the Orthanc process):
   PNEUMOSCAN_API_KEY    API key for X-API-Key (required)
   PNEUMOSCAN_MAX_TRIES  tries before an instance is marked as waiting for the service (or, on
                         HTTP 500, given up as failing on that image) (default 6)
+  PNEUMOSCAN_OVERLAYS   which calls also get their explanation overlay (GET /explain, LIME)
+                        stored in the study as a Secondary Capture image, series 9902, so a
+                        radiologist sees it in the PACS viewer: "pneumonia" (default), "all"
+                        or "off". About a second of the service's CPU per overlay.
   PNEUMOSCAN_CA_FILE    for an https:// URL: PEM CA certificates that verify the service's
                         certificate (default: the system's CAs)
   PNEUMOSCAN_CLIENT_CERT, PNEUMOSCAN_CLIENT_KEY
@@ -36,6 +40,7 @@ by another's: PNEUMONIA if any instance is PNEUMONIA, else an instance's error i
 instance was.
 """
 
+import base64
 import json
 import os
 import re
@@ -68,6 +73,10 @@ def tls_context(service, environ):
 
 
 TLS_CONTEXT = tls_context(SERVICE, os.environ)
+OVERLAYS = os.environ.get("PNEUMOSCAN_OVERLAYS", "pneumonia").strip().lower() or "pneumonia"
+# the overlay's Orthanc instance ID, or "error: ..." (the call itself stands either way)
+OVERLAY_METADATA = "PneumoscanOverlay"
+OVERLAY_SERIES_DESCRIPTION = "pneumoscan explanation (LIME) - NOT FOR DIAGNOSTIC USE"
 SCORED_MODALITIES = {"CR", "DX", "DR"}
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 METADATA = "PneumoscanResult"
@@ -150,7 +159,12 @@ def _post_predict(dicom_bytes):
             request, timeout=60, context=TLS_CONTEXT
         ) as response:
             headers = response.headers
-            return response.read(), headers.get("X-Label", ""), headers.get("X-Input-Check")
+            return (
+                response.read(),
+                headers.get("X-Label", ""),
+                headers.get("X-Input-Check"),
+                headers.get("X-Prediction-Id"),
+            )
     except urllib.error.HTTPError as exc:
         detail = exc.read()[:300].decode("utf-8", "replace")
         if exc.code in TRANSIENT:
@@ -158,6 +172,56 @@ def _post_predict(dicom_bytes):
         raise ValueError(f"HTTP {exc.code} {detail}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise Transient(str(exc)) from exc
+
+
+def _get_overlay(prediction_id):
+    """The explanation overlay PNG of one prediction (the key that made it may read it)."""
+    request = urllib.request.Request(  # noqa: S310 - the configured service URL
+        f"{SERVICE}/explain/{prediction_id}", headers={"X-API-Key": API_KEY}
+    )
+    with urllib.request.urlopen(  # noqa: S310
+        request, timeout=120, context=TLS_CONTEXT
+    ) as response:
+        return response.read()
+
+
+def wants_overlay(label):
+    return OVERLAYS == "all" or (OVERLAYS == "pneumonia" and label == "PNEUMONIA")
+
+
+def _store_overlay(instance_id, study_id, tags, label, prediction_id):
+    """Store the overlay as a Secondary Capture in a new series of the study (Orthanc copies
+    the patient and study attributes from the study). A failure is logged and written into the
+    instance's metadata; it does not undo or retry the call, which is already recorded."""
+    if not prediction_id or not wants_overlay(label):
+        return
+    try:
+        png = _get_overlay(prediction_id)
+        request = {
+            "Parent": study_id,
+            "Tags": {
+                "Modality": "OT",  # never CR/DX: the plugin must not score its own overlay
+                "SeriesDescription": OVERLAY_SERIES_DESCRIPTION,
+                "SeriesNumber": "9902",
+                "ConversionType": "WSD",
+                "BurnedInAnnotation": "NO",
+                "ImageComments": (
+                    f"Regions that drove the {label} call on SOP Instance "
+                    f"{tags.get('SOPInstanceUID', '?')} (224 x 224 model input). Screening "
+                    "assistance only: a clinician reads every image."
+                )[:1024],
+            },
+            "Content": "data:image/png;base64," + base64.b64encode(png).decode("ascii"),
+        }
+        created = json.loads(orthanc.RestApiPost("/tools/create-dicom", json.dumps(request)))
+        outcome = created["ID"]
+    except Exception as exc:  # noqa: BLE001 - the call is recorded; the overlay is extra
+        outcome = f"error: {type(exc).__name__}: {exc}"[:200]
+        _log(f"overlay for instance {instance_id} not stored: {outcome}")
+    try:
+        orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{OVERLAY_METADATA}", outcome)
+    except Exception as exc:  # noqa: BLE001 - an orthanc.json without the metadata entry
+        _log(f"{OVERLAY_METADATA} is not in Orthanc's UserMetadata: {exc}")
 
 
 def _should_score(tags):
@@ -224,7 +288,7 @@ def process(instance_id):
     while True:
         attempt += 1
         try:
-            sr_bytes, label, input_check = _post_predict(dicom_bytes)
+            sr_bytes, label, input_check, prediction_id = _post_predict(dicom_bytes)
             break
         except Transient as exc:
             if exc.status == 500 and attempt >= MAX_TRIES:
@@ -246,6 +310,7 @@ def process(instance_id):
     orthanc.RestApiPost("/instances", sr_bytes)
     _record(instance_id, study_id, label or "scored", input_check)
     _log(f"instance {instance_id} scored {label} ({input_check or 'no input check'}); SR stored")
+    _store_overlay(instance_id, study_id, tags, label, prediction_id)
 
 
 def _last_change_before_load():
