@@ -31,6 +31,9 @@ SECURITY_HEADERS = [
 ]
 
 
+HSTS = (b"strict-transport-security", b"max-age=31536000")
+
+
 class Metrics:
     """One registry per app instance, so tests can build several apps in one process."""
 
@@ -202,6 +205,8 @@ class ObservabilityMiddleware:
                 headers.append((b"x-request-id", request_id.encode()))
                 present = {name.lower() for name, _ in headers}
                 headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
+                if scope.get("scheme") == "https":  # served over TLS: browsers keep to it
+                    headers.append(HSTS)
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -42,6 +42,7 @@ def test_security_headers_and_no_cors(client) -> None:
     response = client.get("/healthz", headers={"Origin": "https://evil.example"})
     assert response.headers["x-frame-options"] == "DENY"
     assert response.headers["cache-control"] == "no-store"
+    assert "strict-transport-security" not in response.headers  # plain HTTP: no HSTS
     assert "access-control-allow-origin" not in response.headers
     preflight = client.options(
         "/predict",

@@ -89,6 +89,7 @@ def test_https_serves_and_refuses_plain_http(tiny_store: Path, tmp_path: Path, p
             answer = client.post(f"{url}/predict", content=JPEG, headers=HEADERS)
             assert answer.status_code == 200, answer.text
             assert answer.json()["label"] in ("NORMAL", "PNEUMONIA")
+            assert answer.headers["strict-transport-security"] == "max-age=31536000"
         # The key still travels only inside TLS: plain HTTP on the same port gets no answer.
         with pytest.raises(httpx.HTTPError):
             httpx.post(url.replace("https", "http"), content=JPEG, headers=HEADERS, timeout=5)
