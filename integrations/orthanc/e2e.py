@@ -9,7 +9,9 @@ folders, stores four radiographs made from the shared originals (MONOCHROME2 8-b
 and stops both processes. Then one study of five images, sent in this order: a PA that the
 model calls PNEUMONIA, a repeat PA it calls NORMAL, an AP whose BodyPartExamined is TORAX, a
 lateral, and an image labelled HAND: the lateral and the hand must not be scored, each frontal
-chest image must get its own SR and result, and the study must read PNEUMONIA. Last,
+chest image must get its own SR and result, and the study must read PNEUMONIA; the PNEUMONIA
+PA's explanation overlay must be a Secondary Capture in that study. One radiograph stored with
+DICOMweb STOW-RS must come back, by QIDO-RS, with its SR and overlay series. Last,
 kill -9: Orthanc is restarted with the service unreachable, an image is stored, Orthanc is
 killed while the plugin retries it and started again, and the image must then be scored once,
 with no earlier image scored again.
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -40,6 +43,7 @@ from tests.utils.dicom_factory import make_dicom
 
 PLUGIN = Path(__file__).resolve().parent / "pneumoscan_plugin.py"
 PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def orthanc_binary() -> str | None:
@@ -158,6 +162,59 @@ def check_overlays(base: str, study: str, ids: dict[str, str], deadline: float) 
     return not problems
 
 
+def check_dicomweb(base: str, timeout: float) -> bool:
+    """A PACS or router that speaks DICOMweb stores with STOW-RS and finds the result with
+    QIDO-RS: the SR series and, for a PNEUMONIA call, the overlay series, in the same study."""
+    if not DICOMWEB_PLUGIN.exists():
+        print("SKIPPED DICOMweb: the orthanc-dicomweb plugin is not installed")
+        return True
+    gray = np.asarray(
+        to_grayscale_u8(Image.open(FIXTURES / "originals" / "person495_bacteria_2094.jpeg"))
+    )
+    data = make_dicom(gray)
+    study_uid = pydicom.dcmread(io.BytesIO(data)).StudyInstanceUID
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    stored = httpx.post(
+        f"{base}/dicom-web/studies",
+        content=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        },
+        timeout=30,
+    )
+    modalities: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while (
+        stored.is_success
+        and time.monotonic() < deadline
+        and set(modalities.values())
+        != {
+            "DX",
+            "SR",
+            "OT",
+        }
+    ):
+        time.sleep(0.5)
+        found = httpx.get(f"{base}/dicom-web/studies/{study_uid}/series", timeout=5)
+        if found.status_code == 200:
+            modalities = {
+                series["0020000E"]["Value"][0]: series["00080060"]["Value"][0]
+                for series in found.json()
+            }
+    ok = stored.is_success and sorted(modalities.values()) == ["DX", "OT", "SR"]
+    print(
+        f"{'ok' if ok else 'FAIL'} DICOMweb: STOW-RS {stored.status_code}, QIDO-RS finds the "
+        f"study's series {sorted(modalities.values())} (image, overlay, SR)"
+    )
+    return ok
+
+
 class Orthanc:
     """One Orthanc process at a time on the same storage, started, killed and restarted."""
 
@@ -268,7 +325,9 @@ def run(timeout: float) -> bool:
             "AuthenticationEnabled": False,
             "StorageDirectory": f"{tmp}/orthanc",
             "IndexDirectory": f"{tmp}/orthanc",
-            "Plugins": [str(PYTHON_PLUGIN)],
+            "Plugins": [str(PYTHON_PLUGIN)]
+            + ([str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else []),
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "PythonScript": str(PLUGIN),
             "UserMetadata": {
                 "PneumoscanResult": 4200,
@@ -358,6 +417,7 @@ def run(timeout: float) -> bool:
                     f"SR {sr.SOPInstanceUID[-12:]} in study, model {model}, input {input_check}"
                 )
             ok = check_multi_image_study(base, timeout) and ok
+            ok = check_dicomweb(base, timeout) and ok
             first_study = stored["monochrome2-8bit"][0]
             ok = check_scored_after_kill(orthanc, env, first_study, timeout) and ok
         finally:
