@@ -50,14 +50,5 @@ def tls_problem(settings: Settings) -> str | None:
     return None
 
 
-def describe(settings: Settings) -> str:
-    """For the start-up log line."""
-    if settings.tls_certfile is None:
-        return "plain HTTP"
-    if settings.tls_client_ca is None:
-        return "HTTPS"
-    return "HTTPS with client certificates required"
-
-
 def _reason(exc: OSError | ssl.SSLError) -> str:
     return exc.strerror or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
