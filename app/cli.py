@@ -13,15 +13,23 @@ def main(argv: list[str] | None = None) -> int:
         from training.__main__ import main as training_main
 
         return training_main(argv)
+    if argv and argv[0] == "readings":
+        from app.readings import main as readings_main
+
+        return readings_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="pneumoscan",
-        description="pneumoscan service and training. Subcommands: serve, train, evaluate.",
+        description="pneumoscan service and training. Subcommands: serve, train, evaluate, "
+        "readings.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the API (settings from PNEUMOSCAN_* variables)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     sub.add_parser("train", help="train a new model version (see `pneumoscan train -h`)")
+    sub.add_parser(
+        "readings", help="the model against the radiologists' reads (`pneumoscan readings -h`)"
+    )
     sub.add_parser("evaluate", help="score a model version (see `pneumoscan evaluate -h`)")
     args = parser.parse_args(argv)
     problem = settings_problem()

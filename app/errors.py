@@ -61,6 +61,11 @@ class MissingFileError(PneumoscanError):
     code = "missing_file"
 
 
+class InvalidBodyError(PneumoscanError):
+    status_code = 422
+    code = "invalid_body"
+
+
 class NotFoundError(PneumoscanError):
     status_code = 404
     code = "not_found"

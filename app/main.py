@@ -24,7 +24,7 @@ from app.classifier import ModelManager
 from app.errors import OverloadedError, PneumoscanError, UnauthorizedError
 from app.observability import Metrics, ObservabilityMiddleware, configure_logging
 from app.records import RecordStore, RecordWriter
-from app.routes import explain, health, models, predict
+from app.routes import explain, health, models, predict, predictions
 from app.schemas import INTENDED_USE
 from app.security import KeyRing
 from app.services import Services
@@ -178,12 +178,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "PUT"],
             allow_headers=["X-API-Key", "Authorization", "Content-Type"],
         )
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     install_error_handlers(app)
-    for module in (predict, explain, models, health):
+    for module in (predict, explain, predictions, models, health):
         app.include_router(module.router)
     return app
 

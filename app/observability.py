@@ -93,6 +93,13 @@ class Metrics:
             "1 while /readyz would answer 200 (a model serves and audit records can be written)",
             registry=self.registry,
         )
+        self.readings = Gauge(
+            "pneumoscan_readings",
+            "Radiologists' reads reported with PUT /predictions/{id}/reading, by the model's call "
+            "and the read (from the audit database, so restarts do not reset it)",
+            ["model_version", "model_label", "reader_label"],
+            registry=self.registry,
+        )
         self.audit_write_failing = Gauge(
             "pneumoscan_audit_write_failing",
             "1 while the last audit write failed (predictions answer 503 storage_unavailable)",
@@ -127,6 +134,7 @@ class JsonFormatter(logging.Formatter):
             "label",
             "ood_flagged",
             "answer",
+            "reader_label",
         ):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)

@@ -60,6 +60,14 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE INDEX IF NOT EXISTS images_expires ON images(expires);
 CREATE TABLE IF NOT EXISTS write_probe (payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS readings (
+    id TEXT PRIMARY KEY REFERENCES predictions(id),
+    recorded REAL NOT NULL,
+    key_id TEXT NOT NULL,
+    reader_label TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    model_label TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS explanations (
     id TEXT NOT NULL,
     num_samples INTEGER NOT NULL,
@@ -68,6 +76,19 @@ CREATE TABLE IF NOT EXISTS explanations (
     PRIMARY KEY (id, num_samples, num_features)
 );
 """
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A radiologist's read of a scored image, as the caller reported it: with the model's call
+    beside it, the site's real-world sensitivity and specificity (`pneumoscan readings`)."""
+
+    id: str
+    recorded: float
+    key_id: str
+    reader_label: str
+    model_version: int
+    model_label: str
 
 
 @dataclass(frozen=True)
@@ -269,6 +290,29 @@ class RecordStore:
             )
         self._written.set()
 
+    def set_reading(self, reading: Reading) -> None:
+        """Record (or correct: the last one counts) the read of one prediction."""
+        fields = list(Reading.__dataclass_fields__)
+        with self._lock, self._transaction():
+            self._db.execute(
+                f"INSERT OR REPLACE INTO readings ({', '.join(fields)}) "
+                f"VALUES ({', '.join('?' * len(fields))})",
+                [getattr(reading, f) for f in fields],
+            )
+        self._written.set()
+
+    def reading(self, prediction_id: str) -> Reading | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(Reading.__dataclass_fields__)} FROM readings WHERE id = ?",
+                (prediction_id,),
+            ).fetchone()
+        return Reading(*row) if row else None
+
+    def reading_counts(self, since: float = 0.0) -> list[tuple[int, str, str, int]]:
+        with self._lock:
+            return count_readings(self._db, since)
+
     def purge(self, now: float | None = None) -> int:
         """Delete stored images and explanations past retention; the audit rows stay."""
         now = time.time() if now is None else now
@@ -288,6 +332,17 @@ class RecordStore:
     def integrity_ok(self) -> bool:
         with self._lock:
             return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def count_readings(db: sqlite3.Connection, since: float = 0.0) -> list[tuple[int, str, str, int]]:
+    """(model version, model label, reader label, count) of the reads reported since."""
+    rows = db.execute(
+        "SELECT model_version, model_label, reader_label, COUNT(*) FROM readings "
+        "WHERE recorded >= ? GROUP BY model_version, model_label, reader_label "
+        "ORDER BY model_version, model_label, reader_label",
+        (since,),
+    ).fetchall()
+    return [(int(v), str(m), str(r), int(n)) for v, m, r, n in rows]
 
 
 class RecordWriter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -107,6 +108,47 @@ class PredictionPublic(BaseModel):
     }
 
 
+Label = Literal["NORMAL", "PNEUMONIA"]
+
+
+class ReadingIn(BaseModel):
+    """The radiologist's read of the image, reported by the RIS or reporting system."""
+
+    label: Label = Field(description="Pneumonia present (PNEUMONIA) or not (NORMAL), as read.")
+
+    model_config = {"extra": "forbid", "json_schema_extra": {"examples": [{"label": "NORMAL"}]}}
+
+
+class ReadingPublic(BaseModel):
+    prediction_id: str
+    reader_label: Label = Field(description="The radiologist's read, as reported.")
+    model_label: Label = Field(description="The model's call on the same image.")
+    agrees: bool
+    model: ModelRef
+    recorded: datetime = Field(description="When the read was reported (UTC).")
+
+
+class PredictionStored(BaseModel):
+    """A prediction as the audit trail holds it."""
+
+    prediction_id: str
+    created: datetime = Field(description="When the prediction was made (UTC).")
+    label: Label
+    probabilities: Probabilities
+    threshold: float
+    model: ModelRef
+    explain_url: str
+    input: InputInfo
+    dicom: DicomInfo | None = None
+    ood_score: float | None = Field(
+        None, description="The out-of-distribution score (null for a version without one)."
+    )
+    reading: ReadingPublic | None = Field(
+        None, description="The radiologist's read, once reported with PUT .../reading."
+    )
+    intended_use: str = INTENDED_USE
+
+
 class ErrorBody(BaseModel):
     code: str = Field(examples=["undecodable_image"])
     message: str = Field(examples=["The JPEG file could not be decoded (truncated or corrupt)."])
@@ -142,7 +184,10 @@ class Health(BaseModel):
     )
 
 
-def error_responses(*codes: int) -> dict[int | str, dict]:
+def error_responses(
+    *codes: int, descriptions: dict[int, str] | None = None
+) -> dict[int | str, dict]:
+    """OpenAPI entries for `codes`, described as below unless `descriptions` says otherwise."""
     described = {
         400: "The client closed the connection mid-upload.",
         401: "Missing or wrong X-API-Key.",
@@ -153,7 +198,7 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
         409: "The model version that made the prediction is no longer in the store.",
         408: "The upload did not arrive in time.",
         410: "The stored image passed its retention period.",
-        413: "Upload larger than the size limit.",
+        413: "Upload (or request body) larger than the size limit.",
         415: "Not a JPEG, PNG or DICOM Part 10 file.",
         422: "Undecodable, truncated, too large (pixels), too small or blank image, or "
         "unsupported DICOM (multi-frame, colour palette, floating-point pixels, not a radiograph "
@@ -162,4 +207,5 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
         503: "No model loaded, a queue is full, or the audit record could not be written "
         "(see Retry-After).",
     }
+    described.update(descriptions or {})
     return {code: {"model": ErrorResponse, "description": described[code]} for code in codes}

@@ -107,6 +107,14 @@ async def metrics(services: ServicesDep) -> Response:
     services.metrics.ready.set(int(ready))
     services.metrics.audit_write_failing.set(int(services.writer.failing))
     try:
+        counts = await asyncio.to_thread(services.records.reading_counts)
+    except sqlite3.Error:
+        counts = None  # unreadable now: the last values stay
+    if counts is not None:
+        services.metrics.readings.clear()
+        for version, model_label, reader_label, count in counts:
+            services.metrics.readings.labels(str(version), model_label, reader_label).set(count)
+    try:
         services.metrics.data_free_bytes.set(shutil.disk_usage(services.settings.data_dir).free)
     except OSError:
         services.metrics.data_free_bytes.set(float("nan"))

@@ -1,0 +1,160 @@
+"""The radiologist's read of a scored image (PUT /predictions/{id}/reading), the stored
+prediction (GET /predictions/{id}), the `pneumoscan_readings` gauge and the
+`pneumoscan readings` report of the model against a site's readers."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.readings import main as readings_main
+from app.readings import summarise, wilson
+from tests.conftest import API_KEY, OTHER_KEY, fixture_bytes, make_settings
+
+JPEG = fixture_bytes("chest_xray/PNEUMONIA/person495_bacteria_2094.jpeg")
+OTHER_LABEL = {"NORMAL": "PNEUMONIA", "PNEUMONIA": "NORMAL"}
+
+
+def predict(client: TestClient) -> dict:
+    answer = client.post("/predict", files={"file": ("a.jpeg", JPEG)})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_a_read_is_recorded_corrected_and_shown_with_the_stored_prediction(client) -> None:
+    made = predict(client)
+    url = f"/predictions/{made['prediction_id']}"
+    stored = client.get(url)
+    assert stored.status_code == 200, stored.text
+    body = stored.json()
+    assert body["label"] == made["label"] and body["reading"] is None
+    assert body["probabilities"] == made["probabilities"]
+    assert body["input"] == made["input"] and body["model"] == made["model"]
+    assert body["explain_url"] == made["explain_url"]
+    assert body["created"].endswith("Z") or body["created"].endswith("+00:00")
+
+    disagree = client.put(f"{url}/reading", json={"label": OTHER_LABEL[made["label"]]})
+    assert disagree.status_code == 200, disagree.text
+    assert disagree.json()["agrees"] is False
+    assert disagree.json()["model_label"] == made["label"]
+    corrected = client.put(f"{url}/reading", json={"label": made["label"]})
+    assert corrected.json()["agrees"] is True  # the last read counts
+    assert client.get(url).json()["reading"]["reader_label"] == made["label"]
+    metrics = client.get("/metrics").text
+    expected = (
+        f'pneumoscan_readings{{model_label="{made["label"]}",model_version="1",'
+        f'reader_label="{made["label"]}"}} 1.0'
+    )
+    assert expected in metrics
+    assert f'reader_label="{OTHER_LABEL[made["label"]]}"' not in metrics
+
+
+def test_only_the_key_that_made_the_prediction_sees_or_reads_it(client) -> None:
+    made = predict(client)
+    url = f"/predictions/{made['prediction_id']}"
+    other = {"X-API-Key": OTHER_KEY}
+    assert client.get(url, headers=other).status_code == 404
+    assert client.put(f"{url}/reading", json={"label": "NORMAL"}, headers=other).status_code == 404
+    assert client.get(url, headers={"X-API-Key": ""}).status_code == 401
+    assert client.get(f"/predictions/{'0' * 32}").status_code == 404
+    assert client.get("/predictions/not-an-id").status_code == 422
+    assert client.get(url).json()["reading"] is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"label": "pneumonia?"}', b"{}", b'{"label": "NORMAL", "patient": "Doe^Jane"}', b"NORMAL"],
+)
+def test_a_read_that_is_not_one_of_the_two_labels_is_refused(client, body: bytes) -> None:
+    made = predict(client)
+    answer = client.put(
+        f"/predictions/{made['prediction_id']}/reading",
+        content=body,
+        headers={"Content-Type": "application/json"},
+    )
+    assert answer.status_code == 422
+    assert answer.json()["error"]["code"] == "invalid_body"
+
+
+def test_a_large_body_is_refused_without_reading_it_all(client) -> None:
+    made = predict(client)
+    url = f"/predictions/{made['prediction_id']}/reading"
+    announced = client.put(url, content=b" " * 5000, headers={"Content-Type": "application/json"})
+    assert announced.status_code == 413
+
+    def chunks():
+        yield b'{"label": "NORMAL"' + b" " * 3000
+        yield b" " * 3000 + b"}"
+
+    streamed = client.put(url, content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413
+
+
+def test_a_read_that_cannot_be_stored_is_503(client, monkeypatch) -> None:
+    made = predict(client)
+
+    def full(reading) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(client.app.state.services.records, "set_reading", full)
+    answer = client.put(f"/predictions/{made['prediction_id']}/reading", json={"label": "NORMAL"})
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "storage_unavailable"
+
+
+def test_the_report_measures_the_model_against_the_reads_across_restarts(
+    tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    labels = []
+    with TestClient(
+        create_app(make_settings(tiny_store, data)), headers={"X-API-Key": API_KEY}
+    ) as c:
+        for read_as_model in (True, True, False):
+            made = predict(c)
+            read = made["label"] if read_as_model else OTHER_LABEL[made["label"]]
+            labels.append((made["label"], read))
+            c.put(f"/predictions/{made['prediction_id']}/reading", json={"label": read})
+    with TestClient(
+        create_app(make_settings(tiny_store, data)), headers={"X-API-Key": API_KEY}
+    ) as c:
+        metrics = c.get("/metrics").text  # from the database: a restart does not reset it
+        assert (
+            sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("pneumoscan_readings{")
+            )
+            == 3
+        )
+    assert readings_main(["--data-dir", str(data)]) == 0
+    report = json.loads(capsys.readouterr().out)["versions"]["1"]
+    assert report["reads"] == 3
+    assert report["agreement"]["value"] == round(2 / 3, 4)
+    confusion = report["confusion"]
+    tp = sum(1 for model, read in labels if model == read == "PNEUMONIA")
+    assert confusion["tp"] == tp and sum(confusion.values()) == 3
+    assert readings_main(["--data-dir", str(tmp_path / "nowhere")]) == 2
+
+
+def test_rates_have_wilson_intervals() -> None:
+    assert wilson(8, 10) == [0.4902, 0.9433]
+    assert wilson(0, 0) is None and wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
+    report = summarise(
+        [
+            (2, "PNEUMONIA", "PNEUMONIA", 97),
+            (2, "NORMAL", "PNEUMONIA", 3),
+            (2, "PNEUMONIA", "NORMAL", 20),
+            (2, "NORMAL", "NORMAL", 80),
+        ]
+    )["2"]
+    assert report["sensitivity"]["value"] == 0.97 and report["sensitivity"]["n"] == 100
+    assert report["specificity"]["value"] == 0.8
+    assert report["ppv"]["value"] == round(97 / 117, 4)
+    lower, upper = report["specificity"]["ci95"]
+    assert lower < 0.8 < upper
