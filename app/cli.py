@@ -41,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.http_protocol import BoundedHeadHttpToolsProtocol
     from app.observability import uvicorn_log_config
+    from app.server import DrainingServer
     from app.settings import Settings
     from app.tls import uvicorn_tls_options
 
     # One worker: the model, micro-batcher and SQLite writer live in one process; TensorFlow
     # uses the cores inside it.
     logging.captureWarnings(True)  # a library's warnings become JSON records, not bare text
-    uvicorn.run(
+    settings = Settings()
+    config = uvicorn.Config(
         "app.main:create_app",
         factory=True,
         host=args.host,
@@ -65,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         timeout_keep_alive=75,
         # httptools, with a bound on the request head (app/http_protocol.py)
         http=BoundedHeadHttpToolsProtocol,
-        **uvicorn_tls_options(Settings()),
+        **uvicorn_tls_options(settings),
     )
-    return 0
+    server = DrainingServer(config, settings.drain_seconds)
+    server.run()
+    return 0 if server.started else 3  # uvicorn's exit code for a failed start
 
 
 def settings_problem() -> str | None:

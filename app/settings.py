@@ -98,6 +98,14 @@ class Settings(BaseSettings):
         "space than this (0 = no check), so a load balancer stops sending images before audit "
         "writes fail.",
     )
+    drain_seconds: float = Field(
+        2.0,
+        ge=0,
+        le=120,
+        description="After SIGTERM, keep answering this long with /readyz 503 (draining) "
+        "before the listener closes, so load balancers stop routing here first "
+        "(`pneumoscan serve` only).",
+    )
     retention_hours: float = Field(24.0, gt=0, description="Keep stored images this long.")
     poll_seconds: float = Field(5.0, gt=0, description="Model store poll interval.")
     cors_origins: str = Field("", description="Comma-separated CORS origins; empty = CORS off.")

@@ -101,6 +101,8 @@ def running_server(
         "PNEUMOSCAN_API_KEYS": BENCH_KEY,
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "PNEUMOSCAN_LOG_LEVEL": "WARNING",
+        # stopped at once (no drain before the listener closes) unless a caller asks for one
+        "PNEUMOSCAN_DRAIN_SECONDS": "0",
         **(extra_env or {}),
     }
     started = time.perf_counter()

@@ -11,11 +11,13 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app import lifecycle
 from app.deps import ServicesDep
 from app.schemas import Health, ModelRef
 from app.services import Services
 
 router = APIRouter(tags=["operations"])
+DRAINING = "draining: shutting down (SIGTERM); answering until the listener closes"
 log = logging.getLogger("pneumoscan")
 
 
@@ -35,7 +37,8 @@ async def healthz() -> Health:
     responses={
         503: {
             "model": Health,
-            "description": "No model loaded, or audit records cannot be written.",
+            "description": "No model loaded, audit records cannot be written, or the "
+            "service is draining before shutdown.",
         }
     },
 )
@@ -48,6 +51,9 @@ async def readyz(services: ServicesDep) -> Response:
     if model is None:
         return JSONResponse(Health(status="not_ready").model_dump(exclude_none=True), 503)
     ref = ModelRef(name=model.name, version=model.version)
+    if lifecycle.draining:
+        health = Health(status="not_ready", model=ref, reason=DRAINING)
+        return JSONResponse(health.model_dump(exclude_none=True), 503)
     problem = await storage_problem(services)
     if problem is not None:
         health = Health(status="not_ready", model=ref, reason=problem)
@@ -103,7 +109,7 @@ async def metrics(services: ServicesDep) -> Response:
         services.metrics.model_version.labels(model.name).set(model.version)
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
     # /readyz's answer, for an alert on the scrape (a load balancer's probe leaves no history)
-    ready = model is not None and await storage_problem(services) is None
+    ready = model is not None and not lifecycle.draining and await storage_problem(services) is None
     services.metrics.ready.set(int(ready))
     services.metrics.audit_write_failing.set(int(services.writer.failing))
     try:

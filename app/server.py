@@ -1,0 +1,39 @@
+"""uvicorn's server with a drain before its graceful shutdown.
+
+On SIGTERM, uvicorn closes its listener at once, and a load balancer still routes to the
+instance until its next probe finds it gone. So first, for `PNEUMOSCAN_DRAIN_SECONDS`, the
+service keeps answering while /readyz says 503 `draining`; then uvicorn's own shutdown runs,
+with idle keep-alive connections given a moment for a last request
+(`BoundedHeadHttpToolsProtocol.shutdown`) instead of being closed under a request their client
+had just sent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import uvicorn
+
+from app import lifecycle
+
+log = logging.getLogger("pneumoscan")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.drain_seconds = drain_seconds
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        lifecycle.draining = True
+        if self.drain_seconds > 0 and not self.force_exit:
+            log.info(
+                "SIGTERM: /readyz answers 503 draining; the listener closes in %.1f s",
+                self.drain_seconds,
+            )
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.drain_seconds
+            while loop.time() < deadline and not self.force_exit:  # a second Ctrl+C ends it
+                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        await super().shutdown(sockets)
