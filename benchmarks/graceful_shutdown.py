@@ -72,8 +72,8 @@ def main() -> None:
         "--drain",
         type=float,
         default=Settings.model_fields["drain_seconds"].default,
-        help="PNEUMOSCAN_DRAIN_SECONDS (default: the service's default; 0: uvicorn's own "
-        "shutdown, which loses an answer in about half the runs)",
+        help="PNEUMOSCAN_DRAIN_SECONDS (default: the service's default; 0: the listener "
+        "closes at once)",
     )
     args = parser.parse_args()
     with running_server(
