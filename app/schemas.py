@@ -58,9 +58,14 @@ class Timings(BaseModel):
     batch_size: int = Field(description="How many images shared the model call.")
 
 
-class PredictionPublic(BaseModel):
+Label = Literal["NORMAL", "PNEUMONIA"]
+
+
+class PredictionCore(BaseModel):
+    """What a prediction's answer and its stored record (GET /predictions/{id}) share."""
+
     prediction_id: str = Field(description="Unguessable id (128 random bits) for /explain.")
-    label: Literal["NORMAL", "PNEUMONIA"] = Field(
+    label: Label = Field(
         description="PNEUMONIA when P(PNEUMONIA) >= threshold (a screening operating point)."
     )
     probabilities: Probabilities
@@ -69,6 +74,9 @@ class PredictionPublic(BaseModel):
     explain_url: str
     input: InputInfo
     dicom: DicomInfo | None = None
+
+
+class PredictionPublic(PredictionCore):
     out_of_distribution: OutOfDistribution | None = Field(
         None, description="Null when the model version has no out-of-distribution score."
     )
@@ -108,9 +116,6 @@ class PredictionPublic(BaseModel):
     }
 
 
-Label = Literal["NORMAL", "PNEUMONIA"]
-
-
 class ReadingIn(BaseModel):
     """The radiologist's read of the image, reported by the RIS or reporting system."""
 
@@ -128,18 +133,10 @@ class ReadingPublic(BaseModel):
     recorded: datetime = Field(description="When the read was reported (UTC).")
 
 
-class PredictionStored(BaseModel):
+class PredictionStored(PredictionCore):
     """A prediction as the audit trail holds it."""
 
-    prediction_id: str
     created: datetime = Field(description="When the prediction was made (UTC).")
-    label: Label
-    probabilities: Probabilities
-    threshold: float
-    model: ModelRef
-    explain_url: str
-    input: InputInfo
-    dicom: DicomInfo | None = None
     ood_score: float | None = Field(
         None, description="The out-of-distribution score (null for a version without one)."
     )
