@@ -185,6 +185,30 @@ modalities = [json.load(urllib.request.urlopen(f"{base}/series/{s}", timeout=5))
 assert label in ("NORMAL", "PNEUMONIA"), label
 assert "SR" in modalities, modalities
 print(f"[container] Orthanc scored the study {label}; series modalities {modalities}")
+if label == "PNEUMONIA":  # the plugin's default: the overlay as a Secondary Capture, series 9902
+    instance = stored["ID"]
+    for _ in range(60):
+        try:
+            overlay = urllib.request.urlopen(
+                f"{base}/instances/{instance}/metadata/PneumoscanOverlay", timeout=5
+            ).read().decode()
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        sys.exit("[container] no PneumoscanOverlay on the PNEUMONIA instance within 60 s")
+    tags = json.load(urllib.request.urlopen(f"{base}/instances/{overlay}/simplified-tags",
+                                            timeout=5))
+    assert tags.get("Modality") == "OT", (overlay, tags.get("Modality"))
+    print(f"[container] overlay stored in the study as {tags.get('SeriesDescription')!r}")
+study_uid = json.load(urllib.request.urlopen(f"{base}/studies/{study}", timeout=5))[
+    "MainDicomTags"]["StudyInstanceUID"]
+series = json.load(urllib.request.urlopen(f"{base}/dicom-web/studies/{study_uid}/series",
+                                          timeout=5))
+found = sorted(item["00080060"]["Value"][0] for item in series)
+expected = sorted(["SR", "OT", *modalities] if label == "PNEUMONIA" else ["SR", *modalities])
+assert set(found) == set(expected), (found, expected)
+print(f"[container] DICOMweb (QIDO-RS) lists the study's series {found}")
 PY
 log "OK"
 exit 0

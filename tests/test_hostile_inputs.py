@@ -202,6 +202,39 @@ def test_other_routes_refuse_cleanly(server: dict, client) -> None:
     assert sr_for_jpeg.status_code == 406
 
 
+def test_readings_refuse_hostile_bodies(server: dict, client) -> None:
+    """The one route with a JSON body: bounded before it is read, strict about its content."""
+    url = server["url"]
+    made = client.post(f"{url}/predict", files={"file": ("x", JPEG)}, headers=HEADERS).json()
+    reading = f"{url}/predictions/{made['prediction_id']}/reading"
+    json_headers = {**HEADERS, "Content-Type": "application/json"}
+
+    def endless():
+        yield b'{"label": "'
+        for _ in range(1000):  # 64 MB if it were read to the end
+            yield b"N" * 65536
+
+    cases = [
+        (b'{"label": "NORMAL"' + b" " * 10**6 + b"}", 413),
+        (endless(), 413),
+        (b'{"label": ["NORMAL"]}', 422),
+        (b'{"label": "NORMAL", "label": "PNEUMONIA", "x": 1}', 422),
+        (b"\xff\xfe not json", 422),
+        (b"", 422),
+    ]
+    for body, status in cases:
+        answer = client.put(reading, content=body, headers=json_headers)
+        assert answer.status_code == status, (status, answer.text[:200])
+        assert "error" in answer.json()
+    unknown = client.put(
+        f"{url}/predictions/{'f' * 32}/reading", json={"label": "NORMAL"}, headers=HEADERS
+    )
+    assert unknown.status_code == 404
+    accepted = client.put(reading, json={"label": "NORMAL"}, headers=HEADERS)
+    assert accepted.status_code == 200  # after all that, a proper read is still taken
+    assert accepted.json()["reader_label"] == "NORMAL"
+
+
 def test_health_probes_answer_head_without_a_body(server: dict, client) -> None:
     """Load balancers that probe with HEAD (HAProxy's `option httpchk`) get GET's status."""
     for path in ("/healthz", "/readyz"):
