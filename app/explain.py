@@ -102,3 +102,20 @@ def overlay_png(pixels: np.ndarray, mask: np.ndarray, label: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), mode="RGB").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# The long side of an overlay drawn at the uploaded image's aspect ratio (`shape=source`).
+SOURCE_LONG_SIDE = 512
+
+
+def to_source_shape(png: bytes, width: int, height: int) -> bytes:
+    """The 224 x 224 overlay resized to the upload's aspect ratio (the model input stretched
+    it to a square: a 1646 x 1341 radiograph's anatomy is narrowed by a fifth), long side
+    SOURCE_LONG_SIDE px, bicubic. The regions are the same; only their proportions change."""
+    scale = SOURCE_LONG_SIDE / max(width, height, 1)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    with Image.open(io.BytesIO(png)) as overlay:
+        resized = overlay.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    resized.save(buffer, format="PNG")
+    return buffer.getvalue()

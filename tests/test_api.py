@@ -128,6 +128,14 @@ def test_explain_png_and_cache(client, pneumonia_jpeg: bytes) -> None:
     assert image.size == (224, 224) and image.mode == "RGB"
     second = client.get(url)
     assert second.headers["x-cache"] == "hit" and second.content == first.content
+    # For a viewer: the same overlay at the upload's proportions (796 x 469), long side 512.
+    source = client.get(url + "&shape=source")
+    assert source.status_code == 200 and source.headers["x-cache"] == "hit"  # no second LIME
+    shaped = Image.open(io.BytesIO(source.content))
+    assert shaped.size == (512, 302) and shaped.mode == "RGB"
+    back = np.asarray(shaped.resize((224, 224), Image.Resampling.BILINEAR), dtype=np.float64)
+    assert np.abs(back - np.asarray(image, dtype=np.float64)).mean() < 8  # the same picture
+    assert_error(client.get(url + "&shape=round"), 422, "invalid_request")
 
 
 def test_explain_bounds_and_unknown_ids(client, pneumonia_jpeg: bytes) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
@@ -19,7 +19,8 @@ from app.errors import (
     NotFoundError,
     OverloadedError,
 )
-from app.explain import explain, overlay_png
+from app.explain import SOURCE_LONG_SIDE, explain, overlay_png, to_source_shape
+from app.records import PredictionRecord
 from app.schemas import error_responses
 
 log = logging.getLogger("pneumoscan.explain")
@@ -45,8 +46,16 @@ async def get_explanation(
         int | None, Query(ge=100, le=5000, description="LIME perturbation samples.")
     ] = None,
     num_features: Annotated[int | None, Query(ge=1, le=20, description="Regions drawn.")] = None,
+    shape: Annotated[
+        Literal["model", "source"],
+        Query(
+            description="`model`: the 224 x 224 model input, as the model saw it. `source`: "
+            "the same overlay at the uploaded image's aspect ratio, long side "
+            f"{SOURCE_LONG_SIDE} px, so the anatomy has its proportions (for a viewer)."
+        ),
+    ] = "model",
 ) -> Response:
-    """The 224 x 224 radiograph with the regions that drove the call tinted and outlined."""
+    """The radiograph with the regions that drove the call tinted and outlined."""
     settings = services.settings
     num_samples = num_samples or settings.explain_num_samples
     num_features = num_features or settings.explain_num_features
@@ -60,7 +69,7 @@ async def get_explanation(
         png = await asyncio.to_thread(services.records.explanation, *cache_key)
     if png is not None:
         services.cache_put(cache_key, png)
-        return Response(png, media_type="image/png", headers={**headers, "X-Cache": "hit"})
+        return png_response(png, record, shape, {**headers, "X-Cache": "hit"})
     pixels = await asyncio.to_thread(services.records.image, prediction_id)
     if pixels is None:
         raise GoneError(
@@ -114,7 +123,15 @@ async def get_explanation(
         services.explain_inflight[cache_key] = task
         task.add_done_callback(lambda done: _forget(services.explain_inflight, cache_key, done))
     png = await asyncio.shield(task)
-    return Response(png, media_type="image/png", headers={**headers, "X-Cache": "miss"})
+    return png_response(png, record, shape, {**headers, "X-Cache": "miss"})
+
+
+def png_response(
+    png: bytes, record: PredictionRecord, shape: str, headers: dict[str, str]
+) -> Response:
+    if shape == "source":
+        png = to_source_shape(png, record.width, record.height)
+    return Response(png, media_type="image/png", headers=headers)
 
 
 def _forget(inflight: dict, key: tuple, task: asyncio.Task) -> None:

@@ -131,7 +131,8 @@ def check_multi_image_study(base: str, timeout: float) -> bool:
 
 def check_overlays(base: str, study: str, ids: dict[str, str], deadline: float) -> bool:
     """The PNEUMONIA call's explanation overlay is a Secondary Capture in a new series of the
-    same study (the plugin's default, PNEUMOSCAN_OVERLAYS=pneumonia); the NORMAL call has none."""
+    same study (the plugin's default, PNEUMOSCAN_OVERLAYS=pneumonia), long side 512 px at the
+    image's proportions; the NORMAL call has none."""
 
     def overlay(name: str) -> str | None:
         answer = httpx.get(f"{base}/instances/{ids[name]}/metadata/PneumoscanOverlay", timeout=5)
@@ -151,8 +152,17 @@ def check_overlays(base: str, study: str, ids: dict[str, str], deadline: float) 
             problems.append(f"overlay in study {parent}, modality {tags.get('Modality')}")
         if "NOT FOR DIAGNOSTIC USE" not in tags.get("SeriesDescription", ""):
             problems.append(f"overlay series {tags.get('SeriesDescription')!r}")
-        if preview.status_code != 200 or int(tags.get("Rows", 0)) != 224:
-            problems.append(f"overlay preview {preview.status_code}, rows {tags.get('Rows')}")
+        source = httpx.get(f"{base}/instances/{ids['pa']}/simplified-tags", timeout=5).json()
+        shape = (int(tags.get("Columns", 0)), int(tags.get("Rows", 0)))
+        aspect = int(source["Columns"]) / int(source["Rows"])
+        if (
+            preview.status_code != 200
+            or max(shape) != 512
+            or abs(shape[0] / shape[1] - aspect) > 0.01 * aspect
+        ):
+            problems.append(
+                f"overlay preview {preview.status_code}, {shape} for a {aspect:.2f} image"
+            )
     if overlay("repeat") is not None:
         problems.append(f"the NORMAL repeat got an overlay: {overlay('repeat')!r}")
     print(

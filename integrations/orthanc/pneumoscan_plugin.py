@@ -177,7 +177,7 @@ def _post_predict(dicom_bytes):
 def _get_overlay(prediction_id):
     """The explanation overlay PNG of one prediction (the key that made it may read it)."""
     request = urllib.request.Request(  # noqa: S310 - the configured service URL
-        f"{SERVICE}/explain/{prediction_id}", headers={"X-API-Key": API_KEY}
+        f"{SERVICE}/explain/{prediction_id}?shape=source", headers={"X-API-Key": API_KEY}
     )
     with urllib.request.urlopen(  # noqa: S310
         request, timeout=120, context=TLS_CONTEXT
@@ -207,8 +207,9 @@ def _store_overlay(instance_id, study_id, tags, label, prediction_id):
                 "BurnedInAnnotation": "NO",
                 "ImageComments": (
                     f"Regions that drove the {label} call on SOP Instance "
-                    f"{tags.get('SOPInstanceUID', '?')} (224 x 224 model input). Screening "
-                    "assistance only: a clinician reads every image."
+                    f"{tags.get('SOPInstanceUID', '?')} (the 224 x 224 model input, shown at "
+                    "the image's proportions). Screening assistance only: a clinician reads "
+                    "every image."
                 )[:1024],
             },
             "Content": "data:image/png;base64," + base64.b64encode(png).decode("ascii"),
