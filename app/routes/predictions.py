@@ -19,11 +19,11 @@ from app.deps import KeyIdDep, ServicesDep
 from app.errors import (
     InvalidBodyError,
     NotFoundError,
-    PayloadTooLargeError,
     StorageUnavailableError,
 )
 from app.records import PredictionRecord, Reading
 from app.routes.explain import ID_PATTERN
+from app.routes.predict import read_body
 from app.schemas import (
     DicomInfo,
     InputInfo,
@@ -38,7 +38,8 @@ from app.services import Services
 
 log = logging.getLogger("pneumoscan.readings")
 router = APIRouter(tags=["predictions"])
-# A reading is a few bytes of JSON; the body is read by hand, never more than this.
+# A reading is a few bytes of JSON: its body is read by the bounded reader of uploads
+# (FastAPI would read a body of any size before validating it), never more than this.
 MAX_READING_BYTES = 4096
 PredictionId = Annotated[str, Path(pattern=ID_PATTERN)]
 
@@ -125,7 +126,9 @@ async def put_reading(
     pair of labels in `/metrics` (`pneumoscan_readings`) and by `pneumoscan readings`, which
     turns them into the sensitivity and specificity the model reaches on this site's images,
     as its readers read them."""
-    body = await read_small_body(request, MAX_READING_BYTES)
+    settings = services.settings
+    with services.upload_budget.hold() as holding:
+        body = await read_body(request, MAX_READING_BYTES, settings.upload_timeout_s, holding)
     try:
         reading_in = ReadingIn.model_validate_json(body)
     except ValidationError as exc:
@@ -160,17 +163,3 @@ async def put_reading(
         },
     )
     return reading_public(reading, record.model_name)
-
-
-async def read_small_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (announced or sent): FastAPI would
-    read a body of any size into memory before validating it."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"The body is over {limit} bytes.")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLargeError(f"The body is over {limit} bytes.")
-    return bytes(body)
