@@ -11,12 +11,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
-from app.deps import KeyIdDep, ServicesDep
+from app.deps import ID_PATTERN, KeyIdDep, ServicesDep, own_record
 from app.errors import (
     GoneError,
     ModelStoreError,
     ModelVersionGoneError,
-    NotFoundError,
     OverloadedError,
 )
 from app.explain import SOURCE_LONG_SIDE, explain, overlay_png, to_source_shape
@@ -25,7 +24,6 @@ from app.schemas import error_responses
 
 log = logging.getLogger("pneumoscan.explain")
 router = APIRouter(tags=["explain"])
-ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
 @router.get(
@@ -59,9 +57,7 @@ async def get_explanation(
     settings = services.settings
     num_samples = num_samples or settings.explain_num_samples
     num_features = num_features or settings.explain_num_features
-    record = await asyncio.to_thread(services.records.get, prediction_id)
-    if record is None or record.key_id != key_id:
-        raise NotFoundError("No prediction with this id for your API key.")
+    record = await own_record(services, key_id, prediction_id)
     cache_key = (prediction_id, num_samples, num_features)
     headers = {"X-Prediction-Label": record.label, "X-Model-Version": str(record.model_version)}
     png = services.cache_get(cache_key)

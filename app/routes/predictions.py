@@ -15,14 +15,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from pydantic import ValidationError
 
-from app.deps import KeyIdDep, ServicesDep
+from app.deps import ID_PATTERN, KeyIdDep, ServicesDep, own_record
 from app.errors import (
     InvalidBodyError,
-    NotFoundError,
     StorageUnavailableError,
 )
-from app.records import PredictionRecord, Reading
-from app.routes.explain import ID_PATTERN
+from app.records import Reading
 from app.routes.predict import read_body
 from app.schemas import (
     DicomInfo,
@@ -34,7 +32,6 @@ from app.schemas import (
     ReadingPublic,
     error_responses,
 )
-from app.services import Services
 
 log = logging.getLogger("pneumoscan.readings")
 router = APIRouter(tags=["predictions"])
@@ -42,13 +39,6 @@ router = APIRouter(tags=["predictions"])
 # (FastAPI would read a body of any size before validating it), never more than this.
 MAX_READING_BYTES = 4096
 PredictionId = Annotated[str, Path(pattern=ID_PATTERN)]
-
-
-async def own_record(services: Services, key_id: str, prediction_id: str) -> PredictionRecord:
-    record = await asyncio.to_thread(services.records.get, prediction_id)
-    if record is None or record.key_id != key_id:
-        raise NotFoundError("No prediction with this id for your API key.")
-    return record
 
 
 def reading_public(reading: Reading, model_name: str) -> ReadingPublic:
