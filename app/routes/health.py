@@ -51,14 +51,19 @@ async def readyz(services: ServicesDep) -> Response:
     if model is None:
         return JSONResponse(Health(status="not_ready").model_dump(exclude_none=True), 503)
     ref = ModelRef(name=model.name, version=model.version)
-    if lifecycle.draining:
-        health = Health(status="not_ready", model=ref, reason=DRAINING)
-        return JSONResponse(health.model_dump(exclude_none=True), 503)
-    problem = await storage_problem(services)
+    problem = await serving_problem(services)
     if problem is not None:
         health = Health(status="not_ready", model=ref, reason=problem)
         return JSONResponse(health.model_dump(exclude_none=True), 503)
     return JSONResponse(Health(status="ready", model=ref).model_dump(exclude_none=True))
+
+
+async def serving_problem(services: Services) -> str | None:
+    """Why a loaded model cannot take traffic now (draining, audit storage), or None: the one
+    readiness rule, for /readyz and the `pneumoscan_ready` gauge alike."""
+    if lifecycle.draining:
+        return DRAINING
+    return await storage_problem(services)
 
 
 async def storage_problem(services: Services) -> str | None:
@@ -109,7 +114,7 @@ async def metrics(services: ServicesDep) -> Response:
         services.metrics.model_version.labels(model.name).set(model.version)
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
     # /readyz's answer, for an alert on the scrape (a load balancer's probe leaves no history)
-    ready = model is not None and not lifecycle.draining and await storage_problem(services) is None
+    ready = model is not None and await serving_problem(services) is None
     services.metrics.ready.set(int(ready))
     services.metrics.audit_write_failing.set(int(services.writer.failing))
     try:

@@ -16,10 +16,7 @@ from fastapi import APIRouter, Path, Request
 from pydantic import ValidationError
 
 from app.deps import ID_PATTERN, KeyIdDep, ServicesDep, own_record
-from app.errors import (
-    InvalidBodyError,
-    StorageUnavailableError,
-)
+from app.errors import InvalidBodyError, StorageUnavailableError
 from app.records import Reading
 from app.routes.predict import read_body
 from app.schemas import (
