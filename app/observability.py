@@ -113,6 +113,30 @@ class Metrics:
         )
 
 
+# Loggers whose messages can quote an upload's DICOM attributes: pydicom ("Invalid value for VR
+# DA: '<birth date>'"), highdicom (a patient's name), and Python warnings, which quote whatever a
+# library warned about. Their records keep the logger, level and source line; the text is
+# withheld, as an exception's message is (exc_where).
+WITHHELD_LOGGERS = ("pydicom", "highdicom", "py.warnings")
+_WARNING_WHERE = re.compile(r"^(?P<file>.*?):(?P<line>\d+): (?P<category>\w+):")
+
+
+def withheld_message(record: logging.LogRecord) -> str | None:
+    """The text to log instead of the record's message, or None to log the message."""
+    if not any(
+        record.name == name or record.name.startswith(f"{name}.") for name in WITHHELD_LOGGERS
+    ):
+        return None
+    where = f"{Path(record.pathname).name}:{record.lineno}"
+    kind = record.levelname.lower()
+    if record.name == "py.warnings":  # the message is "path:line: Category: text"
+        match = _WARNING_WHERE.match(record.getMessage())
+        if match:
+            where = f"{Path(match['file']).name}:{match['line']}"
+            kind = match["category"]
+    return f"{record.name} {kind} at {where} (text withheld: it can quote patient attributes)"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -120,7 +144,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": withheld_message(record) or record.getMessage(),
             "request_id": request_id_var.get(),
         }
         for key in (

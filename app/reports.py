@@ -140,14 +140,30 @@ def _ood_measurements(record: PredictionRecord, threshold: float | None) -> list
 
 
 def _with_type2_attributes(source):
-    """Patient/study attributes the SR copies are Type 2: present, possibly empty. Some
-    modalities omit them; fill them empty on a copy rather than refuse the SR."""
+    """The source as the SR copies it, on a copy. The patient/study attributes the SR copies are
+    Type 2 (present, possibly empty): some modalities omit them, and they are filled empty. Some
+    write values highdicom refuses (a birth date as 1980-01-01, PatientSex "Female", a time
+    25:99), which made the SR answer a 500 before round 19: those are emptied too. A one-part
+    PatientName ("ANONYMOUS") gets its trailing caret ("ANONYMOUS^", the same name by PS3.5
+    6.2.1.2), or highdicom would warn with the name in its message."""
     from copy import copy
+
+    from pydicom.valuerep import DA, TM
 
     ds = copy(source)
     for keyword in TYPE2_DEFAULTS:
         if keyword not in ds:
             setattr(ds, keyword, "")
+    for keyword, kind in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        try:
+            kind(ds.get(keyword) or None)
+        except (ValueError, TypeError, OverflowError):
+            setattr(ds, keyword, "")
+    if str(ds.get("PatientSex") or "").strip() not in ("", "M", "F", "O"):
+        ds.PatientSex = ""
+    name = str(ds.get("PatientName") or "")
+    if name and "^" not in name:
+        ds.PatientName = f"{name}^"
     return ds
 
 

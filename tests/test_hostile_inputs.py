@@ -292,6 +292,55 @@ def test_raw_http_abuse(server: dict) -> None:
     assert raw_exchange(url, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400")
 
 
+# Patient attributes as non-conformant modalities write them. Before round 19, the SR answer
+# (what the Orthanc plugin asks for) was a 500 for the birth date, and highdicom's warning put
+# the one-part name in the server log.
+NON_CONFORMANT_PATIENT = {
+    "PatientName": "Smithersonian",
+    "PatientBirthDate": "1980-01-02",
+    "PatientSex": "Femenino",
+    "StudyTime": "25:99",
+    "PatientAge": "45 anos",
+    "AccessionNumber": "ACC-0123456789-0123456789",  # over SH's 16 characters
+}
+
+
+def test_non_conformant_patient_attributes_are_answered_and_never_logged(
+    server: dict, client
+) -> None:
+    import warnings
+
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns while the fixture is written
+        data = dicom_with(**NON_CONFORMANT_PATIENT)
+    for accept in ("application/dicom", "application/fhir+json", "application/json"):
+        response = client.post(
+            f"{server['url']}/predict",
+            files={"file": ("x", data)},
+            headers={**HEADERS, "Accept": accept},
+        )
+        assert response.status_code == 200, (accept, response.text[:300])
+    sr = pydicom.dcmread(io.BytesIO(_last_sr(client, server, data)))
+    assert str(sr.PatientName) == "Smithersonian^"  # the same name (PS3.5 6.2.1.2)
+    assert sr.PatientBirthDate == "" and sr.PatientSex == "" and sr.StudyTime == ""
+    assert sr.AccessionNumber == NON_CONFORMANT_PATIENT["AccessionNumber"]  # kept: the PACS
+    log = server["log"].read_text()  # matches the SR to its order by it
+    for value in NON_CONFORMANT_PATIENT.values():
+        assert value not in log, value
+
+
+def _last_sr(client, server: dict, data: bytes) -> bytes:
+    response = client.post(
+        f"{server['url']}/predict",
+        files={"file": ("x", data)},
+        headers={**HEADERS, "Accept": "application/dicom"},
+    )
+    assert response.status_code == 200
+    return response.content
+
+
 def test_after_the_battery_the_service_is_healthy_and_logged_no_traceback(
     server: dict, client
 ) -> None:

@@ -91,3 +91,44 @@ def test_a_logged_exception_says_where_it_happened_but_not_its_message() -> None
         and "decode_tags" in (entry["exc_where"][-1])
     )
     assert PATIENT_NAME not in json.dumps(entry)
+
+
+def test_library_messages_that_can_quote_dicom_attributes_are_withheld() -> None:
+    """pydicom logs "Invalid value for VR DA: '<value>'", highdicom warned with a patient's
+    name, and a captured warning quotes whatever its library said: the log keeps the logger,
+    the kind and the source line, never the text. The service's own messages are kept."""
+    import json
+    import warnings
+
+    from app.observability import JsonFormatter
+
+    formatter = JsonFormatter()
+    warning = warnings.formatwarning(
+        f'The string "{PATIENT_NAME}" is unlikely to represent the intended person name',
+        UserWarning,
+        "/venv/site-packages/highdicom/base.py",
+        199,
+    )
+    records = {
+        "py.warnings": logging.LogRecord(
+            "py.warnings", logging.WARNING, "/py/warnings.py", 1, "%s", (warning,), None
+        ),
+        "pydicom": logging.LogRecord(
+            "pydicom",
+            logging.WARNING,
+            "/venv/pydicom/valuerep.py",
+            440,
+            f"Invalid value for VR PN: '{PATIENT_NAME}'",
+            (),
+            None,
+        ),
+    }
+    py_warning = json.loads(formatter.format(records["py.warnings"]))
+    assert PATIENT_NAME not in json.dumps(py_warning)
+    assert "base.py:199" in py_warning["msg"] and "UserWarning" in py_warning["msg"]
+    logged = json.loads(formatter.format(records["pydicom"]))
+    assert PATIENT_NAME not in json.dumps(logged) and "valuerep.py:440" in logged["msg"]
+    own = logging.LogRecord(
+        "pneumoscan.model", logging.INFO, __file__, 1, "serving v%d", (3,), None
+    )
+    assert json.loads(formatter.format(own))["msg"] == "serving v3"
