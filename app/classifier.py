@@ -15,6 +15,7 @@ from app.imaging import TARGET_SIZE
 from app.lite_runtime import TFLITE_FILE, LiteEngine, mismatches, parity_probe
 from app.lite_runtime import available as litert_available
 from app.model_store import list_versions, verify_version
+from app.population import AgeRange
 
 log = logging.getLogger("pneumoscan.model")
 OOD_OUTPUT = "ood_score"  # optional second output of the signature (training.ood)
@@ -57,6 +58,12 @@ class LoadedModel:
         if OOD_OUTPUT not in outputs:
             return None
         return float(self.card["ood"]["threshold"])
+
+    @cached_property
+    def trained_ages(self) -> AgeRange | None:
+        """The ages (completed years) of the patients whose radiographs trained this version,
+        from its card's population.age_years; None for a card without them."""
+        return card_ages(self.card)
 
     def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 (N, 224, 224, 1) -> probabilities (N, 2) in class_names order, and the
@@ -118,6 +125,10 @@ def load_version(
         1,
     ]:
         raise ModelStoreError(f"{path}: input contract {spec} is not uint8 [N,224,224,1]")
+    try:
+        card_ages(card)
+    except ValueError as exc:
+        raise ModelStoreError(f"{path}: model.json population.age_years: {exc}") from exc
     if card.get("class_names") != ["NORMAL", "PNEUMONIA"]:
         raise ModelStoreError(f"{path}: class_names must be ['NORMAL', 'PNEUMONIA']")
     lite = runtime == "auto" and (path / TFLITE_FILE).is_file()
@@ -153,6 +164,25 @@ def load_version(
     if ood is not None and (ood.shape != (1,) or not np.all(np.isfinite(ood))):
         raise ModelStoreError(f"{path}: warm-up gave {OOD_OUTPUT} {ood!r}, expected finite (1,)")
     return model
+
+
+def card_ages(card: dict) -> AgeRange | None:
+    """A card's population.age_years ([low, high] completed years); ValueError if malformed."""
+    population = card.get("population")
+    if population is None:
+        return None
+    if not isinstance(population, dict):
+        raise ValueError(f"population must be an object, got {type(population).__name__}")
+    ages = population.get("age_years")
+    if ages is None:
+        return None
+    if (
+        not isinstance(ages, list)
+        or len(ages) != 2
+        or not all(isinstance(a, int) and not isinstance(a, bool) for a in ages)
+    ):
+        raise ValueError(f"expected [low, high] in completed years, got {ages!r}")
+    return AgeRange(ages[0], ages[1])
 
 
 def _check_ood_threshold(path: Path, card: dict, outputs) -> None:

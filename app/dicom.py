@@ -3,7 +3,8 @@
 Pixel pipeline, in the order the standard prescribes: stored values -> Modality LUT (rescale
 slope/intercept) -> VOI LUT or window centre/width -> MONOCHROME1 inverted -> 8 bits -> the one
 resize in `app.imaging`. Compressed transfer syntaxes decode through the pylibjpeg plugins.
-Only UIDs leave this module; patient tags are never read into logs or responses.
+Only UIDs leave this module; patient tags are never read into logs or responses (the patient's
+age is read for `app.population`, which passes on only whether it is within the trained ages).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from PIL import Image
 
 from app.errors import ImageTooLargeError, UndecodableImageError, UnsupportedDicomError
 from app.imaging import DecodedImage, check_dimensions, resize_to_model
+from app.population import patient_age
 
 ACCEPTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"}
 UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
@@ -331,4 +333,5 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
         height=rows,
         dicom=uids,
         source=ds,
+        patient_age=patient_age(ds),
     )

@@ -51,6 +51,13 @@ class UnsupportedDicomError(InputError):
     code = "unsupported_dicom"
 
 
+class AgeOutsideTrainingError(InputError):
+    """A DICOM of a patient outside the trained ages, with PNEUMOSCAN_AGE_OUTSIDE=refuse."""
+
+    status_code = 422
+    code = "age_outside_training"
+
+
 class PayloadTooLargeError(PneumoscanError):
     status_code = 413
     code = "payload_too_large"

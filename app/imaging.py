@@ -27,6 +27,7 @@ from app.errors import (
     UndecodableImageError,
     UnsupportedMediaError,
 )
+from app.population import PatientAge
 
 TARGET_SIZE = 224
 # Decode large JPEGs at a reduced scale (libjpeg DCT scaling) but never below twice the
@@ -56,6 +57,9 @@ class DecodedImage:
     dicom: dict[str, str] = field(default_factory=dict)
     # The parsed DICOM dataset, kept only to build an SR in the same study; never logged.
     source: object | None = field(default=None, repr=False, compare=False)
+    # The patient's age from a DICOM (app.population), checked against the trained ages; never
+    # logged or returned, only its verdict.
+    patient_age: PatientAge | None = field(default=None, repr=False, compare=False)
 
 
 def sniff_format(data: bytes) -> str:

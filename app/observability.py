@@ -65,6 +65,14 @@ class Metrics:
             ["model_version"],
             registry=self.registry,
         )
+        self.age_checks = Counter(
+            "pneumoscan_age_checks_total",
+            "Predictions by the patient's age against the model's trained ages: within, "
+            "outside (probabilities from a population the model never saw) or unknown (JPEG, "
+            "PNG, or a DICOM without a readable age)",
+            ["status", "model_version"],
+            registry=self.registry,
+        )
         self.model_version = Gauge(
             "pneumoscan_model_version", "Model version serving", ["model"], registry=self.registry
         )
@@ -157,6 +165,7 @@ class JsonFormatter(logging.Formatter):
             "model_version",
             "label",
             "ood_flagged",
+            "age_check",
             "answer",
             "reader_label",
         ):

@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     study_uid TEXT,
     series_uid TEXT,
     sop_uid TEXT,
-    ood_score REAL
+    ood_score REAL,
+    age_check TEXT
 );
 CREATE TABLE IF NOT EXISTS images (
     id TEXT PRIMARY KEY REFERENCES predictions(id),
@@ -111,6 +112,7 @@ class PredictionRecord:
     series_uid: str | None = None
     sop_uid: str | None = None
     ood_score: float | None = None  # null when the model version has no such score
+    age_check: str | None = None  # within / outside / unknown (app.population); null: check off
 
 
 RAW_SIZE = TARGET_SIZE * TARGET_SIZE
@@ -201,6 +203,8 @@ class RecordStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(predictions)")}
         if "ood_score" not in columns:
             self._db.execute("ALTER TABLE predictions ADD COLUMN ood_score REAL")
+        if "age_check" not in columns:
+            self._db.execute("ALTER TABLE predictions ADD COLUMN age_check TEXT")
 
     def close(self) -> None:
         self._closing.set()

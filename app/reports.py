@@ -10,6 +10,7 @@ import io
 from datetime import UTC, datetime
 
 from app.records import PredictionRecord
+from app.schemas import AgeCheck
 
 SHORT_CAUTION = "AI screening aid, unverified: NOT FOR DIAGNOSTIC USE"  # fits a LO (64)
 CAUTION = f"{SHORT_CAUTION}. A radiologist must read the image."
@@ -24,6 +25,7 @@ def build_sr(
     model_name: str,
     model_version: int,
     ood_threshold: float | None = None,
+    age: AgeCheck | None = None,
 ) -> bytes:
     """A Comprehensive 3D SR with the result, in the source image's study (new series)."""
     import highdicom as hd
@@ -47,7 +49,8 @@ def build_sr(
             hd.sr.QualitativeEvaluation(
                 name=hd.sr.CodedConcept("121071", "DCM", "Finding"),
                 value=hd.sr.CodedConcept(finding_code, "SCT", finding_meaning),
-            )
+            ),
+            *_age_evaluations(age),
         ],
         measurements=[
             hd.sr.Measurement(
@@ -139,6 +142,36 @@ def _ood_measurements(record: PredictionRecord, threshold: float | None) -> list
     ]
 
 
+def _age_evaluations(age: AgeCheck | None) -> list:
+    """Whether the patient's age is within the model's trained ages, when it is known."""
+    import highdicom as hd
+
+    if age is None or age.status == "unknown":
+        return []
+    low, high = age.trained_age_years
+    answer = ("373066001", "Yes") if age.status == "within" else ("373067005", "No")
+    return [
+        hd.sr.QualitativeEvaluation(
+            # A code meaning fits a LO (64 characters).
+            name=hd.sr.CodedConcept(
+                "AGE-IN-TRAINING", PRIVATE_SCHEME, f"Age within trained ages {low}-{high} y"
+            ),
+            value=hd.sr.CodedConcept(answer[0], "SCT", answer[1]),
+        )
+    ]
+
+
+def age_warning(age: AgeCheck | None) -> str | None:
+    """The warning for a patient outside the model's trained ages, else None."""
+    if age is None or age.status != "outside":
+        return None
+    low, high = age.trained_age_years
+    return (
+        f"Patient age outside the ages the model was trained on ({low}-{high} years): the "
+        "probability comes from a population the model never saw."
+    )
+
+
 def _with_type2_attributes(source):
     """The source as the SR copies it, on a copy. The patient/study attributes the SR copies are
     Type 2 (present, possibly empty): some modalities omit them, and they are filled empty. Some
@@ -182,11 +215,12 @@ def build_fhir(
     model_name: str,
     model_version: int,
     ood_threshold: float | None = None,
+    age: AgeCheck | None = None,
 ) -> dict:
     """FHIR R4 DiagnosticReport with the Observation and the model's Device contained."""
     finding_code, finding_meaning = FINDINGS[record.label]
-    warning = ood_warning(record, ood_threshold)
-    notes = [{"text": CAUTION}] + ([{"text": warning}] if warning else [])
+    warnings = [w for w in (ood_warning(record, ood_threshold), age_warning(age)) if w]
+    notes = [{"text": CAUTION}] + [{"text": warning} for warning in warnings]
     issued = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="seconds")
     identifiers = [{"system": "urn:pneumoscan:prediction", "value": record.id}]
     for uid in (record.study_uid, record.sop_uid):
@@ -265,7 +299,7 @@ def build_fhir(
         "contained": [device, observation],
         "result": [{"reference": "#result"}],
         "conclusion": f"{record.label} (P(pneumonia) = {record.p_pneumonia:.3f}). "
-        + (f"{warning} " if warning else "")
+        + "".join(f"{warning} " for warning in warnings)
         + CAUTION,
         "conclusionCode": [
             {"coding": [{"system": SNOMED, "code": finding_code, "display": finding_meaning}]}

@@ -50,6 +50,23 @@ class OutOfDistribution(BaseModel):
     threshold: float = Field(description="The model card's flag threshold for the score.")
 
 
+class AgeCheck(BaseModel):
+    status: Literal["within", "outside", "unknown"] = Field(
+        description="The patient's age (DICOM PatientAge, or PatientBirthDate against the study "
+        "date) against the ages of the patients whose radiographs trained the model: `outside` "
+        "means the probabilities come from a population the model never saw (the shipped model "
+        "learned from children aged 1-5); `unknown` for JPEG and PNG, or a DICOM without a "
+        "readable age. The age itself is never returned or stored."
+    )
+    trained_age_years: list[int] = Field(
+        description="[low, high] completed years of the training population, both included.",
+        examples=[[1, 5]],
+    )
+    source: Literal["PatientAge", "PatientBirthDate"] | None = Field(
+        None, description="The DICOM attribute the age came from; null when unknown."
+    )
+
+
 class Timings(BaseModel):
     decode_ms: float
     queue_ms: float
@@ -80,6 +97,9 @@ class PredictionPublic(PredictionCore):
     out_of_distribution: OutOfDistribution | None = Field(
         None, description="Null when the model version has no out-of-distribution score."
     )
+    age_check: AgeCheck | None = Field(
+        None, description="Null when the service's age check is off (PNEUMOSCAN_TRAINED_AGE_YEARS)."
+    )
     timings: Timings
     intended_use: str = INTENDED_USE
 
@@ -102,6 +122,7 @@ class PredictionPublic(PredictionCore):
                     },
                     "dicom": None,
                     "out_of_distribution": {"flagged": False, "score": 6.9, "threshold": 17.9},
+                    "age_check": {"status": "unknown", "trained_age_years": [1, 5], "source": None},
                     "timings": {
                         "decode_ms": 9.1,
                         "queue_ms": 0.4,
@@ -139,6 +160,9 @@ class PredictionStored(PredictionCore):
     created: datetime = Field(description="When the prediction was made (UTC).")
     ood_score: float | None = Field(
         None, description="The out-of-distribution score (null for a version without one)."
+    )
+    age_check: Literal["within", "outside", "unknown"] | None = Field(
+        None, description="The age check's verdict (null when the check was off)."
     )
     reading: ReadingPublic | None = Field(
         None, description="The radiologist's read, once reported with PUT .../reading."

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.population import AgeRange
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 # Room for multipart boundaries and part headers around the largest accepted file.
@@ -106,6 +108,19 @@ class Settings(BaseSettings):
         "before the listener closes, so load balancers stop routing here first "
         "(`pneumoscan serve` only).",
     )
+    trained_age_years: str = Field(
+        "1-5",
+        description="Ages (completed years, LOW-HIGH) of the patients whose radiographs trained "
+        "the model, used when its card does not record them (population.age_years): the "
+        "shipped model's cohort was 1-5 (Kermany et al. 2018). A DICOM whose PatientAge (or "
+        "birth date against the study date) falls outside is flagged or refused (age_outside). "
+        "'off': no age check.",
+    )
+    age_outside: Literal["flag", "refuse"] = Field(
+        "flag",
+        description="A DICOM of a patient outside the trained ages: flag (scored, age_check "
+        "outside) or refuse (422 age_outside_training).",
+    )
     retention_hours: float = Field(24.0, gt=0, description="Keep stored images this long.")
     poll_seconds: float = Field(5.0, gt=0, description="Model store poll interval.")
     cors_origins: str = Field("", description="Comma-separated CORS origins; empty = CORS off.")
@@ -126,6 +141,15 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value  # `VAR=` in an env file or compose means unset
+
+    @field_validator("trained_age_years")
+    @classmethod
+    def _age_range(cls, value: str) -> str:
+        value = value.strip()
+        if value.lower() in ("off", ""):
+            return "off"
+        AgeRange.parse(value)  # ValueError with the reason
+        return value
 
     @field_validator("log_level")
     @classmethod
@@ -165,6 +189,11 @@ class Settings(BaseSettings):
         if self.model_instances:
             return self.model_instances
         return max(1, min(8, usable_cpus()))
+
+    @property
+    def default_ages(self) -> AgeRange | None:
+        """trained_age_years parsed; None when the age check is off."""
+        return None if self.trained_age_years == "off" else AgeRange.parse(self.trained_age_years)
 
     @property
     def key_list(self) -> list[str]:

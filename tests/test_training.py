@@ -116,6 +116,8 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
             "7",
             "--swa-epochs",
             "0",
+            "--population-age-years",
+            "0-17",
         )
     )
     assert code == 0
@@ -137,6 +139,7 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     assert card["data"]["manifest_sha256"] and card["version"] == 1
     assert card["training"]["label_smoothing"] == 0.1 and card["training"]["mixup"] == 0.2
     assert card["training"]["init_seed"] == 7 and card["training"]["seed"] == 42
+    assert card["population"]["age_years"] == [0, 17]  # what the service checks ages against
     # The patient split follows --seed alone, whatever --init-seed says.
     split = manifest(patient_split(scan(small_data, "train"), seed=42))
     assert card["data"]["manifest_sha256"] == split["sha256"]
@@ -158,6 +161,8 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     assert second["label_smoothing"] == 0.0 and second["mixup"] == 0.0
     assert second["init_seed"] is None
     assert second["swa_epochs"] == 10  # the default recipe averages the last epochs' weights
+    population = json.loads((store / "pneumonia" / "2" / "model.json").read_text())["population"]
+    assert population["age_years"] == [1, 5]  # the shared data's cohort
     assert second["selection_monitor"].startswith("mean weights of the last 1 epochs")
     assert sorted(p.name for p in (store / "pneumonia").iterdir()) == ["1", "2"]
 
@@ -379,6 +384,16 @@ def test_train_command_defaults_are_the_documented_recipe() -> None:
         assert args[field.name] == field.default, field.name
     assert not args["no_augment"] and TrainConfig.augment
     assert TrainConfig.patience >= TrainConfig.epochs  # the whole schedule, best epoch kept
+
+
+@pytest.mark.parametrize("ages", ["5-1", "adults", "1-500"])
+def test_a_bad_population_age_range_stops_before_training(ages: str, capsys) -> None:
+    from training.__main__ import parser
+
+    with pytest.raises(SystemExit) as stopped:
+        parser().parse_args(["train", "--population-age-years", ages])
+    assert stopped.value.code == 2
+    assert "--population-age-years" in capsys.readouterr().err
 
 
 def test_selection_score_is_mean_balanced_accuracy_then_auc_and_worst_specificity() -> None:

@@ -12,6 +12,17 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "model_store"
 
 
+def age_range_text(text: str) -> str:
+    """--population-age-years, checked before any training starts."""
+    from app.population import AgeRange
+
+    try:
+        AgeRange.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text.strip()
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
@@ -144,6 +155,15 @@ def parser() -> argparse.ArgumentParser:
         help="distil from this store version (model_store/<name>/<v>), trained on the same "
         "patient split: its calibrated answer on each augmented image is mixed into the target "
         "(off by default, as v2 was made)",
+    )
+    train.add_argument(
+        "--population-age-years",
+        default="1-5",
+        type=age_range_text,
+        metavar="LOW-HIGH",
+        help="ages (completed years) of the patients in --data, written to the card as "
+        "population.age_years; the service flags DICOMs of patients outside them. The images "
+        "carry no ages: 1-5 is how Kermany et al. 2018 describe the shared data's cohort",
     )
     train.add_argument(
         "--distill",
@@ -280,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher=args.teacher,
         distill=args.distill,
         init_seed=args.init_seed,
+        population_age_years=args.population_age_years,
     )
     try:
         _version, folder = train(config)

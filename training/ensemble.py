@@ -178,6 +178,7 @@ def ensemble(members: list[Path], model_dir: Path, data: Path) -> tuple[int, Pat
             "parity_max_abs_difference_p_pneumonia_validation": gap,
         },
         "data": cards[0]["data"],
+        **({"population": cards[0]["population"]} if "population" in cards[0] else {}),
         **provenance(ood_section),
     }
     plots = {

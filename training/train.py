@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from app.population import AgeRange
 from training import architectures, consistency, distillation, ood
 from training.augmentation import augment_fn, mixup_fn, shifted_copy
 from training.batchnorm import recalibrate_batchnorm
@@ -88,6 +89,19 @@ class TrainConfig:
     # (training/distillation.py).
     teacher: Path | None = None
     distill: float = 0.5
+    # The ages (completed years, LOW-HIGH) of the patients in `data`, for the card's
+    # population section; the service checks each DICOM's patient age against them.
+    population_age_years: str = "1-5"
+
+
+def population(age_years: str) -> dict:
+    """The card's population section: whom the training radiographs came from."""
+    return {
+        "age_years": AgeRange.parse(age_years).as_list(),
+        "source": "--population-age-years: the images carry no ages. The default, 1-5, is how "
+        "Kermany et al. 2018 describe the shared data's cohort: pediatric anterior-posterior "
+        "chest radiographs from one hospital (Guangzhou Women and Children's Medical Center).",
+    }
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -520,6 +534,7 @@ def train(config: TrainConfig) -> tuple[int, Path]:
             "counts": data_manifest["counts"],
             "split": "seeded, patient-level, stratified 80/10/10 of the official train split",
         },
+        "population": population(config.population_age_years),
         **provenance(ood_section),
     }
     plots = {

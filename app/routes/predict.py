@@ -15,8 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from app.admission import UploadHolding
+from app.classifier import LoadedModel
 from app.deps import API_KEY_SECURITY, services_and_key_id
 from app.errors import (
+    AgeOutsideTrainingError,
     MissingFileError,
     NotAcceptableError,
     OverloadedError,
@@ -27,9 +29,11 @@ from app.errors import (
 )
 from app.imaging import DecodedImage, check_content, decode_image, decode_small_raster
 from app.negotiation import DICOM, FHIR, JSON, choose
+from app.population import AgeRange, age_status
 from app.records import PredictionRecord
 from app.reports import build_fhir, build_sr
 from app.schemas import (
+    AgeCheck,
     DicomInfo,
     InputInfo,
     ModelRef,
@@ -40,7 +44,7 @@ from app.schemas import (
     error_responses,
 )
 from app.services import Services
-from app.settings import MULTIPART_OVERHEAD
+from app.settings import MULTIPART_OVERHEAD, Settings
 
 log = logging.getLogger("pneumoscan.predict")
 router = APIRouter(tags=["predict"])
@@ -189,6 +193,41 @@ def out_of_distribution(score: float | None, threshold: float | None) -> OutOfDi
     return OutOfDistribution(flagged=score > threshold, score=round(score, 3), threshold=threshold)
 
 
+def trained_ages(model: LoadedModel, settings: Settings) -> AgeRange | None:
+    """The ages the model was trained on: its card's, else the setting's; None when off."""
+    if settings.trained_age_years == "off":
+        return None
+    return model.trained_ages or settings.default_ages
+
+
+def age_check(decoded: DecodedImage, trained: AgeRange | None) -> AgeCheck | None:
+    if trained is None:
+        return None
+    age = decoded.patient_age
+    return AgeCheck(
+        status=age_status(age, trained),
+        trained_age_years=trained.as_list(),
+        source=None if age is None else age.source,
+    )
+
+
+def refuse_outside_ages(decoded: DecodedImage, services: Services) -> None:
+    """With PNEUMOSCAN_AGE_OUTSIDE=refuse, a DICOM of a patient outside the trained ages gets
+    422 before the model runs (nothing is recorded)."""
+    if services.settings.age_outside != "refuse" or decoded.patient_age is None:
+        return
+    trained = trained_ages(services.manager.get(), services.settings)
+    check = age_check(decoded, trained)
+    if check is not None and check.status == "outside":
+        services.metrics.rejected.labels("age_outside_training").inc()
+        low, high = check.trained_age_years
+        raise AgeOutsideTrainingError(
+            f"The patient's age (DICOM {check.source}) is outside the {low}-{high} years of "
+            "the patients whose radiographs trained this model, and this service refuses such "
+            "images (PNEUMOSCAN_AGE_OUTSIDE=refuse): a clinician reads it without pneumoscan."
+        )
+
+
 async def decode_in_pool(services: Services, data: bytes) -> DecodedImage:
     """Large uploads (full-resolution radiographs, DICOM) decode on the bounded pool."""
     settings = services.settings
@@ -272,6 +311,7 @@ async def score_upload(
             "The Accept header allows none of the answers: application/json (the default), "
             "application/fhir+json, or application/dicom (a DICOM SR, for DICOM inputs)."
         )
+    refuse_outside_ages(decoded, services)
     decode_ms = (time.perf_counter() - decode_started) * 1000
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
     try:
@@ -284,6 +324,7 @@ async def score_upload(
     p_normal, p_pneumonia = (float(v) for v in result.probabilities)
     label = "PNEUMONIA" if p_pneumonia >= model.threshold else "NORMAL"
     prediction_id = secrets.token_hex(16)
+    ages = age_check(decoded, trained_ages(model, settings))
     sha256 = await digest
     uids = decoded.dicom
     record = PredictionRecord(
@@ -305,6 +346,7 @@ async def score_upload(
         series_uid=uids.get("SeriesInstanceUID"),
         sop_uid=uids.get("SOPInstanceUID"),
         ood_score=result.ood_score,
+        age_check=None if ages is None else ages.status,
     )
     try:
         await services.writer.add(record, decoded.pixels)
@@ -315,6 +357,8 @@ async def score_upload(
     ood = out_of_distribution(result.ood_score, model.ood_threshold)
     if ood is not None and ood.flagged:
         services.metrics.out_of_distribution.labels(str(model.version)).inc()
+    if ages is not None:
+        services.metrics.age_checks.labels(ages.status, str(model.version)).inc()
     # Every recorded prediction is logged, whichever representation carries it (before round
     # 18, FHIR and SR answers, which a PACS integration asks for, were missing from the log).
     log.info(
@@ -325,21 +369,30 @@ async def score_upload(
             "model_version": model.version,
             "label": label,
             "ood_flagged": None if ood is None else ood.flagged,
+            "age_check": None if ages is None else ages.status,
             "answer": answer_type,
         },
     )
     if answer_type == FHIR:
-        fhir = build_fhir(record, model.name, model.version, model.ood_threshold)
+        fhir = build_fhir(record, model.name, model.version, model.ood_threshold, ages)
         return JSONResponse(
             fhir, media_type="application/fhir+json", headers={"X-Prediction-Id": prediction_id}
         )
     if answer_type == DICOM:
         sr = await asyncio.to_thread(
-            build_sr, decoded.source, record, model.name, model.version, model.ood_threshold
+            build_sr,
+            decoded.source,
+            record,
+            model.name,
+            model.version,
+            model.ood_threshold,
+            ages,
         )
         headers = {"X-Prediction-Id": prediction_id, "X-Label": label}
         if ood is not None:  # for a PACS plugin, which gets no JSON body with the SR
             headers["X-Input-Check"] = "flagged" if ood.flagged else "typical"
+        if ages is not None:
+            headers["X-Age-Check"] = ages.status
         return Response(sr, media_type="application/dicom", headers=headers)
     body = PredictionPublic(
         prediction_id=prediction_id,
@@ -364,6 +417,7 @@ async def score_upload(
         if uids
         else None,
         out_of_distribution=ood,
+        age_check=ages,
         timings=Timings(
             decode_ms=round(decode_ms, 2),
             queue_ms=round(result.queue_ms, 2),

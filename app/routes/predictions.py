@@ -84,6 +84,7 @@ async def get_prediction(
         if any(uids)
         else None,
         ood_score=record.ood_score,
+        age_check=record.age_check,
         reading=None if reading is None else reading_public(reading, record.model_name),
     )
 

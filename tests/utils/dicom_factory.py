@@ -50,12 +50,13 @@ def make_dicom(
     rescale: tuple[float, float] | None = None,
     syntax: str | None = None,
     modality: str | None = "DX",
+    attributes: dict[str, object] | None = None,
 ) -> bytes:
     """Encode an 8-bit grayscale image so that a correct reader recovers it.
 
     bits > 8 spreads the values over the stored range; MONOCHROME1 stores the inverse; a window
     or VOI LUT is chosen to map the stored range back to 0..255. `modality` None leaves the
-    Modality attribute out.
+    Modality attribute out; `attributes` sets further elements by keyword (PatientAge="045Y").
     """
     rows, columns = gray8.shape
     ds = base_dataset(rows, columns)
@@ -84,6 +85,8 @@ def make_dicom(
         item.add_new(0x00283006, "US", [round(v * 65535 / top) for v in range(entries)])
         item.LUTExplanation = "linear"
         ds.VOILUTSequence = Sequence([item])
+    for keyword, value in (attributes or {}).items():
+        setattr(ds, keyword, value)
     ds.PixelData = stored.astype(dtype).tobytes()
     if syntax == "jpeg-baseline":
         buffer = io.BytesIO()
