@@ -94,6 +94,13 @@ class FakeOrthanc(types.ModuleType):
         pass
 
 
+def as_checks(input_check: str | None = None, age_check: str | None = None) -> dict[str, str]:
+    """The checks a scripted answer carries, as `_post_predict` returns them from the headers
+    (X-Input-Check, X-Age-Check): only those present."""
+    checks = {"PneumoscanInputCheck": input_check, "PneumoscanAgeCheck": age_check}
+    return {name: value for name, value in checks.items() if value}
+
+
 class Killed(BaseException):
     """Orthanc stopping mid-call (kill -9): nothing after it in the plugin runs."""
 
@@ -111,8 +118,13 @@ def load_plugin(monkeypatch: pytest.MonkeyPatch, fake: FakeOrthanc, sent: list, 
         answer = answers[instance_id]
         if isinstance(answer, BaseException):
             raise answer
-        label, check = answer
-        return b"SR for " + instance_id.encode(), label, check, f"prediction-of-{instance_id}"
+        label, *checks = answer
+        return (
+            b"SR for " + instance_id.encode(),
+            label,
+            as_checks(*checks),
+            f"prediction-of-{instance_id}",
+        )
 
     monkeypatch.setattr(plugin, "_post_predict", post_predict)
     monkeypatch.setattr(
@@ -150,6 +162,30 @@ def test_a_pneumonia_image_is_not_hidden_by_another_image_of_the_study(orthanc, 
     assert "/instances/lateral/metadata/PneumoscanResult" not in meta
     assert study_metadata(orthanc.fake, "PneumoscanResult") == "PNEUMONIA"
     assert study_metadata(orthanc.fake, "PneumoscanInputCheck") == "flagged"
+
+
+def test_the_study_says_if_any_patient_age_is_outside_the_trained_ages(orthanc) -> None:
+    """Each instance keeps its own age check; the study reads outside if any is, else within if
+    any is known, else unknown. A version without the age check (no header) stores none."""
+    for name in ("child", "unstated", "adult", "old-service"):
+        orthanc.fake.add(name)
+    orthanc.answers.update(
+        {
+            "unstated": ("NORMAL", "typical", "unknown"),
+            "child": ("NORMAL", "typical", "within"),
+            "adult": ("PNEUMONIA", "typical", "outside"),
+            "old-service": ("NORMAL", "typical"),
+        }
+    )
+    seen = []
+    for name in ("unstated", "child", "adult", "old-service"):
+        orthanc.plugin.process(name)
+        seen.append(study_metadata(orthanc.fake, "PneumoscanAgeCheck"))
+    assert seen == ["unknown", "within", "outside", "outside"]
+    meta = orthanc.fake.metadata
+    assert meta["/instances/child/metadata/PneumoscanAgeCheck"] == "within"
+    assert meta["/instances/adult/metadata/PneumoscanAgeCheck"] == "outside"
+    assert "/instances/old-service/metadata/PneumoscanAgeCheck" not in meta
 
 
 def test_a_failed_image_keeps_the_study_from_reading_normal(orthanc) -> None:
@@ -281,8 +317,8 @@ def _next(outcomes: list):
     outcome = outcomes.pop(0)
     if isinstance(outcome, BaseException):
         raise outcome
-    label, check = outcome
-    return b"SR", label, check, None
+    label, *checks = outcome
+    return b"SR", label, as_checks(*checks), None
 
 
 @pytest.mark.parametrize(

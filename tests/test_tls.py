@@ -151,8 +151,9 @@ def test_the_orthanc_plugin_posts_over_mutual_tls(
     monkeypatch.setattr(plugin, "API_KEY", BENCH_KEY)
     environ = {"PNEUMOSCAN_CA_FILE": str(pki.ca), "PNEUMOSCAN_CLIENT_CERT": str(pki.client)}
     monkeypatch.setattr(plugin, "TLS_CONTEXT", plugin.tls_context(url, environ))
-    sr, label, _, prediction_id = plugin._post_predict(DICOM)
+    sr, label, checks, prediction_id = plugin._post_predict(DICOM)
     assert sr[128:132] == b"DICM" and label in ("NORMAL", "PNEUMONIA")
+    assert checks == {"PneumoscanAgeCheck": "unknown"}  # the fixture states no age
     assert plugin._get_overlay(prediction_id)[:4] == b"\x89PNG"  # the overlay, same channel
     # Without the client certificate the service refuses the connection, which the plugin
     # treats as the service being unreachable: it retries, the image is not lost.

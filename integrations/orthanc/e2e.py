@@ -50,6 +50,10 @@ def orthanc_binary() -> str | None:
     return shutil.which("Orthanc")
 
 
+# The age check each case's study should read (the others state no age).
+EXPECTED_AGE_CHECK = {"monochrome2-8bit": "within", "rle": "outside"}
+
+
 def cases() -> list[tuple[str, bytes]]:
     def gray(name: str) -> np.ndarray:
         image = Image.open(FIXTURES / "originals" / name)
@@ -58,13 +62,21 @@ def cases() -> list[tuple[str, bytes]]:
     normal = gray("NORMAL2-IM-0744-0001.jpeg")
     pneumonia = gray("person495_bacteria_2094.jpeg")
     return [
-        ("monochrome2-8bit", make_dicom(normal)),
+        # a child, as the model's training cohort, and an adult, whom it never saw
+        ("monochrome2-8bit", make_dicom(normal, attributes={"PatientAge": "003Y"})),
         (
             "monochrome1-12bit-voi",
             make_dicom(pneumonia, bits=12, photometric="MONOCHROME1", voi_lut=True),
         ),
         ("jpeg2000", make_dicom(gray("NORMAL2-IM-0746-0001.jpeg"), syntax=JPEG2000Lossless)),
-        ("rle", make_dicom(gray("person1133_virus_1865.jpeg"), syntax=RLELossless)),
+        (
+            "rle",
+            make_dicom(
+                gray("person1133_virus_1865.jpeg"),
+                syntax=RLELossless,
+                attributes={"PatientBirthDate": "19700101", "StudyDate": "20251203"},
+            ),
+        ),
     ]
 
 
@@ -343,6 +355,7 @@ def run(timeout: float) -> bool:
                 "PneumoscanResult": 4200,
                 "PneumoscanInputCheck": 4201,
                 "PneumoscanOverlay": 4202,
+                "PneumoscanAgeCheck": 4203,
             },
             "StableAge": 2,
         }
@@ -378,13 +391,15 @@ def run(timeout: float) -> bool:
                         ).text.strip()
                         == "SR"
                     ]
-                    check = httpx.get(
-                        f"{base}/studies/{study}/metadata/PneumoscanInputCheck", timeout=5
+                    check, age = (
+                        httpx.get(f"{base}/studies/{study}/metadata/{entry}", timeout=5)
+                        for entry in ("PneumoscanInputCheck", "PneumoscanAgeCheck")
                     )
                     results[name] = (
                         meta.text,
                         srs,
                         check.text if check.status_code == 200 else None,
+                        age.text if age.status_code == 200 else None,
                     )
                 time.sleep(0.5)
             expected_version = httpx.get(f"{server['url']}/readyz").json()["model"]["version"]
@@ -393,7 +408,7 @@ def run(timeout: float) -> bool:
                     print(f"FAIL {name}: no result within {timeout:.0f} s")
                     ok = False
                     continue
-                label, srs, input_check = results[name]
+                label, srs, input_check, age_check = results[name]
                 if label not in ("NORMAL", "PNEUMONIA") or len(srs) != 1:
                     print(f"FAIL {name}: metadata {label!r}, {len(srs)} SR instances")
                     ok = False
@@ -418,13 +433,17 @@ def run(timeout: float) -> bool:
                     model.endswith(f"v{expected_version}"),
                     direct["label"] == label,
                     input_check == expected_check,
+                    age_check
+                    == direct["age_check"]["status"]
+                    == EXPECTED_AGE_CHECK.get(name, "unknown"),
                 ]
                 status = "ok" if all(checks) else "FAIL"
                 ok = ok and all(checks)
                 print(
                     f"{status} {name}: {label} "
                     f"(P(pneumonia) {direct['probabilities']['PNEUMONIA']:.3f}), "
-                    f"SR {sr.SOPInstanceUID[-12:]} in study, model {model}, input {input_check}"
+                    f"SR {sr.SOPInstanceUID[-12:]} in study, model {model}, input {input_check}, "
+                    f"age {age_check}"
                 )
             ok = check_multi_image_study(base, timeout) and ok
             ok = check_dicomweb(base, timeout) and ok

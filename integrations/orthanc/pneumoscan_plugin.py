@@ -37,7 +37,8 @@ whose BodyPartExamined is certainly not the chest (HAND, KNEE, L SPINE...). The
 study's `PneumoscanResult` summarises its scored instances, so that no image's call is hidden
 by another's: PNEUMONIA if any instance is PNEUMONIA, else an instance's error if any failed
 (the study is not fully screened), else NORMAL. `PneumoscanInputCheck` is "flagged" if any
-instance was.
+instance was; `PneumoscanAgeCheck` is "outside" if any instance's patient age is outside the
+ages the model was trained on, else "within" if any is known to be within, else "unknown".
 """
 
 import base64
@@ -83,6 +84,11 @@ METADATA = "PneumoscanResult"
 # "typical" or "flagged" (the input is unlike the model's training radiographs), when the
 # serving model version has an out-of-distribution score
 INPUT_CHECK = "PneumoscanInputCheck"
+# "within", "outside" or "unknown": the patient's age against the ages the model was trained on
+# (the service's X-Age-Check; the shipped model learned from children aged 1-5)
+AGE_CHECK = "PneumoscanAgeCheck"
+# How a study sums up its instances' checks: the first value found in this order.
+SUMMARY_ORDER = {INPUT_CHECK: ("flagged", "typical"), AGE_CHECK: ("outside", "within", "unknown")}
 TRANSIENT = {408, 429, 500, 502, 503, 504}
 # An instance's (and its study's) result while the service stays unreachable or overloaded after
 # PNEUMOSCAN_MAX_TRIES tries: the plugin keeps trying, and the label replaces it.
@@ -159,10 +165,14 @@ def _post_predict(dicom_bytes):
             request, timeout=60, context=TLS_CONTEXT
         ) as response:
             headers = response.headers
+            checks = {
+                INPUT_CHECK: headers.get("X-Input-Check"),
+                AGE_CHECK: headers.get("X-Age-Check"),
+            }
             return (
                 response.read(),
                 headers.get("X-Label", ""),
-                headers.get("X-Input-Check"),
+                {name: value for name, value in checks.items() if value},
                 headers.get("X-Prediction-Id"),
             )
     except urllib.error.HTTPError as exc:
@@ -258,21 +268,30 @@ def _metadata(instance_id, name):
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _record(instance_id, study_id, result, input_check=None):
-    """Store one instance's result, then recompute its study's summary from every instance."""
-    if input_check:
-        orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{INPUT_CHECK}", input_check)
+def _record(instance_id, study_id, result, checks=None):
+    """Store one instance's result and checks ({PneumoscanInputCheck: "flagged", ...}), then
+    recompute its study's summary from every instance."""
+    for name, value in (checks or {}).items():
+        try:
+            orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{name}", value)
+        except Exception as exc:  # noqa: BLE001 - an orthanc.json without the metadata entry
+            _log(f"{name} is not in Orthanc's UserMetadata: {exc}")
     orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{METADATA}", result)
-    results, checks = [], []
+    results, found = [], {name: [] for name in SUMMARY_ORDER}
     for instance in json.loads(orthanc.RestApiGet(f"/studies/{study_id}/instances")):
         value = _metadata(instance["ID"], METADATA)
         if value is not None:
             results.append(value)
-            checks.append(_metadata(instance["ID"], INPUT_CHECK))
-    if "flagged" in checks or "typical" in checks:
-        # before the result, so a reader that sees the result sees this too
-        summary_check = "flagged" if "flagged" in checks else "typical"
-        orthanc.RestApiPut(f"/studies/{study_id}/metadata/{INPUT_CHECK}", summary_check)
+            for name, values in found.items():
+                values.append(_metadata(instance["ID"], name))
+    # before the result, so a reader that sees the result sees these too
+    for name, order in SUMMARY_ORDER.items():
+        summary = next((value for value in order if value in found[name]), None)
+        if summary is not None:
+            try:
+                orthanc.RestApiPut(f"/studies/{study_id}/metadata/{name}", summary)
+            except Exception as exc:  # noqa: BLE001 - as above
+                _log(f"{name} is not in Orthanc's UserMetadata: {exc}")
     orthanc.RestApiPut(f"/studies/{study_id}/metadata/{METADATA}", summarise(results))
 
 
@@ -289,7 +308,7 @@ def process(instance_id):
     while True:
         attempt += 1
         try:
-            sr_bytes, label, input_check, prediction_id = _post_predict(dicom_bytes)
+            sr_bytes, label, checks, prediction_id = _post_predict(dicom_bytes)
             break
         except Transient as exc:
             if exc.status == 500 and attempt >= MAX_TRIES:
@@ -309,8 +328,9 @@ def process(instance_id):
             _record(instance_id, study_id, "error: " + str(exc)[:200])
             return
     orthanc.RestApiPost("/instances", sr_bytes)
-    _record(instance_id, study_id, label or "scored", input_check)
-    _log(f"instance {instance_id} scored {label} ({input_check or 'no input check'}); SR stored")
+    _record(instance_id, study_id, label or "scored", checks)
+    described = ", ".join(f"{name} {value}" for name, value in checks.items()) or "no checks"
+    _log(f"instance {instance_id} scored {label} ({described}); SR stored")
     _store_overlay(instance_id, study_id, tags, label, prediction_id)
 
 
