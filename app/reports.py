@@ -7,6 +7,7 @@ Both say plainly that the result is an unverified screening aid, not a diagnosis
 from __future__ import annotations
 
 import io
+import re
 from datetime import UTC, datetime
 
 from app.records import PredictionRecord
@@ -90,6 +91,7 @@ def build_sr(
         contribution_description=SHORT_CAUTION,
     )
     sr = hd.sr.Comprehensive3DSR(
+        specific_character_set=SR_CHARSET,
         evidence=[source],
         content=report,
         series_instance_uid=generate_uid(),
@@ -106,6 +108,40 @@ def build_sr(
     out = io.BytesIO()
     sr.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+# pydicom has decoded the source's text to Unicode whatever its SpecificCharacterSet said, so the
+# SR is written in UTF-8, which holds any of it exactly. Copying the source's value instead made
+# the SR answer a 500 for an empty, unknown or lone ISO 2022 value (found by fuzzing, round 19).
+SR_CHARSET = "ISO_IR 192"
+SR_SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def sr_problem(source) -> str | None:
+    """Why no SR can be made in the source's study, or None: it must reference the source by
+    one Study, Series and SOP Instance UID each, and a SOP class whose modules highdicom
+    knows (to copy the patient and study). Checked before the model runs."""
+    from pydicom.multival import MultiValue
+
+    for keyword in SR_SOURCE_UIDS:
+        value = source.get(keyword)
+        # Digits and dots; leading zeros and over-long UIDs, which some archives hold, pass.
+        if isinstance(value, MultiValue) or not re.fullmatch(r"[0-9.]+", str(value or "")):
+            return f"its {keyword} is missing, multi-valued or not digits and dots"
+    sop_class = str(source.get("SOPClassUID") or "")
+    if sop_class not in _known_sop_classes():
+        return f"its SOP class {sop_class[:64]!r} is not a standard storage class"
+    return None
+
+
+def _known_sop_classes() -> frozenset[str]:
+    try:  # the map highdicom copies the patient and study modules by
+        from highdicom._standard_utils import get_sop_class_iod_map
+    except ImportError:  # another highdicom layout: pydicom's list of SOP classes
+        from pydicom.uid import UID_dictionary
+
+        return frozenset(uid for uid, info in UID_dictionary.items() if info[1] == "SOP Class")
+    return frozenset(get_sop_class_iod_map())
 
 
 TYPE2_DEFAULTS = (

@@ -104,3 +104,70 @@ def test_every_answer_type_logs_the_prediction(client, caplog, accept: str) -> N
         else response.headers["x-prediction-id"]
     )
     assert logged[0].label in ("NORMAL", "PNEUMONIA")
+
+
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [
+        ("ISO_IR 100", "Müller^Jürgen"),  # Latin-1 in the source
+        ("ISO_IR 192", "Ünïcødé^名前"),
+        (None, "Doe^Jane"),
+        ("", "Doe^Jane"),  # an empty value, which highdicom refused (500 before round 19)
+        ("FOO", "Doe^Jane"),  # unknown
+        ("ISO 2022 IR 87", "Doe^Jane"),  # a code extension alone
+    ],
+)
+def test_the_sr_is_written_in_utf8_whatever_the_sources_character_set(
+    client, charset: str | None, name: str
+) -> None:
+    import warnings
+
+    attributes = {"PatientName": name}
+    if charset is not None:
+        attributes["SpecificCharacterSet"] = charset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the unknown values
+        dicom = make_dicom(gray_image(), attributes=attributes)
+    response = client.post(
+        "/predict", files={"file": ("a.dcm", dicom)}, headers={"Accept": "application/dicom"}
+    )
+    assert response.status_code == 200, response.text
+    sr = pydicom.dcmread(io.BytesIO(response.content))
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    assert str(sr.PatientName) == name  # the same text, whatever it was encoded in
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"StudyInstanceUID": "1.2.3\\1.2.4"},  # multi-valued: a 500 before round 19
+        {"SOPInstanceUID": ""},
+        {"SeriesInstanceUID": "1.2.abc"},
+        {"SOPClassUID": "1.2.3.4.5.6"},  # a private SOP class: highdicom cannot copy from it
+    ],
+)
+def test_an_sr_that_cannot_reference_its_source_is_refused_before_the_model(
+    client, attributes: dict
+) -> None:
+    dicom = make_dicom(gray_image(), attributes=attributes)
+    response = client.post(
+        "/predict", files={"file": ("a.dcm", dicom)}, headers={"Accept": "application/dicom"}
+    )
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_dicom" and "application/json" in error["message"]
+    assert client.app.state.services.records.count() == 0  # nothing recorded for it
+    # The same object is scored when a JSON answer is asked for.
+    assert client.post("/predict", files={"file": ("a.dcm", dicom)}).status_code == 200
+
+
+def test_leading_zeros_in_a_uid_do_not_stop_the_sr(client) -> None:
+    """Some archives hold UIDs with leading zeros in a component or over 64 characters, which
+    the standard forbids; the SR still references them as they are."""
+    uid = "1.2.840.0123." + "9" * 60
+    dicom = make_dicom(gray_image(), attributes={"StudyInstanceUID": uid})
+    response = client.post(
+        "/predict", files={"file": ("a.dcm", dicom)}, headers={"Accept": "application/dicom"}
+    )
+    assert response.status_code == 200, response.text
+    assert pydicom.dcmread(io.BytesIO(response.content)).StudyInstanceUID == uid

@@ -25,13 +25,14 @@ from app.errors import (
     PayloadTooLargeError,
     PneumoscanError,
     StorageUnavailableError,
+    UnsupportedDicomError,
     UnsupportedMediaError,
 )
 from app.imaging import DecodedImage, check_content, decode_image, decode_small_raster
 from app.negotiation import DICOM, FHIR, JSON, choose
 from app.population import AgeRange, age_status
 from app.records import PredictionRecord
-from app.reports import build_fhir, build_sr
+from app.reports import build_fhir, build_sr, sr_problem
 from app.schemas import (
     AgeCheck,
     DicomInfo,
@@ -311,6 +312,13 @@ async def score_upload(
             "The Accept header allows none of the answers: application/json (the default), "
             "application/fhir+json, or application/dicom (a DICOM SR, for DICOM inputs)."
         )
+    if answer_type == DICOM:
+        problem = sr_problem(decoded.source)
+        if problem is not None:
+            raise UnsupportedDicomError(
+                f"No DICOM SR can be made for this object: {problem}. Ask for "
+                "application/json (or application/fhir+json) to have it scored."
+            )
     refuse_outside_ages(decoded, services)
     decode_ms = (time.perf_counter() - decode_started) * 1000
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
