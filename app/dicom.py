@@ -3,6 +3,10 @@
 Pixel pipeline, in the order the standard prescribes: stored values -> Modality LUT (rescale
 slope/intercept) -> VOI LUT or window centre/width -> MONOCHROME1 inverted -> 8 bits -> the one
 resize in `app.imaging`. Compressed transfer syntaxes decode through the pylibjpeg plugins.
+Photometric Interpretation alone decides the polarity: Presentation LUT Shape is not applied
+(some CR/DX objects carry a wrong INVERSE or IDENTITY, which archives such as dcm4chee let sites
+ignore for the same reason); an image that still arrives inverted tends to be flagged out of
+distribution.
 Only UIDs leave this module; patient tags are never read into logs or responses (the patient's
 age is read for `app.population`, which passes on only whether it is within the trained ages).
 """
