@@ -88,7 +88,17 @@ def is_chest_body_part(body_part: object) -> bool:
 
 
 def _uids(ds) -> dict[str, str]:
-    return {tag: str(getattr(ds, tag)) for tag in UID_TAGS if getattr(ds, tag, None)}
+    """The UIDs the answer echoes; a multi-valued one (non-conformant) is left out rather than
+    echoed as a Python list's text."""
+    found = {}
+    for tag in UID_TAGS:
+        try:
+            value = ds.get(tag)
+        except Exception:  # noqa: BLE001, S112 - an unparsable element counts as absent
+            continue
+        if value and isinstance(value, str):
+            found[tag] = str(value)
+    return found
 
 
 def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:

@@ -171,3 +171,58 @@ def test_leading_zeros_in_a_uid_do_not_stop_the_sr(client) -> None:
     )
     assert response.status_code == 200, response.text
     assert pydicom.dcmread(io.BytesIO(response.content)).StudyInstanceUID == uid
+
+
+HOSTILE_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyDate",
+    "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID", "SeriesNumber",
+    "InstanceNumber", "Modality", "BodyPartExamined", "ViewPosition", "SpecificCharacterSet",
+    "ContentDate", "SeriesDate", "ImageLaterality", "SOPClassUID", "StudyInstanceUID",
+    "SeriesInstanceUID", "SOPInstanceUID", "WindowCenter", "WindowWidth", "RescaleSlope",
+    "PresentationIntentType", "OtherPatientIDs", "IssuerOfPatientID", "ImageType",
+)  # fmt: skip
+HOSTILE_VALUES = (
+    "", " ", "A\\B\\C", "x" * 300, "\x00", "Ünï名", "-1", "1e400", "NaN", "20251399", "25:99",
+    "1.2.3", "ISO_IR 100", "999Y", "3.5", "\\", "^", "=^=", "ISO 2022 IR 87",
+)  # fmt: skip
+
+
+def test_hostile_header_values_get_an_answer_or_a_4xx_never_a_5xx(client) -> None:
+    """A seeded sample of non-conformant values in the attributes the service and its SR read,
+    sent for each answer type (round 19 found 500s this way on the SR path)."""
+    import random
+    import warnings
+
+    from pydicom import config
+
+    base = (FIXTURES / "dicom" / "person1946_bacteria_4874.dcm").read_bytes()
+    rng = random.Random(19)
+    statuses, sent = [], 0
+    for _ in range(25):
+        ds = pydicom.dcmread(io.BytesIO(base))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config.settings.writing_validation_mode = config.IGNORE
+            try:
+                for _ in range(rng.randint(1, 4)):
+                    try:
+                        setattr(ds, rng.choice(HOSTILE_KEYWORDS), rng.choice(HOSTILE_VALUES))
+                    except (ValueError, TypeError, OverflowError):
+                        continue  # pydicom refuses it outright (a number as '^')
+                out = io.BytesIO()
+                ds.save_as(out, enforce_file_format=True)
+            except (ValueError, TypeError, UnicodeError):
+                continue  # not even writable ("名" in a Latin-1 object): no PACS sends it
+            finally:
+                config.settings.writing_validation_mode = config.WARN
+        sent += 1
+        for accept in ("application/json", "application/fhir+json", "application/dicom"):
+            response = client.post(
+                "/predict", files={"file": ("a.dcm", out.getvalue())}, headers={"Accept": accept}
+            )
+            statuses.append(response.status_code)
+            assert response.status_code in (200, 422), (accept, response.text[:300])
+            if response.status_code == 200 and accept == "application/dicom":
+                pydicom.dcmread(io.BytesIO(response.content))  # a readable SR
+    assert sent >= 15  # most samples could be written and were sent
+    assert statuses.count(200) > len(statuses) / 2  # most are still scored
