@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         http=BoundedHeadHttpToolsProtocol,
         **uvicorn_tls_options(settings),
     )
-    server = DrainingServer(config, settings.drain_seconds)
+    server = DrainingServer(config, settings.drain_seconds, settings)
     server.run()
     return 0 if server.started else 3  # uvicorn's exit code for a failed start
 

@@ -5,28 +5,59 @@ instance until its next probe finds it gone. So first, for `PNEUMOSCAN_DRAIN_SEC
 service keeps answering while /readyz says 503 `draining`; then uvicorn's own shutdown runs,
 with idle keep-alive connections given a moment for a last request
 (`BoundedHeadHttpToolsProtocol.shutdown`) instead of being closed under a request their client
-had just sent."""
+had just sent.
+
+Over HTTPS it also takes up renewed certificate files without a restart (`app.tls.
+CertificateReloader`, every PNEUMOSCAN_TLS_RELOAD_SECONDS and on SIGHUP)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
 
 import uvicorn
 
 from app import lifecycle
+from app.settings import Settings
+from app.tls import CertificateReloader
 
 log = logging.getLogger("pneumoscan")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, drain_seconds: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain_seconds: float, settings: Settings | None = None
+    ) -> None:
         super().__init__(config)
         self.drain_seconds = drain_seconds
+        self.settings = settings
+        self.certificates: CertificateReloader | None = None
+        self._reloading: asyncio.Task | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        settings = self.settings
+        if (
+            self.started
+            and self.config.ssl is not None
+            and settings is not None
+            and settings.tls_reload_seconds > 0
+        ):
+            # Renewed certificate files are taken up without a restart (app/tls.py).
+            self.certificates = CertificateReloader(
+                self.config.ssl, settings, settings.tls_reload_seconds
+            )
+            self._reloading = asyncio.create_task(self.certificates.run())
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.certificates.wake)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         lifecycle.draining = True
+        if self._reloading is not None:
+            self._reloading.cancel()
         if self.drain_seconds > 0 and not self.force_exit:
             log.info(
                 "SIGTERM: /readyz answers 503 draining; the listener closes in %.1f s",

@@ -137,6 +137,13 @@ class Settings(BaseSettings):
         "one of them (mutual TLS), as well as an API key.",
     )
 
+    tls_reload_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="How often the TLS files are checked for renewal and, when changed and "
+        "valid, loaded without a restart (also at once on SIGHUP); 0: read at start only.",
+    )
+
     @field_validator("tls_certfile", "tls_keyfile", "tls_client_ca", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -5,10 +5,16 @@ in front (README, "Security")."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import ssl
+from pathlib import Path
 from typing import Any
 
 from app.settings import Settings
+
+log = logging.getLogger("pneumoscan.tls")
 
 
 def uvicorn_tls_options(settings: Settings) -> dict[str, Any]:
@@ -52,3 +58,87 @@ def tls_problem(settings: Settings) -> str | None:
 
 def _reason(exc: OSError | ssl.SSLError) -> str:
     return exc.strerror or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+
+
+class CertificateReloader:
+    """Puts renewed certificate files into the live server context, without a restart.
+
+    Hospitals renew certificates (yearly, or every 60-90 days with an ACME client or
+    cert-manager, which replace the files and send no signal). Every `interval` seconds, and at
+    once on SIGHUP, the files' identity (inode, size, modification time) is compared with the
+    last one loaded. Changed files are first loaded into a scratch context; only if the pair
+    (and the client CA file) load there are they loaded into the serving context, whose new
+    handshakes then present them. Open connections keep the certificate they were made with.
+    A half-written pair (the certificate renewed, the key not yet) is logged once and retried
+    at the next check, while the old pair keeps serving. A CA added to the client CA file is
+    trusted from the reload on; one removed stays trusted until a restart (OpenSSL's store only
+    grows).
+    """
+
+    def __init__(self, context: ssl.SSLContext, settings: Settings, interval: float) -> None:
+        assert settings.tls_certfile is not None and settings.tls_keyfile is not None
+        self.context = context
+        self.certfile, self.keyfile = settings.tls_certfile, settings.tls_keyfile
+        self.client_ca = settings.tls_client_ca
+        self.interval = interval
+        self.loaded = self.identity()
+        self.reloads = 0
+        self._refused: tuple | None = None  # the identity last refused, logged once
+        self._wake = asyncio.Event()
+
+    def files(self) -> list[Path]:
+        return [self.certfile, self.keyfile] + ([self.client_ca] if self.client_ca else [])
+
+    def identity(self) -> tuple:
+        found = []
+        for path in self.files():
+            try:
+                info = os.stat(path)
+            except OSError:
+                found.append(None)
+                continue
+            found.append((info.st_ino, info.st_size, info.st_mtime_ns))
+        return tuple(found)
+
+    def check(self) -> bool:
+        """Load the files if they changed and load cleanly; True when they were loaded."""
+        current = self.identity()
+        if current == self.loaded:
+            return False
+        scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            scratch.load_cert_chain(self.certfile, self.keyfile)
+            if self.client_ca is not None:
+                scratch.load_verify_locations(cafile=self.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            if current != self._refused:
+                self._refused = current
+                log.warning(
+                    "renewed TLS files not loaded, the previous certificate keeps serving "
+                    "(retried at the next check): %s",
+                    _reason(exc),
+                )
+            return False
+        self.context.load_cert_chain(self.certfile, self.keyfile)
+        if self.client_ca is not None:
+            self.context.load_verify_locations(cafile=self.client_ca)
+        self.loaded, self._refused = current, None
+        self.reloads += 1
+        log.info("TLS certificate files reloaded: new connections present the renewed ones")
+        return True
+
+    def wake(self) -> None:
+        """SIGHUP: check now."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await asyncio.to_thread(self.check)
+            except Exception:  # the checker must outlive any surprise; the log says where
+                log.exception("TLS certificate check failed")

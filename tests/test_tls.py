@@ -198,3 +198,79 @@ def test_tls_settings_problems_are_one_line_before_start(
         assert problem is None
     else:
         assert problem is not None and expected in problem and "\n" not in problem
+
+
+def presented_certificate(url: str, context: ssl.SSLContext) -> bytes:
+    """The DER certificate a new connection to `url` is shown."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    with (
+        socket.create_connection((parsed.hostname, parsed.port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=parsed.hostname) as tls,
+    ):
+        return tls.getpeercert(binary_form=True)
+
+
+def wait_for_certificate(url: str, context: ssl.SSLContext, expected: bytes) -> bool:
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if presented_certificate(url, context) == expected:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("trigger", ["file check", "SIGHUP"])
+def test_a_renewed_certificate_is_served_without_a_restart(
+    tiny_store: Path, tmp_path: Path, trigger: str
+) -> None:
+    """An ACME client or cert-manager replaces the files and sends no signal: the periodic check
+    takes them up; an operator can also send SIGHUP. A half-renewed pair (the new certificate
+    with the old key) is not loaded, and the old pair keeps serving until the key arrives."""
+    import signal
+    import time
+
+    ca = trustme.CA()
+    first, renewed = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+
+    def replace(path: Path, blob) -> None:  # as renewal tools do: write aside, then rename
+        blob.write_to_path(str(path.with_suffix(".new")))
+        os.replace(path.with_suffix(".new"), path)
+
+    replace(cert, first.cert_chain_pems[0])
+    replace(key, first.private_key_pem)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    der = {
+        name: ssl.PEM_cert_to_DER_cert(issued.cert_chain_pems[0].bytes().decode())
+        for name, issued in (("first", first), ("renewed", renewed))
+    }
+    env = {
+        "PNEUMOSCAN_TLS_CERTFILE": str(cert),
+        "PNEUMOSCAN_TLS_KEYFILE": str(key),
+        "PNEUMOSCAN_TLS_RELOAD_SECONDS": "0.2" if trigger == "file check" else "3600",
+    }
+    with running_server(tiny_store, tmp_path / "data", extra_env=env, tls_client=context) as srv:
+        url = srv["url"]
+        assert presented_certificate(url, context) == der["first"]
+        with httpx.Client(verify=context, timeout=30) as kept:  # a connection opened before
+            assert kept.post(f"{url}/predict", content=JPEG, headers=HEADERS).status_code == 200
+            replace(cert, renewed.cert_chain_pems[0])  # the key comes later
+            if trigger == "SIGHUP":
+                os.kill(srv["pid"], signal.SIGHUP)
+            time.sleep(1.0)
+            assert presented_certificate(url, context) == der["first"]  # still the whole pair
+            replace(key, renewed.private_key_pem)
+            if trigger == "SIGHUP":
+                os.kill(srv["pid"], signal.SIGHUP)
+            assert wait_for_certificate(url, context, der["renewed"])
+            # the connection made before the renewal still answers
+            assert kept.post(f"{url}/predict", content=JPEG, headers=HEADERS).status_code == 200
+        assert srv["process"].poll() is None  # SIGHUP reloads, it no longer stops the service
+        log = srv["log"].read_text()
+    assert log.count("renewed TLS files not loaded") == 1, log[-2000:]
