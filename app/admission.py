@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from app.errors import OverloadedError
+from app.errors import OverloadedError, TooManyRequestsError
 
 
 class UploadBudget:
@@ -60,3 +60,32 @@ class UploadHolding:
         self.check(n)
         self.budget.held += n
         self.bytes += n
+
+
+class KeyConcurrency:
+    """How many predictions each API key has in flight, from the first byte of its upload to its
+    answer. With a limit, a key at it is answered 429 `too_many_requests` with Retry-After
+    before its body is read: a site replaying a day's backlog as fast as it can then gets
+    back-pressure, while another site's (the emergency department's) images still find room in
+    the shared queues. Used from the event loop only, so it needs no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0: no per-key limit
+        self.inflight: dict[str, int] = {}
+
+    def acquire(self, key_id: str) -> None:
+        """Take one of the key's slots, or raise TooManyRequestsError; `release` gives it back."""
+        count = self.inflight.get(key_id, 0)
+        if self.limit and count >= self.limit:
+            raise TooManyRequestsError(
+                f"This API key already has {count} predictions in flight, the most "
+                "PNEUMOSCAN_MAX_INFLIGHT_PER_KEY allows: wait for an answer before sending more."
+            )
+        self.inflight[key_id] = count + 1
+
+    def release(self, key_id: str) -> None:
+        left = self.inflight[key_id] - 1
+        if left:
+            self.inflight[key_id] = left
+        else:
+            del self.inflight[key_id]  # keys come and go: the table holds only busy ones

@@ -115,6 +115,14 @@ class OverloadedError(PneumoscanError):
         self.retry_after = retry_after
 
 
+class TooManyRequestsError(OverloadedError):
+    """One API key has PNEUMOSCAN_MAX_INFLIGHT_PER_KEY predictions in flight: 429 with
+    Retry-After, so one site's backlog cannot take every slot from the others."""
+
+    status_code = 429
+    code = "too_many_requests"
+
+
 class StorageUnavailableError(OverloadedError):
     """The audit record could not be written (disk full, read-only or failing storage). Every
     200 has its record, so without one there is no answer; 503 with Retry-After, since the

@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.admission import UploadBudget
+from app.admission import KeyConcurrency, UploadBudget
 from app.batching import MicroBatcher
 from app.classifier import ModelManager
 from app.errors import OverloadedError, PneumoscanError, UnauthorizedError
@@ -113,6 +113,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
         ),
         decode_slots=asyncio.Semaphore(settings.queue_max),
         upload_budget=UploadBudget(settings.max_inflight_upload_bytes),
+        key_slots=KeyConcurrency(settings.max_inflight_per_key),
         explain_slots=asyncio.Semaphore(settings.explain_workers + settings.explain_queue_max),
     )
 

@@ -224,7 +224,10 @@ def error_responses(
         422: "Undecodable, truncated, too large (pixels), too small or blank image, or "
         "unsupported DICOM (multi-frame, colour palette, floating-point pixels, not a radiograph "
         "modality such as CT, a lateral or oblique view, a 'for processing' image, a body part "
-        "other than the chest, or 1-bit pixels).",
+        "other than the chest, or 1-bit pixels), a patient outside the trained ages (with "
+        "PNEUMOSCAN_AGE_OUTSIDE=refuse), or a DICOM no SR can reference (SR answers).",
+        429: "This API key has PNEUMOSCAN_MAX_INFLIGHT_PER_KEY predictions in flight (see "
+        "Retry-After).",
         503: "No model loaded, a queue is full, or the audit record could not be written "
         "(see Retry-After).",
     }

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from app.admission import UploadBudget
+from app.admission import KeyConcurrency, UploadBudget
 from app.batching import MicroBatcher
 from app.classifier import ModelManager
 from app.observability import Metrics
@@ -31,6 +31,7 @@ class Services:
     explain_model_pool: ThreadPoolExecutor  # one LIME batch per model instance
     decode_slots: asyncio.Semaphore
     upload_budget: UploadBudget
+    key_slots: KeyConcurrency
     explain_slots: asyncio.Semaphore
     explain_cache: OrderedDict[tuple[str, int, int], bytes] = field(default_factory=OrderedDict)
     explain_cache_max: int = 64

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(16, ge=1, le=256, description="Micro-batch size limit.")
     batch_max_wait_ms: float = Field(3.0, ge=0, le=1000, description="Micro-batch gather wait.")
     queue_max: int = Field(256, ge=1, description="Queued predictions before 503 Retry-After.")
+    max_inflight_per_key: int = Field(
+        0,
+        ge=0,
+        description="Predictions one API key may have in flight (upload to answer); more are "
+        "answered 429 too_many_requests with Retry-After, so one site cannot take every slot "
+        "of the shared queues. 0 = no per-key limit.",
+    )
     decode_workers: int = Field(2, ge=1, le=64, description="Threads decoding uploads.")
     model_threads: int = Field(
         1,

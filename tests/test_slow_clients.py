@@ -68,3 +68,51 @@ def test_idle_keep_alive_connection_outlives_client_pool_expiry(
             assert connection.sock is sock  # the same TCP connection, not a reconnect
         finally:
             connection.close()
+
+
+def test_a_key_at_its_in_flight_limit_gets_429_and_other_keys_are_still_served(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """PNEUMOSCAN_MAX_INFLIGHT_PER_KEY=2: a site with two uploads in flight gets 429 with
+    Retry-After for a third, before its body is read, while another site's key is answered;
+    once one of the first two finishes, the first site is served again."""
+    other_key = "other-site-key-0123456789"
+    env = {
+        "PNEUMOSCAN_MAX_INFLIGHT_PER_KEY": "2",
+        "PNEUMOSCAN_API_KEYS": f"{BENCH_KEY},{other_key}",
+    }
+    body, headers = multipart(fixture_bytes("chest_xray/NORMAL/NORMAL2-IM-0744-0001.jpeg"))
+    with running_server(tiny_store, tmp_path / "data", extra_env=env) as server:
+        url = server["url"]
+        parsed = urlparse(url)
+        head = (
+            f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {headers['Content-Type']}\r\n"
+            f"X-API-Key: {BENCH_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        held = []
+        for _ in range(2):  # two uploads in flight: the head and part of the body sent
+            sock = socket.create_connection((parsed.hostname, parsed.port), timeout=10)
+            sock.sendall(head + body[:100])
+            held.append(sock)
+        deadline = time.monotonic() + 20
+        while True:  # until both held uploads have reached the route (a loaded CI machine)
+            third = httpx.post(f"{url}/predict", content=body, headers=headers)
+            if third.status_code != 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert third.status_code == 429, third.text
+        assert third.json()["error"]["code"] == "too_many_requests"
+        assert third.headers["retry-after"] == "1"
+        other = httpx.post(
+            f"{url}/predict", content=body, headers={**headers, "X-API-Key": other_key}
+        )
+        assert other.status_code == 200
+        held[0].sendall(body[100:])  # the first upload completes and is answered
+        assert held[0].recv(4096).startswith(b"HTTP/1.1 200")
+        assert httpx.post(f"{url}/predict", content=body, headers=headers).status_code == 200
+        held[1].sendall(body[100:])
+        assert held[1].recv(4096).startswith(b"HTTP/1.1 200")
+        for sock in held:
+            sock.close()
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'pneumoscan_rejected_total{reason="key_inflight_limit"} 1.0' in metrics

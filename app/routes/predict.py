@@ -25,6 +25,7 @@ from app.errors import (
     PayloadTooLargeError,
     PneumoscanError,
     StorageUnavailableError,
+    TooManyRequestsError,
     UnsupportedDicomError,
     UnsupportedMediaError,
 )
@@ -269,7 +270,7 @@ async def decode_in_pool(services: Services, data: bytes) -> DecodedImage:
             "and, for a model with the out-of-distribution score, `X-Input-Check` (`typical` or "
             "`flagged`).",
         },
-        **error_responses(401, 406, 408, 413, 415, 422, 503),
+        **error_responses(401, 406, 408, 413, 415, 422, 429, 503),
     },
 )
 async def predict(request: Request) -> PredictionPublic | Response:
@@ -277,9 +278,17 @@ async def predict(request: Request) -> PredictionPublic | Response:
     started = time.perf_counter()
     services, key_id = services_and_key_id(request)
     services.manager.get()  # 503 before reading a large body when no model is loaded
-    # The upload counts against the memory budget until the answer is built.
-    with services.upload_budget.hold() as holding:
-        return await score_upload(request, services, key_id, started, holding)
+    try:
+        services.key_slots.acquire(key_id)  # 429 before reading the body: a key at its limit
+    except TooManyRequestsError:
+        services.metrics.rejected.labels("key_inflight_limit").inc()
+        raise
+    try:
+        # The upload counts against the memory budget until the answer is built.
+        with services.upload_budget.hold() as holding:
+            return await score_upload(request, services, key_id, started, holding)
+    finally:
+        services.key_slots.release(key_id)
 
 
 async def score_upload(
