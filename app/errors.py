@@ -46,6 +46,13 @@ class BlankImageError(InputError):
     code = "blank_image"
 
 
+class UnsupportedImageError(InputError):
+    """A JPEG or PNG whose pixels cannot be a radiograph (1-bit black and white)."""
+
+    status_code = 422
+    code = "unsupported_image"
+
+
 class UnsupportedDicomError(InputError):
     status_code = 422
     code = "unsupported_dicom"

@@ -25,6 +25,7 @@ from app.errors import (
     ImageTooSmallError,
     InputError,
     UndecodableImageError,
+    UnsupportedImageError,
     UnsupportedMediaError,
 )
 from app.population import PatientAge
@@ -210,6 +211,11 @@ def _decode_raster(
             check_dimensions(width, height, max_pixels, min_side)
             if frames > 1:
                 raise UnsupportedMediaError("Animated or multi-frame images are not accepted.")
+            if image.mode == "1":  # as 1-bit DICOM pixel data is refused (app.dicom)
+                raise UnsupportedImageError(
+                    "The image is 1-bit (black and white only: a thresholded image or a scanned "
+                    "form), not a radiograph: send the grey-scale image."
+                )
             if fmt == "JPEG":
                 draft_mode = "L" if image.mode in ("L", "RGB", "YCbCr") else None
                 image.draft(draft_mode, (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))
@@ -219,7 +225,7 @@ def _decode_raster(
             if turned.size != gray.size:  # a quarter turn: report the size as displayed
                 width, height = height, width
             gray = turned
-    except (ImageTooLargeError, ImageTooSmallError, UnsupportedMediaError):
+    except (ImageTooLargeError, ImageTooSmallError, UnsupportedMediaError, UnsupportedImageError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"Image refused as a decompression bomb: {exc}") from exc

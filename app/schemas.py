@@ -221,7 +221,7 @@ def error_responses(
         410: "The stored image passed its retention period.",
         413: "Upload (or request body) larger than the size limit.",
         415: "Not a JPEG, PNG or DICOM Part 10 file.",
-        422: "Undecodable, truncated, too large (pixels), too small or blank image, or "
+        422: "Undecodable, truncated, too large (pixels), too small, blank or 1-bit image, or "
         "unsupported DICOM (multi-frame, colour palette, floating-point pixels, not a radiograph "
         "modality such as CT, a lateral or oblique view, a 'for processing' image, a body part "
         "other than the chest, or 1-bit pixels), a patient outside the trained ages (with "

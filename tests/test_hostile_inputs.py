@@ -72,7 +72,7 @@ CASES: dict[str, tuple[str, bytes, int, str | None]] = {
     "png RGBA": ("multipart", encode(RADIOGRAPH.convert("RGBA")), 200, None),
     "png grey + alpha": ("multipart", encode(RADIOGRAPH.convert("LA")), 200, None),
     "png 16-bit": ("multipart", encode(SIXTEEN_BIT), 200, None),
-    "png 1-bit": ("multipart", encode(RADIOGRAPH.convert("1")), 200, None),
+    "png 1-bit": ("multipart", encode(RADIOGRAPH.convert("1")), 422, "unsupported_image"),
     "png palette": ("multipart", encode(RADIOGRAPH.convert("P")), 200, None),
     "jpeg progressive": ("multipart", encode(RADIOGRAPH, "JPEG", progressive=True), 200, None),
     "jpeg CMYK": ("multipart", encode(RADIOGRAPH.convert("CMYK"), "JPEG"), 200, None),
