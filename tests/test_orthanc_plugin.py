@@ -356,10 +356,14 @@ def test_explanation_overlays_are_stored_in_the_study(
 
 
 def test_a_failed_overlay_is_said_and_the_call_stands(orthanc, monkeypatch) -> None:
+    tries = []
+
     def unreachable(prediction_id: str) -> bytes:
+        tries.append(prediction_id)
         raise OSError("connection refused")
 
     monkeypatch.setattr(orthanc.plugin, "_get_overlay", unreachable)
+    monkeypatch.setattr(orthanc.plugin.time, "sleep", lambda seconds: None)
     orthanc.fake.add("pa", ViewPosition="PA")
     orthanc.answers["pa"] = ("PNEUMONIA", "typical")
     orthanc.plugin.drain(0)
@@ -368,4 +372,40 @@ def test_a_failed_overlay_is_said_and_the_call_stands(orthanc, monkeypatch) -> N
     assert orthanc.fake.metadata["/instances/pa/metadata/PneumoscanOverlay"].startswith(
         "error: OSError"
     )
+    assert len(tries) == 3  # tried PNEUMOSCAN_OVERLAY_TRIES times before giving up
     assert len(orthanc.fake.stored_srs) == 1 and not orthanc.fake.created
+
+
+@pytest.mark.parametrize(
+    ("failures", "stored"),
+    [
+        (["503", "refused"], True),  # busy, then restarting, then answered
+        (["404"], False),  # a refusal is not tried again
+    ],
+)
+def test_an_overlay_is_tried_again_while_the_service_is_busy(
+    orthanc, monkeypatch, failures: list, stored: bool
+) -> None:
+    import urllib.error
+
+    calls, pauses = [], []
+
+    def flaky(prediction_id: str) -> bytes:
+        calls.append(prediction_id)
+        if len(calls) <= len(failures):
+            failure = failures[len(calls) - 1]
+            if failure == "refused":
+                raise urllib.error.URLError(ConnectionRefusedError())
+            raise urllib.error.HTTPError("u", int(failure), "x", {}, None)
+        return b"PNG"
+
+    monkeypatch.setattr(orthanc.plugin, "_get_overlay", flaky)
+    monkeypatch.setattr(orthanc.plugin.time, "sleep", pauses.append)
+    orthanc.fake.add("pa", ViewPosition="PA")
+    orthanc.answers["pa"] = ("PNEUMONIA", "typical")
+    orthanc.plugin.drain(0)
+    outcome = orthanc.fake.metadata["/instances/pa/metadata/PneumoscanOverlay"]
+    if stored:
+        assert outcome == "overlay-1" and len(calls) == 3 and pauses == [2.0, 4.0]
+    else:
+        assert outcome.startswith("error: HTTPError") and len(calls) == 1 and pauses == []

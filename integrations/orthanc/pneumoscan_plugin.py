@@ -10,6 +10,9 @@ Configuration (environment of the Orthanc process):
                         stored in the study as a Secondary Capture image, series 9902, so a
                         radiologist sees it in the PACS viewer: "pneumonia" (default), "all"
                         or "off". About a second of the service's CPU per overlay.
+  PNEUMOSCAN_OVERLAY_TRIES
+                        tries of an overlay while the service is busy (503) or unreachable,
+                        2 s then 4 s apart (default 3); a refusal (404, 410) is not tried again
   PNEUMOSCAN_CA_FILE    for an https:// URL: PEM CA certificates that verify the service's
                         certificate (default: the system's CAs)
   PNEUMOSCAN_CLIENT_CERT, PNEUMOSCAN_CLIENT_KEY
@@ -90,6 +93,9 @@ AGE_CHECK = "PneumoscanAgeCheck"
 # How a study sums up its instances' checks: the first value found in this order.
 SUMMARY_ORDER = {INPUT_CHECK: ("flagged", "typical"), AGE_CHECK: ("outside", "within", "unknown")}
 TRANSIENT = {408, 429, 500, 502, 503, 504}
+# Tries of an overlay's GET /explain while the service is busy or unreachable (2 s, then 4 s
+# apart): the call itself is already stored, so the overlay is not waited for as long.
+OVERLAY_TRIES = max(1, int(os.environ.get("PNEUMOSCAN_OVERLAY_TRIES", "3")))
 # An instance's (and its study's) result while the service stays unreachable or overloaded after
 # PNEUMOSCAN_MAX_TRIES tries: the plugin keeps trying, and the label replaces it.
 RETRYING = "error: service unavailable (retrying)"
@@ -195,6 +201,27 @@ def _get_overlay(prediction_id):
         return response.read()
 
 
+def _fetch_overlay(prediction_id):
+    """_get_overlay, tried OVERLAY_TRIES times over a few seconds when the service is busy or
+    unreachable (its explanation queue full: 503; a restart), not for a refusal (404, 410)."""
+    delay = 2.0
+    for attempt in range(1, OVERLAY_TRIES + 1):
+        try:
+            return _get_overlay(prediction_id)
+        except urllib.error.HTTPError as exc:
+            if exc.code not in TRANSIENT or attempt == OVERLAY_TRIES:
+                raise
+            reason = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            if attempt == OVERLAY_TRIES:
+                raise
+            reason = type(exc).__name__
+        _log(f"overlay not fetched ({reason}, try {attempt}); retrying in {delay:.0f} s")
+        time.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
 def wants_overlay(label):
     return OVERLAYS == "all" or (OVERLAYS == "pneumonia" and label == "PNEUMONIA")
 
@@ -202,11 +229,12 @@ def wants_overlay(label):
 def _store_overlay(instance_id, study_id, tags, label, prediction_id):
     """Store the overlay as a Secondary Capture in a new series of the study (Orthanc copies
     the patient and study attributes from the study). A failure is logged and written into the
-    instance's metadata; it does not undo or retry the call, which is already recorded."""
+    instance's metadata; it does not undo or retry the call, which is already recorded. A busy
+    or unreachable service is tried again a few times first (_fetch_overlay)."""
     if not prediction_id or not wants_overlay(label):
         return
     try:
-        png = _get_overlay(prediction_id)
+        png = _fetch_overlay(prediction_id)
         request = {
             "Parent": study_id,
             "Tags": {
