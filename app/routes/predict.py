@@ -268,7 +268,8 @@ async def decode_in_pool(services: Services, data: bytes) -> DecodedImage:
             "DiagnosticReport; `Accept: application/dicom` (DICOM input only) gives a "
             "Comprehensive 3D SR in the source study, with headers `X-Prediction-Id`, `X-Label` "
             "and, for a model with the out-of-distribution score, `X-Input-Check` (`typical` or "
-            "`flagged`).",
+            "`flagged`), and, unless the age check is off, `X-Age-Check` (`within`, `outside` "
+            "or `unknown`).",
         },
         **error_responses(401, 406, 408, 413, 415, 422, 429, 503),
     },
