@@ -6,6 +6,7 @@ Both say plainly that the result is an unverified screening aid, not a diagnosis
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 from datetime import UTC, datetime
@@ -134,6 +135,7 @@ def sr_problem(source) -> str | None:
     return None
 
 
+@functools.cache
 def _known_sop_classes() -> frozenset[str]:
     try:  # the map highdicom copies the patient and study modules by
         from highdicom._standard_utils import get_sop_class_iod_map
