@@ -184,8 +184,11 @@ def test_a_jpeg_has_no_age(client) -> None:
 
 
 def test_fhir_and_sr_warn_for_a_patient_outside_the_trained_ages(client) -> None:
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
     adult, child = dicom_with(PatientAge="045Y"), dicom_with(PatientAge="003Y")
     fhir = predict(client, adult, Accept="application/fhir+json").json()
+    DiagnosticReport.model_validate(fhir)  # still valid R4 with the extra note
     assert "outside the ages the model was trained on (1-5 years)" in fhir["conclusion"]
     assert any("outside the ages" in note["text"] for note in fhir["contained"][1]["note"])
     fhir_child = predict(client, child, Accept="application/fhir+json").json()
