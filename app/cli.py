@@ -17,10 +17,14 @@ def main(argv: list[str] | None = None) -> int:
         from app.readings import main as readings_main
 
         return readings_main(argv[1:])
+    if argv and argv[0] == "check":
+        from app.conformance import main as check_main
+
+        return check_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="pneumoscan",
         description="pneumoscan service and training. Subcommands: serve, train, evaluate, "
-        "readings.",
+        "readings, check.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the API (settings from PNEUMOSCAN_* variables)")
@@ -31,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         "readings", help="the model against the radiologists' reads (`pneumoscan readings -h`)"
     )
     sub.add_parser("evaluate", help="score a model version (see `pneumoscan evaluate -h`)")
+    sub.add_parser(
+        "check", help="what the service would answer for a site's files (`pneumoscan check -h`)"
+    )
     args = parser.parse_args(argv)
     problem = settings_problem()
     if problem:
