@@ -69,11 +69,44 @@ def read_counts(database: Path, since: float) -> list[tuple[int, str, str, int]]
         return count_readings(db, since) if has_table else []
 
 
+def read_counts_by_age(database: Path, since: float) -> dict[str, list[tuple[int, str, str, int]]]:
+    """The same counts split by the prediction's patient age check (within, outside, unknown;
+    "not checked" for predictions made without it), read-only."""
+    with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        if "readings" not in tables:
+            return {}
+        columns = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
+        age = "COALESCE(p.age_check, 'not checked')" if "age_check" in columns else "'not checked'"
+        rows = db.execute(
+            f"SELECT {age}, r.model_version, r.model_label, r.reader_label, COUNT(*) "
+            "FROM readings r JOIN predictions p ON p.id = r.id WHERE r.recorded >= ? "
+            "GROUP BY 1, 2, 3, 4",
+            (since,),
+        ).fetchall()
+    split: dict[str, list[tuple[int, str, str, int]]] = {}
+    for status, version, model, reader, count in rows:
+        split.setdefault(str(status), []).append((int(version), str(model), str(reader), count))
+    return split
+
+
+def report(database: Path, since: float) -> dict[str, dict]:
+    """Per model version: the rates over every read, and the same split by the patient age
+    check, so a site that scores adults sees how the model does on them apart (the shipped
+    model learned from children aged 1-5)."""
+    versions = summarise(read_counts(database, since))
+    for status, counts in sorted(read_counts_by_age(database, since).items()):
+        for version, rates in summarise(counts).items():
+            versions[version].setdefault("by_age_check", {})[status] = rates
+    return versions
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pneumoscan readings",
         description="Sensitivity, specificity, PPV, NPV and agreement of each model version "
-        "against the radiologists' reads reported to this service (JSON on stdout).",
+        "against the radiologists' reads reported to this service, overall and by the patient "
+        "age check (JSON on stdout).",
     )
     parser.add_argument(
         "--data-dir",
@@ -92,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     since = time.time() - args.days * 86400 if args.days else 0.0
     try:
-        counts = read_counts(database, since)
+        versions = report(database, since)
     except sqlite3.Error as exc:
         print(f"pneumoscan readings: cannot read {database}: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"since": since or None, "versions": summarise(counts)}, indent=2))
+    print(json.dumps({"since": since or None, "versions": versions}, indent=2))
     return 0

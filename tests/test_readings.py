@@ -4,6 +4,7 @@ prediction (GET /predictions/{id}), the `pneumoscan_readings` gauge and the
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 from pathlib import Path
@@ -158,3 +159,40 @@ def test_rates_have_wilson_intervals() -> None:
     assert report["ppv"]["value"] == round(97 / 117, 4)
     lower, upper = report["specificity"]["ci95"]
     assert lower < 0.8 < upper
+
+
+def test_the_report_splits_the_reads_by_the_patient_age_check(
+    tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A site that scores adults sees the model's agreement with its readers on them apart
+    from the children the model learned from."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.utils.dicom_factory import make_dicom
+
+    gray = np.asarray(Image.open(io.BytesIO(JPEG)).convert("L"))
+    uploads = {
+        "child": make_dicom(gray, attributes={"PatientAge": "004Y"}),
+        "adult": make_dicom(gray, attributes={"PatientAge": "060Y"}),
+        "jpeg": JPEG,
+    }
+    data = tmp_path / "data"
+    with TestClient(
+        create_app(make_settings(tiny_store, data)), headers={"X-API-Key": API_KEY}
+    ) as c:
+        for name, agree in (("child", True), ("child", True), ("adult", False), ("jpeg", True)):
+            made = c.post("/predict", files={"file": ("x", uploads[name])}).json()
+            read = made["label"] if agree else OTHER_LABEL[made["label"]]
+            c.put(f"/predictions/{made['prediction_id']}/reading", json={"label": read})
+    assert readings_main(["--data-dir", str(data)]) == 0
+    version = json.loads(capsys.readouterr().out)["versions"]["1"]
+    assert version["reads"] == 4
+    split = version["by_age_check"]
+    assert {status: rates["reads"] for status, rates in split.items()} == {
+        "within": 2,
+        "outside": 1,
+        "unknown": 1,
+    }
+    assert split["within"]["agreement"]["value"] == 1.0
+    assert split["outside"]["agreement"]["value"] == 0.0
