@@ -196,3 +196,22 @@ def test_the_report_splits_the_reads_by_the_patient_age_check(
     }
     assert split["within"]["agreement"]["value"] == 1.0
     assert split["outside"]["agreement"]["value"] == 0.0
+
+
+def test_reads_from_before_the_age_check_count_as_not_checked(tmp_path: Path) -> None:
+    """A database written before round 19 has no age_check column; the report, which opens it
+    read-only and cannot add it, counts those reads as not checked."""
+    from app.readings import read_counts_by_age
+
+    database = tmp_path / "pneumoscan.sqlite3"
+    db = sqlite3.connect(database)
+    db.execute("CREATE TABLE predictions (id TEXT PRIMARY KEY)")
+    db.execute(
+        "CREATE TABLE readings (id TEXT PRIMARY KEY, recorded REAL, key_id TEXT, "
+        "reader_label TEXT, model_version INTEGER, model_label TEXT)"
+    )
+    db.execute("INSERT INTO predictions VALUES ('a')")
+    db.execute("INSERT INTO readings VALUES ('a', 1.0, 'k', 'NORMAL', 6, 'PNEUMONIA')")
+    db.commit()
+    db.close()
+    assert read_counts_by_age(database, 0.0) == {"not checked": [(6, "PNEUMONIA", "NORMAL", 1)]}
