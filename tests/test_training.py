@@ -212,6 +212,7 @@ def test_tiny_end_to_end_train_export_reload(small_data: Path, tmp_path: Path, c
     card_text = capsys.readouterr().out
     assert "pneumonia v1" in card_text and "| auc |" in card_text
     assert "Out-of-distribution flag: `ood_score` above" in card_text
+    assert "Population: patients aged 0-17 (completed years);" in card_text  # its own ages
     assert main(["evaluate", "--model", str(folder), "--data", str(FIXTURES / "val")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 16

@@ -92,6 +92,17 @@ def render(version_dir: Path) -> str:
             f"({card['tflite']['runtime']}), which the service runs; largest difference on the "
             f"{card['tflite']['probe_images']}-image probe batch: {shown}.",
         ]
+    low, high = card.get("population", {}).get("age_years", (1, 5))
+    lines += [
+        "",
+        f"Population: patients aged {low}-{high} (completed years)"
+        + (
+            ""
+            if "population" in card
+            else ", the shared data's cohort (this card predates the field)"
+        )
+        + "; the service flags DICOMs of patients outside these ages (`age_check`).",
+    ]
     if "ood" in card:
         section = card["ood"]
         rates = section["flag_rates"]
