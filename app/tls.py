@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,23 @@ def tls_problem(settings: Settings) -> str | None:
                 f"user): {_reason(exc)}"
             )
     return None
+
+
+def _copy_private(path: Path, folder: Path) -> Path:
+    """A copy of `path` in `folder`, readable by this user only."""
+    copy = folder / f"{len(list(folder.iterdir()))}.pem"
+    descriptor = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(path.read_bytes())
+    return copy
+
+
+def _load(
+    context: ssl.SSLContext, certfile: Path, keyfile: Path, client_ca: Path | None = None
+) -> None:
+    context.load_cert_chain(certfile, keyfile)
+    if client_ca is not None:
+        context.load_verify_locations(cafile=client_ca)
 
 
 def _reason(exc: OSError | ssl.SSLError) -> str:
@@ -105,23 +123,25 @@ class CertificateReloader:
         current = self.identity()
         if current == self.loaded:
             return False
-        scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            scratch.load_cert_chain(self.certfile, self.keyfile)
-            if self.client_ca is not None:
-                scratch.load_verify_locations(cafile=self.client_ca)
-        except (OSError, ssl.SSLError) as exc:
-            if current != self._refused:
-                self._refused = current
-                log.warning(
-                    "renewed TLS files not loaded, the previous certificate keeps serving "
-                    "(retried at the next check): %s",
-                    _reason(exc),
-                )
-            return False
-        self.context.load_cert_chain(self.certfile, self.keyfile)
-        if self.client_ca is not None:
-            self.context.load_verify_locations(cafile=self.client_ca)
+        # One snapshot of the files' bytes is both validated and loaded: loading the live
+        # context from the paths again could read a pair replaced in between, and a failed
+        # load leaves OpenSSL with the new certificate and the old key. The copies live in a
+        # private (0700) temporary folder (tmpfs in the container) for milliseconds.
+        with tempfile.TemporaryDirectory(prefix="pneumoscan-tls-") as folder:
+            try:
+                snapshot = [_copy_private(path, Path(folder)) for path in self.files()]
+                scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                _load(scratch, *snapshot)
+            except (OSError, ssl.SSLError) as exc:
+                if current != self._refused:
+                    self._refused = current
+                    log.warning(
+                        "renewed TLS files not loaded, the previous certificate keeps serving "
+                        "(retried at the next check): %s",
+                        _reason(exc),
+                    )
+                return False
+            _load(self.context, *snapshot)
         self.loaded, self._refused = current, None
         self.reloads += 1
         log.info("TLS certificate files reloaded: new connections present the renewed ones")
