@@ -226,3 +226,15 @@ def test_hostile_header_values_get_an_answer_or_a_4xx_never_a_5xx(client) -> Non
                 pydicom.dcmread(io.BytesIO(response.content))  # a readable SR
     assert sent >= 15  # most samples could be written and were sent
     assert statuses.count(200) > len(statuses) / 2  # most are still scored
+
+
+def test_a_multi_valued_uid_is_not_echoed_as_a_list(client) -> None:
+    """A non-conformant multi-valued StudyInstanceUID is left out of the JSON answer's UIDs
+    (before round 19 it came back as the text of a Python list); the single-valued ones stay."""
+    dicom = make_dicom(gray_image(), attributes={"StudyInstanceUID": "1.2.3\\1.2.4"})
+    source = pydicom.dcmread(io.BytesIO(dicom))
+    response = client.post("/predict", files={"file": ("a.dcm", dicom)})
+    assert response.status_code == 200, response.text
+    echoed = response.json()["dicom"]
+    assert echoed["study_instance_uid"] is None
+    assert echoed["sop_instance_uid"] == source.SOPInstanceUID
