@@ -257,10 +257,7 @@ def _store_overlay(instance_id, study_id, tags, label, prediction_id):
     except Exception as exc:  # noqa: BLE001 - the call is recorded; the overlay is extra
         outcome = f"error: {type(exc).__name__}: {exc}"[:200]
         _log(f"overlay for instance {instance_id} not stored: {outcome}")
-    try:
-        orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{OVERLAY_METADATA}", outcome)
-    except Exception as exc:  # noqa: BLE001 - an orthanc.json without the metadata entry
-        _log(f"{OVERLAY_METADATA} is not in Orthanc's UserMetadata: {exc}")
+    _put_optional_metadata(f"/instances/{instance_id}", OVERLAY_METADATA, outcome)
 
 
 def _should_score(tags):
@@ -296,14 +293,20 @@ def _metadata(instance_id, name):
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _put_optional_metadata(resource, name, value):
+    """Write one of the entries added after PneumoscanResult (checks, overlay); an orthanc.json
+    without it is logged rather than failing the instance, which is already scored."""
+    try:
+        orthanc.RestApiPut(f"{resource}/metadata/{name}", value)
+    except Exception as exc:  # noqa: BLE001 - Orthanc refuses a name not in UserMetadata
+        _log(f"{name} is not in Orthanc's UserMetadata: {exc}")
+
+
 def _record(instance_id, study_id, result, checks=None):
     """Store one instance's result and checks ({PneumoscanInputCheck: "flagged", ...}), then
     recompute its study's summary from every instance."""
     for name, value in (checks or {}).items():
-        try:
-            orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{name}", value)
-        except Exception as exc:  # noqa: BLE001 - an orthanc.json without the metadata entry
-            _log(f"{name} is not in Orthanc's UserMetadata: {exc}")
+        _put_optional_metadata(f"/instances/{instance_id}", name, value)
     orthanc.RestApiPut(f"/instances/{instance_id}/metadata/{METADATA}", result)
     results, found = [], {name: [] for name in SUMMARY_ORDER}
     for instance in json.loads(orthanc.RestApiGet(f"/studies/{study_id}/instances")):
@@ -316,10 +319,7 @@ def _record(instance_id, study_id, result, checks=None):
     for name, order in SUMMARY_ORDER.items():
         summary = next((value for value in order if value in found[name]), None)
         if summary is not None:
-            try:
-                orthanc.RestApiPut(f"/studies/{study_id}/metadata/{name}", summary)
-            except Exception as exc:  # noqa: BLE001 - as above
-                _log(f"{name} is not in Orthanc's UserMetadata: {exc}")
+            _put_optional_metadata(f"/studies/{study_id}", name, summary)
     orthanc.RestApiPut(f"/studies/{study_id}/metadata/{METADATA}", summarise(results))
 
 
