@@ -33,20 +33,16 @@ from app.settings import Settings
 def trained_ages(settings: Settings) -> AgeRange | None:
     """The ages the serving version would check against: its card's, else the setting's
     (the version the service would serve: the pinned one, else the highest in the store)."""
-    if settings.trained_age_years == "off":
-        return None
     model_dir = settings.model_store / settings.model_name
     versions = list_versions(model_dir)
     version = settings.model_version or (versions[-1] if versions else None)
+    ages = None
     if version is not None:
         try:
-            card = json.loads((model_dir / str(version) / "model.json").read_text())
-            ages = card_ages(card)
+            ages = card_ages(json.loads((model_dir / str(version) / "model.json").read_text()))
         except (OSError, ValueError):
             ages = None
-        if ages is not None:
-            return ages
-    return settings.default_ages
+    return settings.trained_ages(ages)
 
 
 def check_bytes(data: bytes, settings: Settings, trained: AgeRange | None) -> dict:

@@ -209,6 +209,13 @@ class Settings(BaseSettings):
         """trained_age_years parsed; None when the age check is off."""
         return None if self.trained_age_years == "off" else AgeRange.parse(self.trained_age_years)
 
+    def trained_ages(self, card_ages: AgeRange | None) -> AgeRange | None:
+        """The ages a version is checked against: its card's, else trained_age_years; None
+        when the age check is off. The one rule for the service and `pneumoscan check`."""
+        if self.trained_age_years == "off":
+            return None
+        return card_ages or self.default_ages
+
     @property
     def key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]

@@ -197,9 +197,7 @@ def out_of_distribution(score: float | None, threshold: float | None) -> OutOfDi
 
 def trained_ages(model: LoadedModel, settings: Settings) -> AgeRange | None:
     """The ages the model was trained on: its card's, else the setting's; None when off."""
-    if settings.trained_age_years == "off":
-        return None
-    return model.trained_ages or settings.default_ages
+    return settings.trained_ages(model.trained_ages)
 
 
 def age_check(decoded: DecodedImage, trained: AgeRange | None) -> AgeCheck | None:
