@@ -113,6 +113,14 @@ class Metrics:
             "1 while the last audit write failed (predictions answer 503 storage_unavailable)",
             registry=self.registry,
         )
+        self.tls_expiry = Gauge(
+            "pneumoscan_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate served over HTTPS (certificate=server), or the first of the "
+            "client CAs accepted for mutual TLS (certificate=client_ca), expires, in Unix time; "
+            "absent without TLS. Follows renewed files as they are taken up",
+            ["certificate"],
+            registry=self.registry,
+        )
         self.rejected = Counter(
             "pneumoscan_rejected_total",
             "Requests refused by limits",

@@ -22,7 +22,7 @@ import uvicorn
 
 from app import lifecycle
 from app.settings import Settings
-from app.tls import CertificateReloader
+from app.tls import CertificateReloader, record_files_expiry
 
 log = logging.getLogger("pneumoscan")
 
@@ -40,6 +40,8 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         settings = self.settings
+        if self.started and self.config.ssl is not None and settings is not None:
+            record_files_expiry(settings)  # for /metrics, and a warning when renewal is due
         if (
             self.started
             and self.config.ssl is not None

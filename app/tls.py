@@ -10,12 +10,23 @@ import logging
 import os
 import ssl
 import tempfile
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from app.settings import Settings
 
 log = logging.getLogger("pneumoscan.tls")
+
+# When the certificates this process serves with stop being valid (Unix time), by role: "server"
+# (the certificate new connections are shown) and "client_ca" (the earliest expiry in
+# PNEUMOSCAN_TLS_CLIENT_CA). Set at start and at each reload; /metrics exports it as
+# pneumoscan_tls_certificate_expiry_timestamp_seconds, for an alert weeks before a renewal that
+# did not happen turns into every PACS refusing the service.
+expiry: dict[str, float] = {}
+# A renewal is due long before this; an ACME client renews at 30 days left.
+EXPIRY_WARNING_DAYS = 14
 
 
 def uvicorn_tls_options(settings: Settings) -> dict[str, Any]:
@@ -55,6 +66,74 @@ def tls_problem(settings: Settings) -> str | None:
                 f"user): {_reason(exc)}"
             )
     return None
+
+
+def certificate_expiry(certfile: Path) -> float | None:
+    """The notAfter (Unix time) of the first certificate in a PEM file: the server's own, before
+    its chain. None where it cannot be read (the file is then refused elsewhere, with a reason)."""
+    # The standard library decodes a certificate only through this helper (the ssl module's own
+    # tests use it) or from a live connection; the serving install carries no X.509 parser.
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
+    if decode is None:
+        return None
+    try:
+        return float(ssl.cert_time_to_seconds(decode(str(certfile))["notAfter"]))
+    except (OSError, ssl.SSLError, KeyError, ValueError):
+        return None
+
+
+def earliest_ca_expiry(context: ssl.SSLContext) -> float | None:
+    """The first notAfter (Unix time) among the CA certificates loaded into `context`."""
+    times = [
+        float(ssl.cert_time_to_seconds(ca["notAfter"]))
+        for ca in context.get_ca_certs()
+        if "notAfter" in ca
+    ]
+    return min(times) if times else None
+
+
+def record_expiry(server: float | None, client_ca: float | None) -> None:
+    """Keep the served certificates' expiry for /metrics, and say in the log when one has
+    expired or will within EXPIRY_WARNING_DAYS."""
+    expiry.clear()
+    for role, when, setting in (
+        ("server", server, "PNEUMOSCAN_TLS_CERTFILE"),
+        ("client_ca", client_ca, "PNEUMOSCAN_TLS_CLIENT_CA"),
+    ):
+        if when is None:
+            continue
+        expiry[role] = when
+        left = when - time.time()
+        date = datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        if left <= 0:
+            log.error(
+                "the certificate in %s expired on %s: clients that check certificates refuse "
+                "this service; install a renewed one (taken up without a restart)",
+                setting,
+                date,
+            )
+        elif left < EXPIRY_WARNING_DAYS * 86400:
+            log.warning(
+                "the certificate in %s expires on %s (in %.0f days): renew it",
+                setting,
+                date,
+                left / 86400,
+            )
+
+
+def record_files_expiry(settings: Settings) -> None:
+    """record_expiry for the files the settings name (at start, as uvicorn loaded them)."""
+    if settings.tls_certfile is None:
+        return
+    client_ca = None
+    if settings.tls_client_ca is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_verify_locations(cafile=settings.tls_client_ca)
+            client_ca = earliest_ca_expiry(context)
+        except (OSError, ssl.SSLError):
+            client_ca = None
+    record_expiry(certificate_expiry(settings.tls_certfile), client_ca)
 
 
 def _copy_private(path: Path, folder: Path) -> Path:
@@ -142,6 +221,9 @@ class CertificateReloader:
                     )
                 return False
             _load(self.context, *snapshot)
+            server_expiry = certificate_expiry(snapshot[0])
+        client_ca_expiry = earliest_ca_expiry(scratch) if self.client_ca is not None else None
+        record_expiry(server_expiry, client_ca_expiry)
         self.loaded, self._refused = current, None
         self.reloads += 1
         log.info("TLS certificate files reloaded: new connections present the renewed ones")

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import ssl
 import sys
 import types
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -112,6 +114,72 @@ def test_mutual_tls_requires_a_client_certificate_from_the_configured_ca(
         # A certificate is not a key: the API key is still required.
         no_key = client.post(f"{url}/predict", content=JPEG, headers={"Content-Type": "image/jpeg"})
         assert no_key.status_code == 401
+
+
+def not_after(pem: bytes) -> float:
+    """A certificate's expiry as `cryptography` reads it: the reference the service's own
+    standard-library reading is checked against."""
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
+
+
+def expiry_metrics(url: str, context: ssl.SSLContext) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", verify=context, timeout=10).text
+    found = {}
+    for line in text.splitlines():
+        match = re.match(
+            r'pneumoscan_tls_certificate_expiry_timestamp_seconds\{certificate="(\w+)"\} (\S+)',
+            line,
+        )
+        if match:
+            found[match[1]] = float(match[2])
+    return found
+
+
+def test_metrics_say_when_the_server_and_client_ca_certificates_expire(
+    mutual_server: dict, pki
+) -> None:
+    assert expiry_metrics(mutual_server["url"], client_context(pki, pki.client)) == {
+        "server": not_after(pki.server.read_bytes()),
+        "client_ca": not_after(pki.ca.read_bytes()),
+    }
+
+
+def test_an_expiring_or_expired_certificate_is_logged_and_the_earliest_ca_counts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from app import tls
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    ca, other_ca = trustme.CA(), trustme.CA()
+    soon = ca.issue_cert("127.0.0.1", not_after=now + timedelta(days=5))
+    soon.cert_chain_pems[0].write_to_path(str(tmp_path / "soon.pem"))
+    assert tls.certificate_expiry(tmp_path / "soon.pem") == (now + timedelta(days=5)).timestamp()
+    assert tls.certificate_expiry(tmp_path / "missing.pem") is None
+    # the client CA file holds two CAs: the first to expire is the one that matters
+    bundle = tmp_path / "cas.pem"
+    bundle.write_bytes(ca.cert_pem.bytes() + other_ca.cert_pem.bytes())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_verify_locations(cafile=bundle)
+    assert tls.earliest_ca_expiry(context) == min(
+        not_after(ca.cert_pem.bytes()), not_after(other_ca.cert_pem.bytes())
+    )
+    try:
+        with caplog.at_level("WARNING", logger="pneumoscan.tls"):
+            tls.record_expiry(now.timestamp() + 5 * 86400, now.timestamp() - 60)
+        assert tls.expiry == {
+            "server": now.timestamp() + 5 * 86400,
+            "client_ca": now.timestamp() - 60,
+        }
+        levels = {record.levelname: record.getMessage() for record in caplog.records}
+        assert "PNEUMOSCAN_TLS_CERTFILE expires on" in levels["WARNING"]
+        assert "PNEUMOSCAN_TLS_CLIENT_CA expired on" in levels["ERROR"]
+        caplog.clear()
+        tls.record_expiry(now.timestamp() + 90 * 86400, None)  # renewed: quiet
+        assert not caplog.records and tls.expiry == {"server": now.timestamp() + 90 * 86400}
+    finally:
+        tls.expiry.clear()
 
 
 def test_the_container_health_probe_speaks_tls(mutual_server: dict, pki) -> None:
@@ -235,7 +303,10 @@ def test_a_renewed_certificate_is_served_without_a_restart(
     import time
 
     ca = trustme.CA()
-    first, renewed = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
+    now = datetime.now(UTC).replace(microsecond=0)
+    # the first certificate is due for renewal (logged at start), the renewed one is not
+    first = ca.issue_cert("127.0.0.1", not_after=now + timedelta(days=10))
+    renewed = ca.issue_cert("127.0.0.1", not_after=now + timedelta(days=400))
     cert, key = tmp_path / "server.pem", tmp_path / "server.key"
 
     def replace(path: Path, blob) -> None:  # as renewal tools do: write aside, then rename
@@ -258,6 +329,8 @@ def test_a_renewed_certificate_is_served_without_a_restart(
     with running_server(tiny_store, tmp_path / "data", extra_env=env, tls_client=context) as srv:
         url = srv["url"]
         assert presented_certificate(url, context) == der["first"]
+        expires = (now + timedelta(days=10)).timestamp()
+        assert expiry_metrics(url, context) == {"server": expires}
         with httpx.Client(verify=context, timeout=30) as kept:  # a connection opened before
             assert kept.post(f"{url}/predict", content=JPEG, headers=HEADERS).status_code == 200
             replace(cert, renewed.cert_chain_pems[0])  # the key comes later
@@ -269,8 +342,14 @@ def test_a_renewed_certificate_is_served_without_a_restart(
             if trigger == "SIGHUP":
                 os.kill(srv["pid"], signal.SIGHUP)
             assert wait_for_certificate(url, context, der["renewed"])
+            renewed_expiry = {"server": (now + timedelta(days=400)).timestamp()}
+            deadline = time.monotonic() + 10  # recorded just after the live context's load
+            while expiry_metrics(url, context) != renewed_expiry and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert expiry_metrics(url, context) == renewed_expiry
             # the connection made before the renewal still answers
             assert kept.post(f"{url}/predict", content=JPEG, headers=HEADERS).status_code == 200
         assert srv["process"].poll() is None  # SIGHUP reloads, it no longer stops the service
         log = srv["log"].read_text()
     assert log.count("renewed TLS files not loaded") == 1, log[-2000:]
+    assert log.count("PNEUMOSCAN_TLS_CERTFILE expires on") == 1, log[-2000:]  # the first only

@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app import lifecycle
+from app import lifecycle, tls
 from app.deps import ServicesDep
 from app.schemas import Health, ModelRef
 from app.services import Services
@@ -125,6 +125,9 @@ async def metrics(services: ServicesDep) -> Response:
         services.metrics.readings.clear()
         for version, model_label, reader_label, count in counts:
             services.metrics.readings.labels(str(version), model_label, reader_label).set(count)
+    services.metrics.tls_expiry.clear()
+    for role, when in tls.expiry.items():
+        services.metrics.tls_expiry.labels(role).set(when)
     try:
         services.metrics.data_free_bytes.set(shutil.disk_usage(services.settings.data_dir).free)
     except OSError:
