@@ -75,8 +75,11 @@ class FakeOrthanc(types.ModuleType):
 
     def RestApiPost(self, path: str, body: bytes | str) -> bytes | None:
         if path == "/tools/create-dicom":
-            self.created.append(json.loads(body))
-            return json.dumps({"ID": f"overlay-{len(self.created)}"}).encode()
+            request = json.loads(body)
+            self.created.append(request)
+            overlay_id = f"overlay-{len(self.created)}"
+            self.instances[overlay_id] = dict(request["Tags"])  # in the study, as Orthanc does
+            return json.dumps({"ID": overlay_id}).encode()
         assert path == "/instances"
         self.stored_srs.append(body)
         return None
@@ -409,3 +412,48 @@ def test_an_overlay_is_tried_again_while_the_service_is_busy(
         assert outcome == "overlay-1" and len(calls) == 3 and pauses == [2.0, 4.0]
     else:
         assert outcome.startswith("error: HTTPError") and len(calls) == 1 and pauses == []
+
+
+@pytest.mark.parametrize("killed", ["fetching the overlay", "recording the stored overlay"])
+def test_an_overlay_interrupted_by_a_kill_is_stored_once_after_the_restart(
+    orthanc, monkeypatch, killed: str
+) -> None:
+    """Orthanc killed after the call was recorded but before the overlay was: the restart
+    fetches the overlay (without sending the image again), or, if the overlay was stored just
+    before the kill, records the one in the study instead of storing a second."""
+    fake = orthanc.fake
+    fake.add("pa", ViewPosition="PA", SOPInstanceUID="1.2.3.4")
+    orthanc.answers["pa"] = ("PNEUMONIA", "typical")
+    if killed == "fetching the overlay":
+
+        def kill(prediction_id: str) -> bytes:
+            raise Killed()
+
+        monkeypatch.setattr(orthanc.plugin, "_get_overlay", kill)
+    else:
+        record = orthanc.plugin._put_optional_metadata
+
+        def kill_on_outcome(resource: str, name: str, value: str) -> None:
+            if value.startswith("overlay-"):
+                raise Killed()
+            record(resource, name, value)
+
+        monkeypatch.setattr(orthanc.plugin, "_put_optional_metadata", kill_on_outcome)
+    with pytest.raises(Killed):
+        orthanc.plugin.drain(0)
+    overlay_entry = "/instances/pa/metadata/PneumoscanOverlay"
+    assert fake.metadata["/instances/pa/metadata/PneumoscanResult"] == "PNEUMONIA"
+    assert fake.metadata[overlay_entry] == "pending: prediction-of-pa"
+    assert fake.properties.get(orthanc.plugin.CURSOR_PROPERTY) is None  # not past "pa"
+
+    restarted = load_plugin(monkeypatch, fake, orthanc.sent, orthanc.answers)
+    restarted.drain(0)
+    assert orthanc.sent == ["pa"]  # the image is not scored twice
+    assert len(fake.stored_srs) == 1
+    assert len(fake.created) == 1  # one overlay in the study, whichever the kill
+    assert fake.metadata[overlay_entry] == "overlay-1"
+    assert base64.b64decode(fake.created[0]["Content"].split(",", 1)[1]) == (
+        b"PNG of prediction-of-pa"
+    )
+    restarted.drain(0)  # and a later pass leaves it alone
+    assert len(fake.created) == 1 and orthanc.sent == ["pa"]

@@ -29,7 +29,9 @@ unavailable (retrying)" until then. A refusal (4xx) is recorded as the instance'
 is an HTTP 500 that repeats PNEUMOSCAN_MAX_TRIES times (the service failing on that image).
 The cursor moves past an instance only once it is finished, so an instance that was waiting or
 being scored when Orthanc stopped (even by kill -9) is scored after the restart; one that
-already has its result is not scored twice. On the very first start the cursor begins at the
+already has its result is not scored twice, and one whose overlay was still being fetched
+(`PneumoscanOverlay` reads "pending: <prediction id>") gets it then, unless the study already
+holds it. On the very first start the cursor begins at the
 last change logged before Orthanc loaded the plugin: images stored from then on are scored,
 those stored before the plugin was installed are not.
 
@@ -80,6 +82,9 @@ TLS_CONTEXT = tls_context(SERVICE, os.environ)
 OVERLAYS = os.environ.get("PNEUMOSCAN_OVERLAYS", "pneumonia").strip().lower() or "pneumonia"
 # the overlay's Orthanc instance ID, or "error: ..." (the call itself stands either way)
 OVERLAY_METADATA = "PneumoscanOverlay"
+# Written before the call is recorded and replaced by the overlay's instance ID (or its error):
+# a kill in between leaves this, and the restart fetches the overlay it was waiting for.
+OVERLAY_PENDING = "pending: "
 OVERLAY_SERIES_DESCRIPTION = "pneumoscan explanation (LIME) - NOT FOR DIAGNOSTIC USE"
 SCORED_MODALITIES = {"CR", "DX", "DR"}
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
@@ -260,6 +265,35 @@ def _store_overlay(instance_id, study_id, tags, label, prediction_id):
     _put_optional_metadata(f"/instances/{instance_id}", OVERLAY_METADATA, outcome)
 
 
+def _overlay_in_study(study_id, sop_uid):
+    """The ID of an overlay already stored for the instance `sop_uid` (Orthanc killed between
+    storing it and recording it), or None."""
+    if not sop_uid:
+        return None
+    for instance in json.loads(orthanc.RestApiGet(f"/studies/{study_id}/instances")):
+        tags = json.loads(orthanc.RestApiGet(f"/instances/{instance['ID']}/simplified-tags"))
+        if tags.get("SeriesDescription") == OVERLAY_SERIES_DESCRIPTION and (
+            f"SOP Instance {sop_uid} " in tags.get("ImageComments", "")
+        ):
+            return instance["ID"]
+    return None
+
+
+def _resume_overlay(instance_id, tags, label):
+    """After a restart: an instance whose call was recorded while its overlay was still being
+    fetched gets the overlay now, unless it was stored just before the kill."""
+    pending = _metadata(instance_id, OVERLAY_METADATA) or ""
+    if not pending.startswith(OVERLAY_PENDING):
+        return
+    study_id = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/study"))["ID"]
+    stored = _overlay_in_study(study_id, tags.get("SOPInstanceUID", ""))
+    if stored is not None:
+        _put_optional_metadata(f"/instances/{instance_id}", OVERLAY_METADATA, stored)
+        return
+    _log(f"instance {instance_id}: fetching the overlay a restart interrupted")
+    _store_overlay(instance_id, study_id, tags, label, pending[len(OVERLAY_PENDING) :])
+
+
 def _should_score(tags):
     if tags.get("SOPClassUID", "").startswith(SR_CLASS_PREFIX):
         return False  # our own results (and any other SR)
@@ -327,8 +361,11 @@ def process(instance_id):
     tags = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/simplified-tags"))
     if not _should_score(tags):
         return
-    if _metadata(instance_id, METADATA) not in (None, RETRYING):
-        return  # finished before a restart that came before the cursor moved past it
+    recorded = _metadata(instance_id, METADATA)
+    if recorded not in (None, RETRYING):
+        # finished before a restart that came before the cursor moved past it
+        _resume_overlay(instance_id, tags, recorded)
+        return
     parent = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/study"))
     study_id = parent["ID"]
     dicom_bytes = orthanc.RestApiGet(f"/instances/{instance_id}/file")
@@ -356,6 +393,10 @@ def process(instance_id):
             _record(instance_id, study_id, "error: " + str(exc)[:200])
             return
     orthanc.RestApiPost("/instances", sr_bytes)
+    if prediction_id and wants_overlay(label):  # replaced by _store_overlay's outcome
+        _put_optional_metadata(
+            f"/instances/{instance_id}", OVERLAY_METADATA, OVERLAY_PENDING + prediction_id
+        )
     _record(instance_id, study_id, label or "scored", checks)
     described = ", ".join(f"{name} {value}" for name, value in checks.items()) or "no checks"
     _log(f"instance {instance_id} scored {label} ({described}); SR stored")
