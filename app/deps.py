@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from app.errors import NotFoundError, UnauthorizedError
+from app.errors import ForbiddenError, NotFoundError, UnauthorizedError
 from app.records import PredictionRecord
 from app.services import Services
 
@@ -33,12 +33,18 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def key_id_or_401(services: Services, key: str | None) -> str:
+def key_id_or_401(services: Services, key: str | None, readers_allowed: bool = False) -> str:
     identity = services.keyring.identify(key)
     if identity is None:
         raise UnauthorizedError(
             "Missing or wrong API key: send one of the keys in PNEUMOSCAN_API_KEYS as the "
             "X-API-Key header or as Authorization: Bearer <key>."
+        )
+    if not readers_allowed and services.keyring.is_reader(identity):
+        raise ForbiddenError(
+            "This is a reader key (PNEUMOSCAN_READER_KEYS): it reports radiologists' reads "
+            "and looks up predictions; predictions, explanations and the model list take a "
+            "key from PNEUMOSCAN_API_KEYS."
         )
     return identity
 
@@ -63,6 +69,20 @@ async def get_key_id(
 
 KeyIdDep = Annotated[str, Depends(get_key_id)]
 
+
+async def get_reading_key_id(
+    services: ServicesDep,
+    key: Annotated[str | None, Security(api_key_header)] = None,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
+) -> str:
+    return key_id_or_401(
+        services, key or (credentials.credentials if credentials else None), readers_allowed=True
+    )
+
+
+# The routes of predictions and reads: an API key, or a reader key (PNEUMOSCAN_READER_KEYS).
+ReadingKeyIdDep = Annotated[str, Depends(get_reading_key_id)]
+
 # For the one hot route (POST /predict), which resolves both by hand: FastAPI's dependency
 # solving cost ~90 us of event-loop time per request (measured), and the OpenAPI document
 # still names the scheme through this.
@@ -81,9 +101,15 @@ def services_and_key_id(request: Request) -> tuple[Services, str]:
 ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
+def may_see(services: Services, key_id: str, record: PredictionRecord) -> bool:
+    """A key sees its own predictions; a reader key (a RIS) sees every key's."""
+    return record.key_id == key_id or services.keyring.is_reader(key_id)
+
+
 async def own_record(services: Services, key_id: str, prediction_id: str) -> PredictionRecord:
-    """The caller's own prediction: another key's is answered like an unknown id (404)."""
+    """The caller's own prediction (any, for a reader key): another key's is answered like an
+    unknown id (404)."""
     record = await asyncio.to_thread(services.records.get, prediction_id)
-    if record is None or record.key_id != key_id:
+    if record is None or not may_see(services, key_id, record):
         raise NotFoundError("No prediction with this id for your API key.")
     return record

@@ -103,6 +103,11 @@ class UnauthorizedError(PneumoscanError):
     code = "unauthorized"
 
 
+class ForbiddenError(PneumoscanError):
+    status_code = 403
+    code = "forbidden"
+
+
 class NotAcceptableError(PneumoscanError):
     status_code = 406
     code = "not_acceptable"

@@ -95,7 +95,9 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     return Services(
         settings=settings,
         metrics=metrics,
-        keyring=KeyRing(tuple(settings.key_list), settings.allow_no_auth),
+        keyring=KeyRing(
+            tuple(settings.key_list), settings.allow_no_auth, tuple(settings.reader_key_list)
+        ),
         manager=manager,
         batcher=MicroBatcher(
             manager,

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     ood_score REAL,
     age_check TEXT
 );
+CREATE INDEX IF NOT EXISTS predictions_study ON predictions(study_uid);
 CREATE TABLE IF NOT EXISTS images (
     id TEXT PRIMARY KEY REFERENCES predictions(id),
     expires REAL NOT NULL,
@@ -296,14 +297,29 @@ class RecordStore:
 
     def set_reading(self, reading: Reading) -> None:
         """Record (or correct: the last one counts) the read of one prediction."""
+        self.set_readings([reading])
+
+    def set_readings(self, readings: list[Reading]) -> None:
+        """set_reading for several predictions, in one transaction (all or none)."""
         fields = list(Reading.__dataclass_fields__)
         with self._lock, self._transaction():
-            self._db.execute(
+            self._db.executemany(
                 f"INSERT OR REPLACE INTO readings ({', '.join(fields)}) "
                 f"VALUES ({', '.join('?' * len(fields))})",
-                [getattr(reading, f) for f in fields],
+                [[getattr(reading, f) for f in fields] for reading in readings],
             )
         self._written.set()
+
+    def by_study(self, study_uid: str) -> list[PredictionRecord]:
+        """Every prediction of one study (DICOM inputs with that Study Instance UID), oldest
+        first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(PredictionRecord.__dataclass_fields__)} FROM predictions "
+                "WHERE study_uid = ? ORDER BY created",
+                (study_uid,),
+            ).fetchall()
+        return [PredictionRecord(*row) for row in rows]
 
     def reading(self, prediction_id: str) -> Reading | None:
         with self._lock:

@@ -154,6 +154,14 @@ class ReadingPublic(BaseModel):
     recorded: datetime = Field(description="When the read was reported (UTC).")
 
 
+class StudyReadingPublic(BaseModel):
+    study_instance_uid: str
+    readings: list[ReadingPublic] = Field(
+        description="The read as recorded for each scored image of the study: the latest "
+        "prediction per SOP instance and model version."
+    )
+
+
 class PredictionStored(PredictionCore):
     """A prediction as the audit trail holds it."""
 
@@ -212,6 +220,8 @@ def error_responses(
     described = {
         400: "The client closed the connection mid-upload.",
         401: "Missing or wrong X-API-Key.",
+        403: "A reader key (PNEUMOSCAN_READER_KEYS), which only reports reads and looks up "
+        "predictions.",
         404: "Unknown prediction id (or one made with another key).",
         406: "The Accept header allows none of the answers (application/json, "
         "application/fhir+json, application/dicom), or asks only for an SR (application/dicom) "

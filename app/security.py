@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ANONYMOUS = "anonymous"
 
@@ -16,8 +16,18 @@ def key_id(key: str) -> str:
 
 @dataclass(frozen=True)
 class KeyRing:
+    """The API keys (PNEUMOSCAN_API_KEYS: predict, explain, and see and read their own
+    predictions) and the reader keys (PNEUMOSCAN_READER_KEYS: a RIS or reporting system, which
+    reports radiologists' reads of, and looks up, predictions made with any API key, and does
+    nothing else)."""
+
     keys: tuple[str, ...]
     allow_anonymous: bool = False
+    reader_keys: tuple[str, ...] = ()
+    reader_ids: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reader_ids", frozenset(key_id(k) for k in self.reader_keys))
 
     def identify(self, presented: str | None) -> str | None:
         """Key id for a presented key, or None. Compares every key in constant time."""
@@ -27,7 +37,10 @@ class KeyRing:
             return None
         match = None
         candidate = presented.encode()
-        for key in self.keys:
+        for key in self.keys + self.reader_keys:
             if hmac.compare_digest(candidate, key.encode()):
                 match = key
         return key_id(match) if match else None
+
+    def is_reader(self, identity: str) -> bool:
+        return identity in self.reader_ids

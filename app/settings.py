@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     model_name: str = Field("pneumonia", description="Model name under the store.")
     model_version: int | None = Field(None, description="Pin one version; default highest valid.")
     api_keys: str = Field("", description="Comma-separated API keys (X-API-Key).")
+    reader_keys: str = Field(
+        "",
+        description="Comma-separated keys for a RIS or reporting system: they report "
+        "radiologists' reads (PUT /predictions/{id}/reading, PUT /studies/{uid}/reading) and "
+        "look up predictions (GET /predictions/{id}) made with any API key, and nothing else.",
+    )
     allow_no_auth: bool = Field(
         False, description="Development only: run without API keys (every caller is 'anonymous')."
     )
@@ -195,6 +201,16 @@ class Settings(BaseSettings):
         for key in self.key_list:
             if len(key) < 16:
                 raise ValueError("every PNEUMOSCAN_API_KEYS entry must be at least 16 characters")
+        for key in self.reader_key_list:
+            if len(key) < 16:
+                raise ValueError(
+                    "every PNEUMOSCAN_READER_KEYS entry must be at least 16 characters"
+                )
+        if set(self.key_list) & set(self.reader_key_list):
+            raise ValueError(
+                "a key is in both PNEUMOSCAN_API_KEYS and PNEUMOSCAN_READER_KEYS: give the RIS "
+                "a key of its own"
+            )
         return self
 
     @property
@@ -219,6 +235,10 @@ class Settings(BaseSettings):
     @property
     def key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def reader_key_list(self) -> list[str]:
+        return [k.strip() for k in self.reader_keys.split(",") if k.strip()]
 
     @property
     def cors_list(self) -> list[str]:

@@ -99,10 +99,10 @@ def test_a_large_body_is_refused_without_reading_it_all(client) -> None:
 def test_a_read_that_cannot_be_stored_is_503(client, monkeypatch) -> None:
     made = predict(client)
 
-    def full(reading) -> None:
+    def full(readings) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(client.app.state.services.records, "set_reading", full)
+    monkeypatch.setattr(client.app.state.services.records, "set_readings", full)
     answer = client.put(f"/predictions/{made['prediction_id']}/reading", json={"label": "NORMAL"})
     assert answer.status_code == 503
     assert answer.json()["error"]["code"] == "storage_unavailable"
@@ -215,3 +215,135 @@ def test_reads_from_before_the_age_check_count_as_not_checked(tmp_path: Path) ->
     db.commit()
     db.close()
     assert read_counts_by_age(database, 0.0) == {"not checked": [(6, "PNEUMONIA", "NORMAL", 1)]}
+
+
+READER_KEY = "test-reader-key-cccccccccccc"  # the RIS's (PNEUMOSCAN_READER_KEYS)
+STUDY = "1.2.826.0.1.3680043.8.498.20261203"
+
+
+def dicom_of(study: str, sop: str) -> bytes:
+    """The DICOM fixture as another image: its own study and SOP Instance UIDs."""
+    import pydicom
+
+    dataset = pydicom.dcmread(io.BytesIO(fixture_bytes("dicom/person1946_bacteria_4874.dcm")))
+    dataset.StudyInstanceUID = study
+    dataset.SOPInstanceUID = sop
+    dataset.file_meta.MediaStorageSOPInstanceUID = sop
+    out = io.BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.fixture
+def ris(tiny_store: Path, tmp_path: Path):
+    settings = make_settings(tiny_store, tmp_path / "data", reader_keys=READER_KEY)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def scored(client: TestClient, key: str, study: str, sop: str) -> str:
+    answer = client.post(
+        "/predict", files={"file": ("x.dcm", dicom_of(study, sop))}, headers={"X-API-Key": key}
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()["prediction_id"]
+
+
+def test_a_ris_reports_a_study_s_read_by_its_study_uid_with_a_reader_key(ris) -> None:
+    """The RIS knows the study when the report is signed, not the prediction ids the PACS
+    gateway got: the read reaches each scored image of the study, once per image."""
+    gateway, other_site, reader = ({"X-API-Key": key} for key in (API_KEY, OTHER_KEY, READER_KEY))
+    first_try = scored(ris, API_KEY, STUDY, f"{STUDY}.1")
+    pa = scored(ris, API_KEY, STUDY, f"{STUDY}.1")  # the same image sent again: counts once
+    repeat = scored(ris, OTHER_KEY, STUDY, f"{STUDY}.2")  # another gateway's image of it
+    elsewhere = scored(ris, API_KEY, f"{STUDY}9", f"{STUDY}9.1")  # another study
+
+    answer = ris.put(f"/studies/{STUDY}/reading", json={"label": "PNEUMONIA"}, headers=reader)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["study_instance_uid"] == STUDY
+    assert sorted(r["prediction_id"] for r in body["readings"]) == sorted([pa, repeat])
+    assert {r["reader_label"] for r in body["readings"]} == {"PNEUMONIA"}
+    for prediction_id in (pa, repeat):  # the reader key looks up any key's prediction
+        stored = ris.get(f"/predictions/{prediction_id}", headers=reader).json()
+        assert stored["reading"]["reader_label"] == "PNEUMONIA"
+    for untouched in (first_try, elsewhere):
+        assert ris.get(f"/predictions/{untouched}", headers=gateway).json()["reading"] is None
+    counted = [
+        float(line.rsplit(" ", 1)[1])
+        for line in ris.get("/metrics").text.splitlines()
+        if line.startswith("pneumoscan_readings{")
+    ]
+    assert sum(counted) == 2
+
+    # an API key reaches only its own predictions of the study; a corrected read replaces
+    own = ris.put(f"/studies/{STUDY}/reading", json={"label": "NORMAL"}, headers=other_site)
+    assert [r["prediction_id"] for r in own.json()["readings"]] == [repeat]
+    assert (
+        ris.get(f"/predictions/{repeat}", headers=reader).json()["reading"]["reader_label"]
+        == "NORMAL"
+    )
+    assert ris.get(f"/predictions/{pa}", headers=other_site).status_code == 404
+
+    # the same read by prediction id, with the reader key
+    by_id = ris.put(f"/predictions/{pa}/reading", json={"label": "NORMAL"}, headers=reader)
+    assert by_id.status_code == 200 and by_id.json()["prediction_id"] == pa
+
+
+def test_a_reader_key_reports_reads_and_nothing_else(ris) -> None:
+    made = scored(ris, API_KEY, STUDY, f"{STUDY}.1")
+    reader = {"X-API-Key": READER_KEY}
+    for method, url, kwargs in (
+        ("POST", "/predict", {"files": {"file": ("a.jpeg", JPEG)}}),
+        ("GET", f"/explain/{made}", {}),
+        ("GET", "/models", {}),
+    ):
+        refused = ris.request(method, url, headers=reader, **kwargs)
+        assert refused.status_code == 403, (url, refused.text)
+        assert refused.json()["error"]["code"] == "forbidden"
+        assert "PNEUMOSCAN_READER_KEYS" in refused.json()["error"]["message"]
+    no_key = ris.put(f"/studies/{STUDY}/reading", json={"label": "NORMAL"})
+    assert no_key.status_code == 401
+    bearer = {"Authorization": f"Bearer {READER_KEY}"}
+    assert ris.post("/predict", content=JPEG, headers=bearer).status_code == 403
+    assert ris.get(f"/predictions/{made}", headers=bearer).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("study", "body", "status", "code"),
+    [
+        (STUDY + "7", b'{"label": "NORMAL"}', 404, "not_found"),  # not scored (yet)
+        ("1.2.abc", b'{"label": "NORMAL"}', 422, None),  # not a UID
+        ("1." + "2" * 70, b'{"label": "NORMAL"}', 422, None),  # over 64 characters
+        (STUDY, b'{"label": "maybe"}', 422, "invalid_body"),
+        (STUDY, b'{"label": "NORMAL", "note": "free text"}', 422, "invalid_body"),
+    ],
+)
+def test_a_study_read_that_cannot_apply_is_refused(
+    ris, study: str, body: bytes, status: int, code: str | None
+) -> None:
+    scored(ris, API_KEY, STUDY, f"{STUDY}.1")
+    answer = ris.put(
+        f"/studies/{study}/reading",
+        content=body,
+        headers={"X-API-Key": READER_KEY, "Content-Type": "application/json"},
+    )
+    assert answer.status_code == status, answer.text
+    if code is not None:
+        assert answer.json()["error"]["code"] == code
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"reader_keys": API_KEY}, "in both PNEUMOSCAN_API_KEYS and PNEUMOSCAN_READER_KEYS"),
+        ({"reader_keys": "short-key"}, "PNEUMOSCAN_READER_KEYS entry must be at least 16"),
+    ],
+)
+def test_reader_keys_are_their_own_and_strong(
+    tiny_store: Path, tmp_path: Path, values: dict, expected: str
+) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=expected):
+        make_settings(tiny_store, tmp_path, **values)

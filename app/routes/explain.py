@@ -33,7 +33,7 @@ router = APIRouter(tags=["explain"])
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}}, "description": "The overlay PNG."},
-        **error_responses(401, 404, 409, 410, 422, 503),
+        **error_responses(401, 403, 404, 409, 410, 422, 503),
     },
 )
 async def get_explanation(

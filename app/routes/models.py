@@ -13,7 +13,7 @@ router = APIRouter(tags=["models"])
 @router.get(
     "/models",
     response_model=ModelsPublic,
-    responses=error_responses(401),
+    responses=error_responses(401, 403),
     summary="Model versions available and serving",
 )
 async def list_models(services: ServicesDep, key_id: KeyIdDep) -> ModelsPublic:

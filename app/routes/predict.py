@@ -269,7 +269,7 @@ async def decode_in_pool(services: Services, data: bytes) -> DecodedImage:
             "`flagged`), and, unless the age check is off, `X-Age-Check` (`within`, `outside` "
             "or `unknown`).",
         },
-        **error_responses(401, 406, 408, 413, 415, 422, 429, 503),
+        **error_responses(401, 403, 406, 408, 413, 415, 422, 429, 503),
     },
 )
 async def predict(request: Request) -> PredictionPublic | Response:

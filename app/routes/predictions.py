@@ -1,7 +1,9 @@
 """GET /predictions/{id}: a prediction as the audit trail holds it; PUT .../reading: the
 radiologist's read of the same image, so the site can measure the model against its own
-readers (`pneumoscan readings`, and `pneumoscan_readings` in /metrics). Both only for the key
-that made the prediction, as /explain."""
+readers (`pneumoscan readings`, and `pneumoscan_readings` in /metrics); PUT
+/studies/{uid}/reading: the read of a whole study, as a RIS knows it (by its Study Instance UID,
+not by prediction ids). For the key that made the prediction, as /explain, or a reader key
+(PNEUMOSCAN_READER_KEYS: the RIS), which sees every key's predictions."""
 
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from pydantic import ValidationError
 
-from app.deps import ID_PATTERN, KeyIdDep, ServicesDep, own_record
-from app.errors import InvalidBodyError, StorageUnavailableError
-from app.records import Reading
+from app.deps import ID_PATTERN, ReadingKeyIdDep, ServicesDep, may_see, own_record
+from app.errors import InvalidBodyError, NotFoundError, StorageUnavailableError
+from app.records import PredictionRecord, Reading
 from app.routes.predict import read_body
 from app.schemas import (
     DicomInfo,
@@ -27,6 +29,7 @@ from app.schemas import (
     Probabilities,
     ReadingIn,
     ReadingPublic,
+    StudyReadingPublic,
     error_responses,
 )
 
@@ -36,6 +39,14 @@ router = APIRouter(tags=["predictions"])
 # (FastAPI would read a body of any size before validating it), never more than this.
 MAX_READING_BYTES = 4096
 PredictionId = Annotated[str, Path(pattern=ID_PATTERN)]
+# A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters.
+StudyUid = Annotated[str, Path(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)]
+READING_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ReadingIn.model_json_schema()}},
+    }
+}
 
 
 def reading_public(reading: Reading, model_name: str) -> ReadingPublic:
@@ -56,7 +67,7 @@ def reading_public(reading: Reading, model_name: str) -> ReadingPublic:
     summary="A prediction as the audit trail holds it",
 )
 async def get_prediction(
-    request: Request, services: ServicesDep, key_id: KeyIdDep, prediction_id: PredictionId
+    request: Request, services: ServicesDep, key_id: ReadingKeyIdDep, prediction_id: PredictionId
 ) -> PredictionStored:
     """The call, its probabilities and model version, the input's size and SHA-256, DICOM
     UIDs, and the radiologist's read once reported; never the image."""
@@ -100,54 +111,114 @@ async def get_prediction(
         descriptions={422: 'The body is not {"label": "NORMAL"} or {"label": "PNEUMONIA"}.'},
     ),
     summary="Report the radiologist's read of the image",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": ReadingIn.model_json_schema()}},
-        }
-    },
+    openapi_extra=READING_BODY,
 )
 async def put_reading(
-    request: Request, services: ServicesDep, key_id: KeyIdDep, prediction_id: PredictionId
+    request: Request, services: ServicesDep, key_id: ReadingKeyIdDep, prediction_id: PredictionId
 ) -> ReadingPublic:
     """Idempotent: a corrected read replaces the earlier one. Counted per model version and
     pair of labels in `/metrics` (`pneumoscan_readings`) and by `pneumoscan readings`, which
     turns them into the sensitivity and specificity the model reaches on this site's images,
     as its readers read them."""
+    reading_in = await read_reading(request, services)
+    record = await own_record(services, key_id, prediction_id)
+    (reading,) = await record_readings(services, key_id, reading_in, [record])
+    return reading_public(reading, record.model_name)
+
+
+@router.put(
+    "/studies/{study_instance_uid}/reading",
+    response_model=StudyReadingPublic,
+    responses=error_responses(
+        401,
+        403,
+        404,
+        413,
+        503,
+        descriptions={
+            404: "No scored image of this study (for this key, unless a reader key).",
+            422: 'The body is not {"label": "NORMAL"} or {"label": "PNEUMONIA"}, or the path '
+            "is not a DICOM UID.",
+        },
+    ),
+    summary="Report the radiologist's read of a whole study",
+    openapi_extra=READING_BODY,
+)
+async def put_study_reading(
+    request: Request, services: ServicesDep, key_id: ReadingKeyIdDep, study_instance_uid: StudyUid
+) -> StudyReadingPublic:
+    """What a RIS knows when the report is signed: the study and its finding, not the
+    prediction ids the PACS gateway got. The read is recorded for each scored image of the
+    study (a PA and a repeat PA both get it; the latest prediction per SOP instance and model
+    version, so an image sent twice counts once), with the same rules as the read of one
+    prediction: a corrected read replaces the earlier one. A reader key
+    (PNEUMOSCAN_READER_KEYS) reaches every key's predictions of the study, an API key its own;
+    404 when there are none (the study was not scored, or not yet)."""
+    reading_in = await read_reading(request, services)
+    found = await asyncio.to_thread(services.records.by_study, study_instance_uid)
+    latest: dict[tuple[str, int], PredictionRecord] = {}
+    for record in found:  # oldest first: a later prediction of the same image replaces it
+        if may_see(services, key_id, record):
+            latest[(record.sop_uid or record.id, record.model_version)] = record
+    if not latest:
+        raise NotFoundError("No prediction of this study for your API key.")
+    records = list(latest.values())
+    readings = await record_readings(services, key_id, reading_in, records)
+    return StudyReadingPublic(
+        study_instance_uid=study_instance_uid,
+        readings=[
+            reading_public(reading, record.model_name)
+            for reading, record in zip(readings, records, strict=True)
+        ],
+    )
+
+
+async def read_reading(request: Request, services: ServicesDep) -> ReadingIn:
     settings = services.settings
     with services.upload_budget.hold() as holding:
         body = await read_body(request, MAX_READING_BYTES, settings.upload_timeout_s, holding)
     try:
-        reading_in = ReadingIn.model_validate_json(body)
+        return ReadingIn.model_validate_json(body)
     except ValidationError as exc:
         raise InvalidBodyError(
             'Send a JSON body {"label": "NORMAL"} or {"label": "PNEUMONIA"}: '
             + "; ".join(error["msg"] for error in exc.errors()[:3])
         ) from None
-    record = await own_record(services, key_id, prediction_id)
-    reading = Reading(
-        id=record.id,
-        recorded=time.time(),
-        key_id=key_id,
-        reader_label=reading_in.label,
-        model_version=record.model_version,
-        model_label=record.label,
-    )
+
+
+async def record_readings(
+    services: ServicesDep, key_id: str, reading_in: ReadingIn, records: list[PredictionRecord]
+) -> list[Reading]:
+    """Store the read of each prediction in one transaction (503 if it cannot be), and log
+    each by prediction id, never by the study's or the image's identifiers."""
+    now = time.time()
+    readings = [
+        Reading(
+            id=record.id,
+            recorded=now,
+            key_id=key_id,
+            reader_label=reading_in.label,
+            model_version=record.model_version,
+            model_label=record.label,
+        )
+        for record in records
+    ]
     try:
-        await asyncio.to_thread(services.records.set_reading, reading)
+        await asyncio.to_thread(services.records.set_readings, readings)
     except sqlite3.Error as exc:
         raise StorageUnavailableError(
             f"The reading could not be recorded ({exc}); retry once PNEUMOSCAN_DATA_DIR has "
             "space again."
         ) from None
-    log.info(
-        "reading",
-        extra={
-            "prediction_id": record.id,
-            "key_id": key_id,
-            "model_version": record.model_version,
-            "label": record.label,
-            "reader_label": reading.reader_label,
-        },
-    )
-    return reading_public(reading, record.model_name)
+    for reading in readings:
+        log.info(
+            "reading",
+            extra={
+                "prediction_id": reading.id,
+                "key_id": key_id,
+                "model_version": reading.model_version,
+                "label": reading.model_label,
+                "reader_label": reading.reader_label,
+            },
+        )
+    return readings
