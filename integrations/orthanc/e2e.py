@@ -44,6 +44,7 @@ from tests.utils.dicom_factory import make_dicom
 PLUGIN = Path(__file__).resolve().parent / "pneumoscan_plugin.py"
 PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+RIS_KEY = "e2e-ris-reader-key-0123456789"  # PNEUMOSCAN_READER_KEYS of the service
 
 
 def orthanc_binary() -> str | None:
@@ -104,7 +105,35 @@ def multi_image_study() -> list[tuple[str, bytes]]:
     return out
 
 
-def check_multi_image_study(base: str, timeout: float) -> bool:
+def check_ris_reading(service: str, base: str, study: str) -> bool:
+    """The RIS reports the signed report's finding by the study's UID, with a reader key of its
+    own: the read reaches each image the plugin scored (PA, repeat PA, AP), not the lateral."""
+    study_uid = httpx.get(f"{base}/studies/{study}", timeout=5).json()["MainDicomTags"][
+        "StudyInstanceUID"
+    ]
+    answer = httpx.put(
+        f"{service}/studies/{study_uid}/reading",
+        json={"label": "PNEUMONIA"},
+        headers={"X-API-Key": RIS_KEY},
+        timeout=10,
+    )
+    readings = answer.json().get("readings", []) if answer.status_code == 200 else []
+    refused = httpx.post(
+        f"{service}/predict", content=b"x", headers={"X-API-Key": RIS_KEY}, timeout=10
+    ).status_code
+    ok = (
+        len(readings) == 3
+        and {r["reader_label"] for r in readings} == {"PNEUMONIA"}
+        and refused == 403
+    )
+    print(
+        f"{'ok' if ok else 'FAIL'} RIS read of the study by its UID (reader key): HTTP "
+        f"{answer.status_code}, {len(readings)} images read, /predict with it: {refused}"
+    )
+    return ok
+
+
+def check_multi_image_study(base: str, timeout: float, service: str) -> bool:
     ids = {}
     for name, data in multi_image_study():
         response = httpx.post(f"{base}/instances", content=data, timeout=30)
@@ -138,6 +167,7 @@ def check_multi_image_study(base: str, timeout: float) -> bool:
         f"{'ok' if ok else 'FAIL'} study of PA + repeat PA + AP (TORAX) + lateral + HAND: "
         f"instances {results}, study {study_result}, {srs} SR instances"
     )
+    ok = check_ris_reading(service, base, study) and ok
     return check_overlays(base, study, {name: ids[name]["ID"] for name in ids}, deadline) and ok
 
 
@@ -336,7 +366,9 @@ def run(timeout: float) -> bool:
     ok = True
     with (
         tempfile.TemporaryDirectory() as tmp,
-        running_server(default_store(), Path(tmp) / "data") as server,
+        running_server(
+            default_store(), Path(tmp) / "data", extra_env={"PNEUMOSCAN_READER_KEYS": RIS_KEY}
+        ) as server,
     ):
         http_port, dicom_port = free_port(), free_port()
         config = {
@@ -445,7 +477,7 @@ def run(timeout: float) -> bool:
                     f"SR {sr.SOPInstanceUID[-12:]} in study, model {model}, input {input_check}, "
                     f"age {age_check}"
                 )
-            ok = check_multi_image_study(base, timeout) and ok
+            ok = check_multi_image_study(base, timeout, server["url"]) and ok
             ok = check_dicomweb(base, timeout) and ok
             first_study = stored["monochrome2-8bit"][0]
             ok = check_scored_after_kill(orthanc, env, first_study, timeout) and ok
