@@ -243,3 +243,11 @@ def error_responses(
     }
     described.update(descriptions or {})
     return {code: {"model": ErrorResponse, "description": described[code]} for code in codes}
+
+
+class StudyPredictions(BaseModel):
+    study_instance_uid: str
+    predictions: list[PredictionStored] = Field(
+        description="Every prediction of the study, oldest first (an image sent twice appears "
+        "twice)."
+    )

@@ -46,7 +46,8 @@ class Settings(BaseSettings):
         "",
         description="Comma-separated keys for a RIS or reporting system: they report "
         "radiologists' reads (PUT /predictions/{id}/reading, PUT /studies/{uid}/reading) and "
-        "look up predictions (GET /predictions/{id}) made with any API key, and nothing else.",
+        "look up predictions (GET /predictions/{id}, GET /studies/{uid}/predictions) made "
+        "with any API key, and nothing else.",
     )
     allow_no_auth: bool = Field(
         False, description="Development only: run without API keys (every caller is 'anonymous')."

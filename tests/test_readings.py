@@ -285,6 +285,20 @@ def test_a_ris_reports_a_study_s_read_by_its_study_uid_with_a_reader_key(ris) ->
     )
     assert ris.get(f"/predictions/{pa}", headers=other_site).status_code == 404
 
+    # what the RIS shows beside the study: every prediction of it, with the reads
+    listed = ris.get(f"/studies/{STUDY}/predictions", headers=reader)
+    assert listed.status_code == 200, listed.text
+    shown = {p["prediction_id"]: p for p in listed.json()["predictions"]}
+    assert list(shown) == [first_try, pa, repeat]  # oldest first, the image sent twice twice
+    assert shown[pa]["dicom"]["sop_instance_uid"] == f"{STUDY}.1"
+    assert shown[pa]["reading"]["reader_label"] == "PNEUMONIA"
+    assert shown[repeat]["reading"]["reader_label"] == "NORMAL"
+    assert shown[first_try]["reading"] is None
+    own_list = ris.get(f"/studies/{STUDY}/predictions", headers=other_site).json()
+    assert [p["prediction_id"] for p in own_list["predictions"]] == [repeat]
+    assert ris.get(f"/studies/{STUDY}7/predictions", headers=reader).status_code == 404
+    assert ris.get("/studies/1.2.x/predictions", headers=reader).status_code == 422
+
     # the same read by prediction id, with the reader key
     by_id = ris.put(f"/predictions/{pa}/reading", json={"label": "NORMAL"}, headers=reader)
     assert by_id.status_code == 200 and by_id.json()["prediction_id"] == pa

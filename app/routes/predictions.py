@@ -29,6 +29,7 @@ from app.schemas import (
     Probabilities,
     ReadingIn,
     ReadingPublic,
+    StudyPredictions,
     StudyReadingPublic,
     error_responses,
 )
@@ -73,6 +74,47 @@ async def get_prediction(
     UIDs, and the radiologist's read once reported; never the image."""
     record = await own_record(services, key_id, prediction_id)
     reading = await asyncio.to_thread(services.records.reading, prediction_id)
+    return stored(request, record, reading)
+
+
+@router.get(
+    "/studies/{study_instance_uid}/predictions",
+    response_model=StudyPredictions,
+    responses=error_responses(
+        401,
+        403,
+        404,
+        descriptions={
+            404: "No scored image of this study (for this key, unless a reader key).",
+            422: "The path is not a DICOM UID.",
+        },
+    ),
+    summary="The predictions of one study, as the audit trail holds them",
+)
+async def get_study_predictions(
+    request: Request, services: ServicesDep, key_id: ReadingKeyIdDep, study_instance_uid: StudyUid
+) -> StudyPredictions:
+    """What a RIS or reporting system shows beside the study while the radiologist reports:
+    every prediction of the study (oldest first), each as GET /predictions/{id} gives it, with
+    the read once reported. A reader key (PNEUMOSCAN_READER_KEYS) sees every key's, an API key
+    its own."""
+    found = await asyncio.to_thread(services.records.by_study, study_instance_uid)
+    visible = [record for record in found if may_see(services, key_id, record)]
+    if not visible:
+        raise NotFoundError("No prediction of this study for your API key.")
+    readings = await asyncio.to_thread(
+        lambda: [services.records.reading(record.id) for record in visible]
+    )
+    return StudyPredictions(
+        study_instance_uid=study_instance_uid,
+        predictions=[
+            stored(request, record, reading)
+            for record, reading in zip(visible, readings, strict=True)
+        ],
+    )
+
+
+def stored(request: Request, record: PredictionRecord, reading: Reading | None) -> PredictionStored:
     uids = (record.study_uid, record.series_uid, record.sop_uid)
     return PredictionStored(
         prediction_id=record.id,
