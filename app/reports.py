@@ -44,7 +44,7 @@ def build_sr(
     finding_code, finding_meaning = FINDINGS[record.label]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier="pneumoscan screening result"
+            uid=generate_uid(), identifier=f"pneumoscan prediction {record.id}"
         ),
         algorithm_id=algorithm,
         qualitative_evaluations=[
@@ -97,7 +97,7 @@ def build_sr(
         content=report,
         series_instance_uid=generate_uid(),
         series_number=9901,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=sr_uid(record.id),
         instance_number=1,
         manufacturer="pneumoscan",
         is_complete=True,
@@ -109,6 +109,22 @@ def build_sr(
     out = io.BytesIO()
     sr.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def sr_uid(prediction_id: str) -> str:
+    """The SR's SOP Instance UID, made from its prediction's id (128 random bits, written as a
+    UUID-derived UID under 2.25, PS3.5 B.2): an SR found in the PACS leads back to its audit
+    record (GET /predictions/{id}, with id = the UID's number in hex), and the answer to one
+    prediction is always the same object."""
+    return f"2.25.{int(prediction_id, 16)}"
+
+
+def prediction_id_of(sop_instance_uid: str) -> str | None:
+    """sr_uid's inverse: the prediction id of a pneumoscan SR's SOP Instance UID, else None."""
+    prefix, _, number = sop_instance_uid.partition("2.25.")
+    if prefix or not number.isdigit() or int(number) >= 1 << 128:
+        return None
+    return f"{int(number):032x}"
 
 
 # pydicom has decoded the source's text to Unicode whatever its SpecificCharacterSet said, so the

@@ -8,8 +8,11 @@ import logging
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
+from app.reports import prediction_id_of, sr_uid
 from tests.conftest import FIXTURES
 from tests.utils.dicom_factory import PATIENT_ID, make_dicom
 
@@ -70,6 +73,29 @@ def test_dicom_sr_in_the_same_study(client) -> None:
     assert response.headers["x-label"] in ("NORMAL", "PNEUMONIA")
     expected = "Pneumonia" if response.headers["x-label"] == "PNEUMONIA" else "Normal"
     assert expected in text and "Probability of pneumonia" in text
+    # the SR leads back to its audit record: its UID is the prediction id, and says so
+    prediction_id = response.headers["x-prediction-id"]
+    assert prediction_id_of(sr.SOPInstanceUID) == prediction_id
+    assert len(sr.SOPInstanceUID) <= 64 and pydicom.uid.UID(sr.SOPInstanceUID).is_valid
+    texts = []
+    sr.walk(lambda _, element: texts.append(element.value) if element.keyword == "TextValue" else 0)
+    assert f"pneumoscan prediction {prediction_id}" in texts  # the tracking identifier
+    assert (
+        client.get(f"/predictions/{prediction_id}").json()["label"] == (response.headers["x-label"])
+    )
+
+
+@given(st.integers(min_value=0, max_value=(1 << 128) - 1))
+def test_sr_uids_and_prediction_ids_map_one_to_one(number: int) -> None:
+    prediction_id = f"{number:032x}"
+    uid = sr_uid(prediction_id)
+    assert len(uid) <= 64 and pydicom.uid.UID(uid).is_valid
+    assert prediction_id_of(uid) == prediction_id
+
+
+@pytest.mark.parametrize("uid", ["1.2.3", "2.25.", "2.25.x", "1.2.25.5", f"2.25.{1 << 128}"])
+def test_other_uids_name_no_prediction(uid: str) -> None:
+    assert prediction_id_of(uid) is None
 
 
 def test_sr_for_a_jpeg_is_not_acceptable(client) -> None:

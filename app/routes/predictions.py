@@ -2,8 +2,9 @@
 radiologist's read of the same image, so the site can measure the model against its own
 readers (`pneumoscan readings`, and `pneumoscan_readings` in /metrics); PUT
 /studies/{uid}/reading: the read of a whole study, as a RIS knows it (by its Study Instance UID,
-not by prediction ids), and GET /studies/{uid}/predictions, what it shows beside the study. For the key that made the prediction, as /explain, or a reader key
-(PNEUMOSCAN_READER_KEYS: the RIS), which sees every key's predictions."""
+not by prediction ids), and GET /studies/{uid}/predictions, what it shows beside the study.
+For the key that made the prediction, as /explain, or a reader key (PNEUMOSCAN_READER_KEYS:
+the RIS), which sees every key's predictions."""
 
 from __future__ import annotations
 
