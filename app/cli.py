@@ -97,10 +97,17 @@ def settings_problem() -> str | None:
             field = "_".join(str(part) for part in error["loc"]).upper()
             problems.append(f"PNEUMOSCAN_{field}: {error['msg']}" if field else error["msg"])
         return "invalid settings: " + "; ".join(problems)
-    if not settings.key_list and not settings.allow_no_auth:
+    from app.security import KeyFileError, build_keyring
+
+    try:
+        keyring = build_keyring(settings)
+    except KeyFileError as exc:
+        return str(exc)
+    if not keyring.keys and not keyring.hashes and not settings.allow_no_auth:
         return (
-            "PNEUMOSCAN_API_KEYS is empty: set one or more keys (comma-separated), or "
-            "PNEUMOSCAN_ALLOW_NO_AUTH=true for local development only."
+            "PNEUMOSCAN_API_KEYS is empty: set one or more keys (comma-separated, or one per "
+            "line in PNEUMOSCAN_API_KEYS_FILE), or PNEUMOSCAN_ALLOW_NO_AUTH=true for local "
+            "development only."
         )
     data_dir = settings.data_dir
     try:

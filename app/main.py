@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import lifecycle
 from app.admission import KeyConcurrency, UploadBudget
 from app.batching import MicroBatcher
 from app.classifier import ModelManager
@@ -26,7 +27,7 @@ from app.observability import Metrics, ObservabilityMiddleware, configure_loggin
 from app.records import RecordStore, RecordWriter
 from app.routes import explain, health, models, predict, predictions
 from app.schemas import INTENDED_USE
-from app.security import KeyRing
+from app.security import KeyFileError, KeyFileWatcher, KeyRing, build_keyring
 from app.services import Services
 from app.settings import Settings
 
@@ -82,7 +83,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
-def build_services(settings: Settings, metrics: Metrics) -> Services:
+def build_services(settings: Settings, metrics: Metrics, keyring: KeyRing) -> Services:
     records = RecordStore(settings.data_dir, settings.retention_hours * 3600)
     manager = ModelManager(
         settings.model_store,
@@ -95,9 +96,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     return Services(
         settings=settings,
         metrics=metrics,
-        keyring=KeyRing(
-            tuple(settings.key_list), settings.allow_no_auth, tuple(settings.reader_key_list)
-        ),
+        keyring=keyring,
         manager=manager,
         batcher=MicroBatcher(
             manager,
@@ -129,11 +128,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         current = settings
         configure_logging(current.log_level)
-        if not current.key_list:
+        try:
+            keyring = build_keyring(current)
+        except KeyFileError as exc:
+            log.critical("refusing to start: %s", exc)
+            raise RuntimeError(str(exc)) from None
+        if not keyring.keys and not keyring.hashes:
             if not current.allow_no_auth:
                 log.critical(
-                    "refusing to start: PNEUMOSCAN_API_KEYS is empty. Set keys, or "
-                    "PNEUMOSCAN_ALLOW_NO_AUTH=true for local development only."
+                    "refusing to start: PNEUMOSCAN_API_KEYS (and PNEUMOSCAN_API_KEYS_FILE) "
+                    "hold no key. Set keys, or PNEUMOSCAN_ALLOW_NO_AUTH=true for local "
+                    "development only."
                 )
                 raise RuntimeError(
                     "PNEUMOSCAN_API_KEYS is empty and PNEUMOSCAN_ALLOW_NO_AUTH is not set"
@@ -143,8 +148,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "only, never on a hospital network"
             )
         threads = current.model_threads  # applied by each runtime as it loads a version
-        services = build_services(current, metrics)
+        services = build_services(current, metrics, keyring)
         app.state.services = services
+        watching = None
+        if (current.api_keys_file or current.reader_keys_file) and current.keys_reload_seconds:
+            # a key added to or revoked from the files takes effect without a restart
+            services.key_watcher = KeyFileWatcher(
+                current,
+                lambda new: setattr(services, "keyring", new),
+                current.keys_reload_seconds,
+            )
+            watching = asyncio.create_task(services.key_watcher.run(), name="key-files")
+            lifecycle.reload_listeners.append(services.key_watcher.wake)
         await asyncio.to_thread(services.manager.refresh)
         services.manager.start_polling()
         services.batcher.start()
@@ -161,6 +176,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             purger.cancel()
+            if watching is not None:
+                watching.cancel()
+                lifecycle.reload_listeners.remove(services.key_watcher.wake)
             await services.batcher.stop()
             services.manager.stop()
             services.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -121,6 +121,13 @@ class Metrics:
             ["certificate"],
             registry=self.registry,
         )
+        self.key_files_failing = Gauge(
+            "pneumoscan_key_files_failing",
+            "1 while a changed PNEUMOSCAN_API_KEYS_FILE or PNEUMOSCAN_READER_KEYS_FILE cannot be "
+            "used: the previous keys stay in force, including any the change revoked (0 without "
+            "key files)",
+            registry=self.registry,
+        )
         self.rejected = Counter(
             "pneumoscan_rejected_total",
             "Requests refused by limits",

@@ -8,7 +8,8 @@ with idle keep-alive connections given a moment for a last request
 had just sent.
 
 Over HTTPS it also takes up renewed certificate files without a restart (`app.tls.
-CertificateReloader`, every PNEUMOSCAN_TLS_RELOAD_SECONDS and on SIGHUP)."""
+CertificateReloader`, every PNEUMOSCAN_TLS_RELOAD_SECONDS and on SIGHUP); SIGHUP also has the
+key files read again (`app.security.KeyFileWatcher`)."""
 
 from __future__ import annotations
 
@@ -53,8 +54,16 @@ class DrainingServer(uvicorn.Server):
                 self.config.ssl, settings, settings.tls_reload_seconds
             )
             self._reloading = asyncio.create_task(self.certificates.run())
+        if self.started:
+            # SIGHUP: certificates and key files are checked at once (and the service goes on)
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
-                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.certificates.wake)
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+
+    def reload(self) -> None:
+        if self.certificates is not None:
+            self.certificates.wake()
+        for wake in list(lifecycle.reload_listeners):
+            wake()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         lifecycle.draining = True

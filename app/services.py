@@ -13,7 +13,7 @@ from app.batching import MicroBatcher
 from app.classifier import ModelManager
 from app.observability import Metrics
 from app.records import RecordStore, RecordWriter
-from app.security import KeyRing
+from app.security import KeyFileWatcher, KeyRing
 from app.settings import Settings
 
 
@@ -39,6 +39,7 @@ class Services:
     explain_inflight: dict[tuple[str, int, int], asyncio.Task] = field(default_factory=dict)
     # What /readyz last found wrong with the audit storage ("storage_low", ...), or None.
     storage_state: str | None = None
+    key_watcher: KeyFileWatcher | None = None  # with PNEUMOSCAN_*_KEYS_FILE
 
     def cache_get(self, key: tuple[str, int, int]) -> bytes | None:
         png = self.explain_cache.get(key)

@@ -49,6 +49,21 @@ class Settings(BaseSettings):
         "look up predictions (GET /predictions/{id}, GET /studies/{uid}/predictions) made "
         "with any API key, and nothing else.",
     )
+    api_keys_file: Path | None = Field(
+        None,
+        description="A file of API keys (a Docker or Kubernetes secret), one per line: the key, "
+        "or sha256:<hex> of it; `#` comments. Added to api_keys, and read again when it changes "
+        "(keys_reload_seconds, SIGHUP), so keys are added or revoked without a restart.",
+    )
+    reader_keys_file: Path | None = Field(
+        None, description="The same for reader keys (added to reader_keys)."
+    )
+    keys_reload_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="How often the key files are checked for changes (also at once on "
+        "SIGHUP); 0: read at start only.",
+    )
     allow_no_auth: bool = Field(
         False, description="Development only: run without API keys (every caller is 'anonymous')."
     )
@@ -158,7 +173,14 @@ class Settings(BaseSettings):
         "valid, loaded without a restart (also at once on SIGHUP); 0: read at start only.",
     )
 
-    @field_validator("tls_certfile", "tls_keyfile", "tls_client_ca", mode="before")
+    @field_validator(
+        "tls_certfile",
+        "tls_keyfile",
+        "tls_client_ca",
+        "api_keys_file",
+        "reader_keys_file",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value  # `VAR=` in an env file or compose means unset

@@ -125,6 +125,8 @@ async def metrics(services: ServicesDep) -> Response:
         services.metrics.readings.clear()
         for version, model_label, reader_label, count in counts:
             services.metrics.readings.labels(str(version), model_label, reader_label).set(count)
+    watcher = services.key_watcher
+    services.metrics.key_files_failing.set(int(watcher is not None and watcher.failing))
     services.metrics.tls_expiry.clear()
     for role, when in tls.expiry.items():
         services.metrics.tls_expiry.labels(role).set(when)
