@@ -202,11 +202,17 @@ def test_other_routes_refuse_cleanly(server: dict, client) -> None:
     assert sr_for_jpeg.status_code == 406
 
 
-def test_readings_refuse_hostile_bodies(server: dict, client) -> None:
-    """The one route with a JSON body: bounded before it is read, strict about its content."""
+@pytest.mark.parametrize("route", ["prediction", "study"])
+def test_readings_refuse_hostile_bodies(server: dict, client, route: str) -> None:
+    """The routes with a JSON body: bounded before it is read, strict about its content."""
     url = server["url"]
-    made = client.post(f"{url}/predict", files={"file": ("x", JPEG)}, headers=HEADERS).json()
-    reading = f"{url}/predictions/{made['prediction_id']}/reading"
+    made = client.post(f"{url}/predict", files={"file": ("x", DICOM)}, headers=HEADERS).json()
+    if route == "prediction":
+        reading = f"{url}/predictions/{made['prediction_id']}/reading"
+        unknown_url = f"{url}/predictions/{'f' * 32}/reading"
+    else:
+        reading = f"{url}/studies/{made['dicom']['study_instance_uid']}/reading"
+        unknown_url = f"{url}/studies/1.2.3.999/reading"
     json_headers = {**HEADERS, "Content-Type": "application/json"}
 
     def endless():
@@ -226,13 +232,12 @@ def test_readings_refuse_hostile_bodies(server: dict, client) -> None:
         answer = client.put(reading, content=body, headers=json_headers)
         assert answer.status_code == status, (status, answer.text[:200])
         assert "error" in answer.json()
-    unknown = client.put(
-        f"{url}/predictions/{'f' * 32}/reading", json={"label": "NORMAL"}, headers=HEADERS
-    )
+    unknown = client.put(unknown_url, json={"label": "NORMAL"}, headers=HEADERS)
     assert unknown.status_code == 404
     accepted = client.put(reading, json={"label": "NORMAL"}, headers=HEADERS)
     assert accepted.status_code == 200  # after all that, a proper read is still taken
-    assert accepted.json()["reader_label"] == "NORMAL"
+    read = accepted.json() if route == "prediction" else accepted.json()["readings"][-1]
+    assert read["reader_label"] == "NORMAL"
 
 
 def test_health_probes_answer_head_without_a_body(server: dict, client) -> None:
