@@ -192,9 +192,11 @@ if label == "PNEUMONIA":  # the plugin's default: the overlay as a Secondary Cap
             overlay = urllib.request.urlopen(
                 f"{base}/instances/{instance}/metadata/PneumoscanOverlay", timeout=5
             ).read().decode()
-            break
+            if not overlay.startswith("pending"):  # "pending: <id>" while it is being made
+                break
         except OSError:
-            time.sleep(1)
+            pass
+        time.sleep(1)
     else:
         sys.exit("[container] no PneumoscanOverlay on the PNEUMONIA instance within 60 s")
     tags = json.load(urllib.request.urlopen(f"{base}/instances/{overlay}/simplified-tags",
