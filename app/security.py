@@ -8,15 +8,14 @@ without a restart."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.file_watch import FileWatcher
 from app.settings import Settings
 
 ANONYMOUS = "anonymous"
@@ -142,34 +141,25 @@ def build_keyring(settings: Settings) -> KeyRing:
     )
 
 
-class KeyFileWatcher:
+class KeyFileWatcher(FileWatcher):
     """Reads the key files again when they change: every `interval` seconds and at once on
     SIGHUP (`wake`). A file that cannot be used keeps the previous keys in force, and says so
     once in the log and in `failing` (the pneumoscan_key_files_failing gauge)."""
 
+    log = log
+    what = "key file"
+
     def __init__(self, settings: Settings, install, interval: float) -> None:
+        super().__init__(interval)
         self.settings = settings
         self.install = install  # called with each new KeyRing
-        self.interval = interval
         self.loaded = self.identity()
         self.failing = False
         self.reloads = 0
         self._refused: tuple | None = None
-        self._wake = asyncio.Event()
 
     def files(self) -> list[Path]:
         return [p for p in (self.settings.api_keys_file, self.settings.reader_keys_file) if p]
-
-    def identity(self) -> tuple:
-        found = []
-        for path in self.files():
-            try:
-                info = os.stat(path)
-            except OSError:
-                found.append(None)
-                continue
-            found.append((info.st_ino, info.st_size, info.st_mtime_ns))
-        return tuple(found)
 
     def check(self) -> bool:
         """Install the files' keys if they changed and can be used; True when installed."""
@@ -192,18 +182,3 @@ class KeyFileWatcher:
         if not keyring.keys and not keyring.hashes:
             log.warning("no API key is left: every prediction is refused (401)")
         return True
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await asyncio.to_thread(self.check)
-            except Exception:  # the watcher must outlive any surprise; the log says where
-                log.exception("key file check failed")

@@ -5,7 +5,6 @@ in front (README, "Security")."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import ssl
@@ -15,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from app.file_watch import FileWatcher
 from app.settings import Settings
 
 log = logging.getLogger("pneumoscan.tls")
@@ -157,7 +157,7 @@ def _reason(exc: OSError | ssl.SSLError) -> str:
     return exc.strerror or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
 
 
-class CertificateReloader:
+class CertificateReloader(FileWatcher):
     """Puts renewed certificate files into the live server context, without a restart.
 
     Hospitals renew certificates (yearly, or every 60-90 days with an ACME client or
@@ -172,30 +172,21 @@ class CertificateReloader:
     grows).
     """
 
+    log = log
+    what = "TLS certificate"
+
     def __init__(self, context: ssl.SSLContext, settings: Settings, interval: float) -> None:
         assert settings.tls_certfile is not None and settings.tls_keyfile is not None
+        super().__init__(interval)
         self.context = context
         self.certfile, self.keyfile = settings.tls_certfile, settings.tls_keyfile
         self.client_ca = settings.tls_client_ca
-        self.interval = interval
         self.loaded = self.identity()
         self.reloads = 0
         self._refused: tuple | None = None  # the identity last refused, logged once
-        self._wake = asyncio.Event()
 
     def files(self) -> list[Path]:
         return [self.certfile, self.keyfile] + ([self.client_ca] if self.client_ca else [])
-
-    def identity(self) -> tuple:
-        found = []
-        for path in self.files():
-            try:
-                info = os.stat(path)
-            except OSError:
-                found.append(None)
-                continue
-            found.append((info.st_ino, info.st_size, info.st_mtime_ns))
-        return tuple(found)
 
     def check(self) -> bool:
         """Load the files if they changed and load cleanly; True when they were loaded."""
@@ -228,19 +219,3 @@ class CertificateReloader:
         self.reloads += 1
         log.info("TLS certificate files reloaded: new connections present the renewed ones")
         return True
-
-    def wake(self) -> None:
-        """SIGHUP: check now."""
-        self._wake.set()
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await asyncio.to_thread(self.check)
-            except Exception:  # the checker must outlive any surprise; the log says where
-                log.exception("TLS certificate check failed")
