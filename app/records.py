@@ -117,6 +117,7 @@ class PredictionRecord:
 
 
 RAW_SIZE = TARGET_SIZE * TARGET_SIZE
+STUDY_LIMIT = 500  # predictions of one study read or listed at once (the latest)
 
 # The background checkpointer's period, and the log size (pages of 4 KB, ~170 predictions) past
 # which it also holds the writers off briefly to finish the copy, so that the next commit can
@@ -310,16 +311,17 @@ class RecordStore:
             )
         self._written.set()
 
-    def by_study(self, study_uid: str) -> list[PredictionRecord]:
-        """Every prediction of one study (DICOM inputs with that Study Instance UID), oldest
-        first."""
+    def by_study(self, study_uid: str, limit: int = STUDY_LIMIT) -> list[PredictionRecord]:
+        """The predictions of one study (DICOM inputs with that Study Instance UID), oldest
+        first: the latest `limit` of them (a study holds a few images; a caller that sends
+        one study's UID with thousands of uploads must not make one answer unbounded)."""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {', '.join(PredictionRecord.__dataclass_fields__)} FROM predictions "
-                "WHERE study_uid = ? ORDER BY created",
-                (study_uid,),
+                "WHERE study_uid = ? ORDER BY created DESC LIMIT ?",
+                (study_uid, limit),
             ).fetchall()
-        return [PredictionRecord(*row) for row in rows]
+        return [PredictionRecord(*row) for row in reversed(rows)]
 
     def reading(self, prediction_id: str) -> Reading | None:
         with self._lock:

@@ -361,3 +361,16 @@ def test_reader_keys_are_their_own_and_strong(
 
     with pytest.raises(ValidationError, match=expected):
         make_settings(tiny_store, tmp_path, **values)
+
+
+def test_a_study_s_predictions_are_bounded_to_the_latest(client, monkeypatch) -> None:
+    """A caller sending one study's UID with thousands of uploads cannot make the study's
+    answers unbounded: the latest STUDY_LIMIT predictions count."""
+    from app import records
+
+    monkeypatch.setattr(records.RecordStore.by_study, "__defaults__", (3,))
+    made = [scored(client, API_KEY, STUDY, f"{STUDY}.{n}") for n in range(5)]
+    listed = client.get(f"/studies/{STUDY}/predictions").json()["predictions"]
+    assert [p["prediction_id"] for p in listed] == made[2:]
+    read = client.put(f"/studies/{STUDY}/reading", json={"label": "NORMAL"}).json()
+    assert sorted(r["prediction_id"] for r in read["readings"]) == sorted(made[2:])
