@@ -1,4 +1,4 @@
-"""`pneumoscan serve | train | evaluate`: the one entry point."""
+"""`pneumoscan serve | train | evaluate | readings | check | new-key`: the one entry point."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ def main(argv: list[str] | None = None) -> int:
         from app.conformance import main as check_main
 
         return check_main(argv[1:])
+    if argv and argv[0] == "new-key":
+        return new_key(argv[1:])
     parser = argparse.ArgumentParser(
         prog="pneumoscan",
         description="pneumoscan service and training. Subcommands: serve, train, evaluate, "
-        "readings, check.",
+        "readings, check, new-key.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the API (settings from PNEUMOSCAN_* variables)")
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "check", help="what the service would answer for a site's files (`pneumoscan check -h`)"
     )
+    sub.add_parser("new-key", help="a new random key and its line for a key file")
     args = parser.parse_args(argv)
     problem = settings_problem()
     if problem:
@@ -79,6 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     server = DrainingServer(config, settings.drain_seconds, settings)
     server.run()
     return 0 if server.started else 3  # uvicorn's exit code for a failed start
+
+
+def new_key(argv: list[str]) -> int:
+    """A new random API key (256 bits) for a client, and the `sha256:` line that lets
+    PNEUMOSCAN_API_KEYS_FILE or PNEUMOSCAN_READER_KEYS_FILE accept it without holding it."""
+    import hashlib
+    import secrets
+
+    argparse.ArgumentParser(
+        prog="pneumoscan new-key",
+        description="Print a new random key (give it to the client: PACS gateway, RIS) and "
+        "the line for a key file (sha256:<hex>, which accepts the key without holding it).",
+    ).parse_args(argv)
+    key = secrets.token_urlsafe(32)
+    print(f"key:  {key}")
+    print(f"line: sha256:{hashlib.sha256(key.encode()).hexdigest()}")
+    return 0
 
 
 def settings_problem() -> str | None:

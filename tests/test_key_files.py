@@ -170,3 +170,25 @@ def test_keys_from_settings_and_files_are_combined(tmp_path: Path, tiny_store: P
     )
     assert ring.counts == (3, 1)  # the two conftest keys and FIRST once; the RIS
     assert ring.is_reader(key_id(RIS)) and not ring.is_reader(key_id(FIRST))
+
+
+def printed(out: str) -> dict[str, str]:
+    pairs = (line.split(":", 1) for line in out.splitlines())
+    return {name: value.strip() for name, value in pairs}
+
+
+def test_new_key_prints_a_key_and_the_line_that_accepts_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from app.cli import main
+
+    assert main(["new-key"]) == 0
+    first = printed(capsys.readouterr().out)
+    assert main(["new-key"]) == 0
+    second = printed(capsys.readouterr().out)
+    assert first["key"] != second["key"] and len(first["key"]) >= 40
+    keys = tmp_path / "keys"
+    keys.write_text(first["line"] + "\n")
+    ring = KeyRing(keys=(), hashes=tuple(read_key_file(keys, "X")[1]))
+    assert ring.identify(first["key"]) == key_id(first["key"])
+    assert ring.identify(second["key"]) is None
