@@ -90,7 +90,7 @@ def read_key_file(path: Path, setting: str) -> tuple[list[str], list[str]]:
     """The keys and the SHA-256 digests in a key file: one per line, `#` comments and blank
     lines ignored."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not a key
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or type(exc).__name__
         raise KeyFileError(f"{setting} {path} cannot be read ({reason})") from None

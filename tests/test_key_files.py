@@ -41,7 +41,10 @@ def write(path: Path, *lines: str) -> None:
 
 def test_a_key_file_holds_keys_or_their_digests(tmp_path: Path) -> None:
     path = tmp_path / "keys"
-    path.write_text(f"# the PACS gateway\n\n  {FIRST}  \n{sha256(SECOND).upper()}\n")
+    # as a Windows editor saves it: a byte-order mark and CRLF line ends
+    path.write_bytes(
+        f"\ufeff{FIRST}\r\n# the PACS gateway\r\n\r\n  {sha256(SECOND).upper()}  \r\n".encode()
+    )
     assert read_key_file(path, "X") == ([FIRST], [sha256(SECOND)[7:]])
     ring = KeyRing((FIRST,), hashes=(sha256(SECOND)[7:],))
     # a key's id is the same whether the file holds the key or its digest
