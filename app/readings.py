@@ -69,35 +69,40 @@ def read_counts(database: Path, since: float) -> list[tuple[int, str, str, int]]
         return count_readings(db, since) if has_table else []
 
 
-def read_counts_by_age(database: Path, since: float) -> dict[str, list[tuple[int, str, str, int]]]:
-    """The same counts split by the prediction's patient age check (within, outside, unknown;
-    "not checked" for predictions made without it), read-only."""
+def read_counts_split(
+    database: Path, since: float, split_by: str
+) -> dict[str, list[tuple[int, str, str, int]]]:
+    """The same counts split by a property of the prediction, read-only: "age_check" (within,
+    outside, unknown; "not checked" for predictions made without it) or "key_id" (the key that
+    sent the image: one per PACS gateway or site)."""
     with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         if "readings" not in tables:
             return {}
         columns = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
-        age = "COALESCE(p.age_check, 'not checked')" if "age_check" in columns else "'not checked'"
+        group = f"COALESCE(p.{split_by}, 'not checked')" if split_by in columns else "'not checked'"
         rows = db.execute(
-            f"SELECT {age}, r.model_version, r.model_label, r.reader_label, COUNT(*) "
+            f"SELECT {group}, r.model_version, r.model_label, r.reader_label, COUNT(*) "
             "FROM readings r JOIN predictions p ON p.id = r.id WHERE r.recorded >= ? "
             "GROUP BY 1, 2, 3, 4",
             (since,),
         ).fetchall()
     split: dict[str, list[tuple[int, str, str, int]]] = {}
-    for status, version, model, reader, count in rows:
-        split.setdefault(str(status), []).append((int(version), str(model), str(reader), count))
+    for value, version, model, reader, count in rows:
+        split.setdefault(str(value), []).append((int(version), str(model), str(reader), count))
     return split
 
 
 def report(database: Path, since: float) -> dict[str, dict]:
     """Per model version: the rates over every read, and the same split by the patient age
     check, so a site that scores adults sees how the model does on them apart (the shipped
-    model learned from children aged 1-5)."""
+    model learned from children aged 1-5), and by the key that sent the images, so a network
+    of hospitals sees each gateway's site apart (their machines differ)."""
     versions = summarise(read_counts(database, since))
-    for status, counts in sorted(read_counts_by_age(database, since).items()):
-        for version, rates in summarise(counts).items():
-            versions[version].setdefault("by_age_check", {})[status] = rates
+    for split_by, name in (("age_check", "by_age_check"), ("key_id", "by_sender")):
+        for value, counts in sorted(read_counts_split(database, since, split_by).items()):
+            for version, rates in summarise(counts).items():
+                versions[version].setdefault(name, {})[value] = rates
     return versions
 
 
@@ -105,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pneumoscan readings",
         description="Sensitivity, specificity, PPV, NPV and agreement of each model version "
-        "against the radiologists' reads reported to this service, overall and by the patient "
-        "age check (JSON on stdout).",
+        "against the radiologists' reads reported to this service, overall, by the patient "
+        "age check and by the key that sent the images (JSON on stdout).",
     )
     parser.add_argument(
         "--data-dir",

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.readings import main as readings_main
 from app.readings import summarise, wilson
+from app.security import key_id
 from tests.conftest import API_KEY, OTHER_KEY, fixture_bytes, make_settings
 
 JPEG = fixture_bytes("chest_xray/PNEUMONIA/person495_bacteria_2094.jpeg")
@@ -161,7 +162,7 @@ def test_rates_have_wilson_intervals() -> None:
     assert lower < 0.8 < upper
 
 
-def test_the_report_splits_the_reads_by_the_patient_age_check(
+def test_the_report_splits_the_reads_by_age_check_and_by_sender(
     tiny_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A site that scores adults sees the model's agreement with its readers on them apart
@@ -182,9 +183,13 @@ def test_the_report_splits_the_reads_by_the_patient_age_check(
         create_app(make_settings(tiny_store, data)), headers={"X-API-Key": API_KEY}
     ) as c:
         for name, agree in (("child", True), ("child", True), ("adult", False), ("jpeg", True)):
-            made = c.post("/predict", files={"file": ("x", uploads[name])}).json()
+            # the adult's image comes from another site's gateway (another key)
+            key = {"X-API-Key": OTHER_KEY if name == "adult" else API_KEY}
+            made = c.post("/predict", files={"file": ("x", uploads[name])}, headers=key).json()
             read = made["label"] if agree else OTHER_LABEL[made["label"]]
-            c.put(f"/predictions/{made['prediction_id']}/reading", json={"label": read})
+            c.put(
+                f"/predictions/{made['prediction_id']}/reading", json={"label": read}, headers=key
+            )
     assert readings_main(["--data-dir", str(data)]) == 0
     version = json.loads(capsys.readouterr().out)["versions"]["1"]
     assert version["reads"] == 4
@@ -196,12 +201,19 @@ def test_the_report_splits_the_reads_by_the_patient_age_check(
     }
     assert split["within"]["agreement"]["value"] == 1.0
     assert split["outside"]["agreement"]["value"] == 0.0
+    # and by the key that sent the images: each site apart, by key id (never the key)
+    senders = version["by_sender"]
+    assert {sender: rates["reads"] for sender, rates in senders.items()} == {
+        key_id(API_KEY): 3,
+        key_id(OTHER_KEY): 1,
+    }
+    assert senders[key_id(OTHER_KEY)]["agreement"]["value"] == 0.0
 
 
 def test_reads_from_before_the_age_check_count_as_not_checked(tmp_path: Path) -> None:
     """A database written before round 19 has no age_check column; the report, which opens it
     read-only and cannot add it, counts those reads as not checked."""
-    from app.readings import read_counts_by_age
+    from app.readings import read_counts_split
 
     database = tmp_path / "pneumoscan.sqlite3"
     db = sqlite3.connect(database)
@@ -214,7 +226,8 @@ def test_reads_from_before_the_age_check_count_as_not_checked(tmp_path: Path) ->
     db.execute("INSERT INTO readings VALUES ('a', 1.0, 'k', 'NORMAL', 6, 'PNEUMONIA')")
     db.commit()
     db.close()
-    assert read_counts_by_age(database, 0.0) == {"not checked": [(6, "PNEUMONIA", "NORMAL", 1)]}
+    found = read_counts_split(database, 0.0, "age_check")
+    assert found == {"not checked": [(6, "PNEUMONIA", "NORMAL", 1)]}
 
 
 READER_KEY = "test-reader-key-cccccccccccc"  # the RIS's (PNEUMOSCAN_READER_KEYS)
