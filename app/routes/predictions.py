@@ -83,7 +83,6 @@ async def get_prediction(
     response_model=StudyPredictions,
     responses=error_responses(
         401,
-        403,
         404,
         descriptions={
             404: "No scored image of this study (for this key, unless a reader key).",
@@ -174,7 +173,6 @@ async def put_reading(
     response_model=StudyReadingPublic,
     responses=error_responses(
         401,
-        403,
         404,
         413,
         503,
