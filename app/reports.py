@@ -122,7 +122,7 @@ def sr_uid(prediction_id: str) -> str:
 def prediction_id_of(sop_instance_uid: str) -> str | None:
     """sr_uid's inverse: the prediction id of a pneumoscan SR's SOP Instance UID, else None."""
     prefix, _, number = sop_instance_uid.partition("2.25.")
-    if prefix or not number.isdigit() or int(number) >= 1 << 128:
+    if prefix or not (number.isascii() and number.isdigit()) or int(number) >= 1 << 128:
         return None
     return f"{int(number):032x}"
 

@@ -93,7 +93,9 @@ def test_sr_uids_and_prediction_ids_map_one_to_one(number: int) -> None:
     assert prediction_id_of(uid) == prediction_id
 
 
-@pytest.mark.parametrize("uid", ["1.2.3", "2.25.", "2.25.x", "1.2.25.5", f"2.25.{1 << 128}"])
+@pytest.mark.parametrize(
+    "uid", ["1.2.3", "2.25.", "2.25.x", "1.2.25.5", f"2.25.{1 << 128}", "2.25.\u00b2", "2.25.1.2"]
+)
 def test_other_uids_name_no_prediction(uid: str) -> None:
     assert prediction_id_of(uid) is None
 
