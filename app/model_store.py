@@ -27,7 +27,8 @@ def list_versions(model_dir: Path) -> list[int]:
         return []
     versions = []
     for entry in model_dir.iterdir():
-        if entry.is_dir() and entry.name.isdigit() and not entry.name.startswith("0"):
+        name = entry.name  # ASCII digits only: "²" is a digit to str.isdigit, not to int()
+        if entry.is_dir() and name.isascii() and name.isdigit() and not name.startswith("0"):
             versions.append(int(entry.name))
     return sorted(versions)
 

@@ -364,3 +364,30 @@ def test_after_the_battery_the_service_is_healthy_and_logged_no_traceback(
     records = [json.loads(line) for line in lines]
     assert any(r["logger"] == "uvicorn.error" for r in records)
     assert not [r for r in records if "exc_type" in r or r["level"] in ("ERROR", "CRITICAL")]
+
+
+def test_a_declared_length_that_is_not_ascii_digits_is_not_a_length() -> None:
+    """uvicorn's parser refuses such a Content-Length itself (400); the body reader, which
+    reads the header to refuse an upload before a byte arrives, must not fail on one
+    either (`"\u00b2".isdigit()` is true, and `int("\u00b2")` raises)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from app.admission import UploadBudget
+    from app.routes.predict import read_body
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def read() -> bytes:
+        scope = {
+            "type": "http",
+            "method": "PUT",
+            "path": "/",
+            "headers": [(b"content-length", "\u00b2".encode("latin-1"))],
+        }
+        with UploadBudget(1 << 20).hold() as holding:
+            return await read_body(Request(scope, receive), 4096, 5.0, holding)
+
+    assert asyncio.run(read()) == b"{}"

@@ -21,6 +21,7 @@ def test_publish_is_max_plus_one_and_never_overwrites(tmp_path: Path) -> None:
     (model_dir / "7").mkdir(parents=True)
     (model_dir / "7" / "keep").write_text("old")
     (model_dir / "notes").mkdir()
+    (model_dir / "\u00b2").mkdir()  # a digit to str.isdigit, not a version
     version, folder = publish_version(model_dir, lambda f, v: (f / "x").write_text(str(v)))
     assert version == 8 and folder == model_dir / "8"
     assert (model_dir / "7" / "keep").read_text() == "old"

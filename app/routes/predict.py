@@ -98,7 +98,7 @@ async def read_body(
     the bytes received against the service's upload memory budget (503 when that is full; a
     declared length that does not fit is refused before a byte is read)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit():
+    if declared and declared.isascii() and declared.isdigit():  # "²" is no length to int()
         if int(declared) > limit:
             raise PayloadTooLargeError(
                 f"Upload of {int(declared)} bytes exceeds the limit of {limit} bytes."
