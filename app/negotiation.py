@@ -10,11 +10,17 @@ DICOM JSON model) and to `application/json, application/dicom;q=0.1`, and JSON t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 JSON = "application/json"
 FHIR = "application/fhir+json"
 DICOM = "application/dicom"
+
+
+# A q-value as RFC 9110 12.4.2 writes it, leniently (more than three decimals, or over 1, which
+# is read as 1): ASCII digits and one point, nothing float() would also take.
+DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 
 
 def media_ranges(accept: str) -> list[tuple[str, float]]:
@@ -31,7 +37,10 @@ def media_ranges(accept: str) -> list[tuple[str, float]]:
             for parameter in parameters:
                 name, _, value = parameter.partition("=")
                 if name.strip().lower() == "q":
-                    quality = min(max(float(value.strip()), 0.0), 1.0)
+                    value = value.strip()
+                    if not DECIMAL.fullmatch(value):  # float() also takes nan, 1_0, Unicode
+                        raise ValueError(value)
+                    quality = min(float(value), 1.0)
         except ValueError:
             continue
         ranges.append((media, quality))

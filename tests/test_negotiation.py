@@ -37,6 +37,13 @@ ALL = (JSON, FHIR, DICOM)
         ("text/csv", ALL, None),
         ("*/*;q=0", ALL, None),
         ("application/json;q=abc", ALL, JSON),  # an unreadable q: as if the header were absent
+        # numbers float() reads but a q-value is not: the range is ignored, as an unreadable q
+        ("application/dicom;q=nan, application/json;q=0.1", ALL, JSON),
+        ("application/dicom;q=inf, application/json;q=0.1", ALL, JSON),
+        ("application/dicom;q=1_0, application/json;q=0.1", ALL, JSON),
+        ("application/dicom;q=\u0661, application/json;q=0.1", ALL, JSON),
+        ("application/dicom;q=1.5, application/json;q=0.9", ALL, DICOM),  # read as 1
+        ("application/dicom;q=.5, application/json;q=0.4", ALL, DICOM),
         (",,", ALL, JSON),
         ("application/dicom", (JSON, FHIR), None),
     ],
