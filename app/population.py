@@ -21,9 +21,9 @@ AgeStatus = Literal["within", "outside", "unknown"]
 AgeSource = Literal["PatientAge", "PatientBirthDate"]
 
 # Age String (PS3.5 6.2, VR AS): three digits and D, W, M or Y; "018M" is 18 months.
-AGE_STRING = re.compile(r"(\d{3})([DWMY])")
+AGE_STRING = re.compile(r"(\d{3})([DWMY])", re.ASCII)  # the VR's digits: ASCII, not "٠٤٥"
 # Date (VR DA): YYYYMMDD. Some old objects write YYYY.MM.DD (ACR-NEMA 2.0); it is accepted too.
-DICOM_DATE = re.compile(r"(\d{4})\.?(\d{2})\.?(\d{2})")
+DICOM_DATE = re.compile(r"(\d{4})\.?(\d{2})\.?(\d{2})", re.ASCII)
 # Dates that can stand for "when the radiograph was taken", best first.
 REFERENCE_DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
 OLDEST_PLAUSIBLE_YEARS = 130
@@ -47,7 +47,7 @@ class AgeRange:
     @classmethod
     def parse(cls, text: str) -> AgeRange:
         """'1-5' (completed years); raises ValueError with the reason."""
-        match = re.fullmatch(r"\s*(\d{1,3})\s*-\s*(\d{1,3})\s*", text)
+        match = re.fullmatch(r"\s*(\d{1,3})\s*-\s*(\d{1,3})\s*", text, re.ASCII)
         if match is None:
             raise ValueError(f"expected completed years as LOW-HIGH (such as 1-5), got {text!r}")
         return cls(int(match[1]), int(match[2]))

@@ -66,6 +66,7 @@ def dataset(**attributes: object) -> Dataset:
         ("005", None),
         ("0005Y", None),
         ("abcY", None),
+        ("\u0660\u0660\u0665Y", None),  # Arabic-Indic digits: not the VR's
         (None, None),
     ],
 )
@@ -98,6 +99,10 @@ def test_age_from_birth_date_counts_completed_years() -> None:
         {"PatientBirthDate": "20300101", "StudyDate": "20250101"},  # born after the study
         {"PatientBirthDate": "20230231", "StudyDate": "20250101"},  # no such day
         {"PatientBirthDate": "unknown", "StudyDate": "20250101"},
+        {
+            "PatientBirthDate": "\uff12\uff10\uff12\uff10\uff10\uff11\uff10\uff11",
+            "StudyDate": "20250101",
+        },
     ],
 )
 def test_unreadable_or_impossible_ages_are_unknown(attributes: dict) -> None:
