@@ -358,6 +358,79 @@ def check_scored_after_kill(
     return ok
 
 
+def modality_count(base: str, study: str, modality: str) -> int:
+    instances = httpx.get(f"{base}/studies/{study}/instances", timeout=5).json()
+    return sum(
+        httpx.get(f"{base}/instances/{i['ID']}/content/0008,0060", timeout=5).text.strip()
+        == modality
+        for i in instances
+    )
+
+
+def check_overlay_after_kill(orthanc: Orthanc, env: dict[str, str], timeout: float) -> bool:
+    """Orthanc killed (-9) while the plugin fetches a PNEUMONIA call's overlay: after the
+    restart the overlay is made, once, and the image is not scored again. A service of its own
+    draws overlays with 5000 LIME samples, so the fetch lasts seconds and the kill lands in it."""
+    base = orthanc.base
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_server(
+            default_store(),
+            Path(tmp) / "data",
+            extra_env={"PNEUMOSCAN_EXPLAIN_NUM_SAMPLES": "5000"},
+        ) as slow,
+    ):
+        slow_env = {**env, "PNEUMOSCAN_URL": slow["url"]}
+        orthanc.kill()
+        orthanc.start(slow_env)
+        gray = np.asarray(
+            to_grayscale_u8(Image.open(FIXTURES / "originals" / "person495_bacteria_2094.jpeg"))
+        )
+        stored = httpx.post(f"{base}/instances", content=make_dicom(gray), timeout=30).json()
+        instance, study = stored["ID"], stored["ParentStudy"]
+        entry = f"{base}/instances/{instance}/metadata/PneumoscanOverlay"
+
+        def overlay_entry() -> str | None:
+            answer = httpx.get(entry, timeout=5)
+            return answer.text if answer.status_code == 200 else None
+
+        deadline = time.monotonic() + timeout
+        while not (overlay_entry() or "").startswith("pending"):
+            if time.monotonic() > deadline or overlay_entry() is not None:
+                print(f"FAIL kill -9 during an overlay: never seen pending ({overlay_entry()!r})")
+                return False
+            time.sleep(0.1)
+        orthanc.kill()
+        log_before = orthanc.log_path.read_text(errors="replace")
+        orthanc.start(slow_env)
+        while (overlay_entry() or "pending").startswith("pending"):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        created = overlay_entry()
+        time.sleep(2)  # time for a wrongly repeated score or overlay to show up
+        resumed = (
+            "fetching the overlay a restart interrupted"
+            in (orthanc.log_path.read_text(errors="replace")[len(log_before) :])
+        )
+        overlays, srs = modality_count(base, study, "OT"), modality_count(base, study, "SR")
+        orthanc.kill()
+    orthanc.start(env)
+    ok = (
+        created is not None
+        and not created.startswith(("pending", "error"))
+        and resumed
+        and overlays == 1
+        and srs == 1
+    )
+    print(
+        f"{'ok' if ok else 'FAIL'} kill -9 while the plugin fetched an overlay: after the restart "
+        f"{'resumed' if resumed else 'not resumed'}, entry {created!r}, {overlays} overlay, "
+        f"{srs} SR"
+    )
+    return ok
+
+
 def run(timeout: float) -> bool:
     binary = orthanc_binary()
     if not binary or not PYTHON_PLUGIN.exists():
@@ -484,6 +557,7 @@ def run(timeout: float) -> bool:
             ok = check_dicomweb(base, timeout) and ok
             first_study = stored["monochrome2-8bit"][0]
             ok = check_scored_after_kill(orthanc, env, first_study, timeout) and ok
+            ok = check_overlay_after_kill(orthanc, env, timeout) and ok
         finally:
             orthanc.stop()
             if not ok:
