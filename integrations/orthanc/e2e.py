@@ -395,9 +395,12 @@ def check_overlay_after_kill(orthanc: Orthanc, env: dict[str, str], timeout: flo
             return answer.text if answer.status_code == 200 else None
 
         deadline = time.monotonic() + timeout
-        while not (overlay_entry() or "").startswith("pending"):
-            if time.monotonic() > deadline or overlay_entry() is not None:
-                print(f"FAIL kill -9 during an overlay: never seen pending ({overlay_entry()!r})")
+        while True:
+            seen = overlay_entry()  # read once: the entry appears between two reads
+            if seen is not None and seen.startswith("pending"):
+                break
+            if seen is not None or time.monotonic() > deadline:
+                print(f"FAIL kill -9 during an overlay: never seen pending ({seen!r})")
                 return False
             time.sleep(0.1)
         orthanc.kill()

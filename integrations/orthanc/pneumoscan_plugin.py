@@ -288,6 +288,7 @@ def _resume_overlay(instance_id, tags, label):
     study_id = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/study"))["ID"]
     stored = _overlay_in_study(study_id, tags.get("SOPInstanceUID", ""))
     if stored is not None:
+        _log(f"instance {instance_id}: recording the overlay stored just before a restart")
         _put_optional_metadata(f"/instances/{instance_id}", OVERLAY_METADATA, stored)
         return
     _log(f"instance {instance_id}: fetching the overlay a restart interrupted")
