@@ -59,25 +59,26 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() or None
 
 
-async def get_key_id(
-    services: ServicesDep,
+async def get_presented_key(
     key: Annotated[str | None, Security(api_key_header)] = None,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
-) -> str:
-    return key_id_or_401(services, key or (credentials.credentials if credentials else None))
+) -> str | None:
+    """The key a caller sent: X-API-Key, else Authorization: Bearer."""
+    return key or (credentials.credentials if credentials else None)
+
+
+PresentedKey = Annotated[str | None, Depends(get_presented_key)]
+
+
+async def get_key_id(services: ServicesDep, key: PresentedKey) -> str:
+    return key_id_or_401(services, key)
 
 
 KeyIdDep = Annotated[str, Depends(get_key_id)]
 
 
-async def get_reading_key_id(
-    services: ServicesDep,
-    key: Annotated[str | None, Security(api_key_header)] = None,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
-) -> str:
-    return key_id_or_401(
-        services, key or (credentials.credentials if credentials else None), readers_allowed=True
-    )
+async def get_reading_key_id(services: ServicesDep, key: PresentedKey) -> str:
+    return key_id_or_401(services, key, readers_allowed=True)
 
 
 # The routes of predictions and reads: an API key, or a reader key (PNEUMOSCAN_READER_KEYS).

@@ -52,10 +52,6 @@ class KeyRing:
         object.__setattr__(self, "reader_ids", frozenset(readers))
 
     @property
-    def empty(self) -> bool:
-        return not (self.keys or self.reader_keys or self.hashes or self.reader_hashes)
-
-    @property
     def counts(self) -> tuple[int, int]:
         """How many API keys and reader keys (for the log: never the keys or their ids)."""
         return len(self.keys) + len(self.hashes), len(self.reader_keys) + len(self.reader_hashes)
@@ -155,7 +151,6 @@ class KeyFileWatcher(FileWatcher):
         self.install = install  # called with each new KeyRing
         self.loaded = self.identity()
         self.failing = False
-        self.reloads = 0
         self._refused: tuple | None = None
 
     def files(self) -> list[Path]:
@@ -176,7 +171,6 @@ class KeyFileWatcher(FileWatcher):
             return False
         self.install(keyring)
         self.loaded, self._refused, self.failing = current, None, False
-        self.reloads += 1
         api, readers = keyring.counts
         log.info("key files reloaded: %d API keys, %d reader keys", api, readers)
         if not keyring.keys and not keyring.hashes:
