@@ -324,12 +324,19 @@ class RecordStore:
         return [PredictionRecord(*row) for row in reversed(rows)]
 
     def reading(self, prediction_id: str) -> Reading | None:
+        return self.readings([prediction_id]).get(prediction_id)
+
+    def readings(self, prediction_ids: list[str]) -> dict[str, Reading]:
+        """The reads of several predictions, by id, in one query (those without one left out)."""
+        if not prediction_ids:
+            return {}
         with self._lock:
-            row = self._db.execute(
-                f"SELECT {', '.join(Reading.__dataclass_fields__)} FROM readings WHERE id = ?",
-                (prediction_id,),
-            ).fetchone()
-        return Reading(*row) if row else None
+            rows = self._db.execute(
+                f"SELECT {', '.join(Reading.__dataclass_fields__)} FROM readings "
+                f"WHERE id IN ({', '.join('?' * len(prediction_ids))})",
+                prediction_ids,
+            ).fetchall()
+        return {row[0]: Reading(*row) for row in rows}
 
     def reading_counts(self, since: float = 0.0) -> list[tuple[int, str, str, int]]:
         with self._lock:

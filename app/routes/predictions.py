@@ -98,20 +98,24 @@ async def get_study_predictions(
     every prediction of the study (oldest first), each as GET /predictions/{id} gives it, with
     the read once reported. A reader key (PNEUMOSCAN_READER_KEYS) sees every key's, an API key
     its own."""
+    visible = await study_records(services, key_id, study_instance_uid)
+    readings = await asyncio.to_thread(services.records.readings, [r.id for r in visible])
+    return StudyPredictions(
+        study_instance_uid=study_instance_uid,
+        predictions=[stored(request, record, readings.get(record.id)) for record in visible],
+    )
+
+
+async def study_records(
+    services: ServicesDep, key_id: str, study_instance_uid: str
+) -> list[PredictionRecord]:
+    """The study's predictions this key may see (every key's, for a reader key), oldest first;
+    404 when there are none."""
     found = await asyncio.to_thread(services.records.by_study, study_instance_uid)
     visible = [record for record in found if may_see(services, key_id, record)]
     if not visible:
         raise NotFoundError("No prediction of this study for your API key.")
-    readings = await asyncio.to_thread(
-        lambda: [services.records.reading(record.id) for record in visible]
-    )
-    return StudyPredictions(
-        study_instance_uid=study_instance_uid,
-        predictions=[
-            stored(request, record, reading)
-            for record, reading in zip(visible, readings, strict=True)
-        ],
-    )
+    return visible
 
 
 def stored(request: Request, record: PredictionRecord, reading: Reading | None) -> PredictionStored:
@@ -196,13 +200,10 @@ async def put_study_reading(
     (PNEUMOSCAN_READER_KEYS) reaches every key's predictions of the study, an API key its own;
     404 when there are none (the study was not scored, or not yet)."""
     reading_in = await read_reading(request, services)
-    found = await asyncio.to_thread(services.records.by_study, study_instance_uid)
     latest: dict[tuple[str, int], PredictionRecord] = {}
-    for record in found:  # oldest first: a later prediction of the same image replaces it
-        if may_see(services, key_id, record):
-            latest[(record.sop_uid or record.id, record.model_version)] = record
-    if not latest:
-        raise NotFoundError("No prediction of this study for your API key.")
+    for record in await study_records(services, key_id, study_instance_uid):
+        # oldest first: a later prediction of the same image replaces it
+        latest[(record.sop_uid or record.id, record.model_version)] = record
     records = list(latest.values())
     readings = await record_readings(services, key_id, reading_in, records)
     return StudyReadingPublic(
