@@ -121,6 +121,21 @@ class Metrics:
             ["certificate"],
             registry=self.registry,
         )
+        self.tls_crl_next_update = Gauge(
+            "pneumoscan_tls_crl_next_update_timestamp_seconds",
+            "The earliest nextUpdate among the CRLs in PNEUMOSCAN_TLS_CLIENT_CRL, in Unix time "
+            "(crl=client); absent without one. Past it, OpenSSL refuses every client "
+            "certificate of that CA until a newer CRL is installed",
+            ["crl"],
+            registry=self.registry,
+        )
+        self.tls_files_failing = Gauge(
+            "pneumoscan_tls_files_failing",
+            "1 while changed TLS files (certificate, key, client CAs, CRLs) cannot be loaded: "
+            "the previous ones keep serving, so a renewal, a CA removal or a revocation is not "
+            "in force",
+            registry=self.registry,
+        )
         self.key_files_failing = Gauge(
             "pneumoscan_key_files_failing",
             "1 while a changed PNEUMOSCAN_API_KEYS_FILE or PNEUMOSCAN_READER_KEYS_FILE cannot be "

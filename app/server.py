@@ -23,7 +23,7 @@ import uvicorn
 
 from app import lifecycle
 from app.settings import Settings
-from app.tls import CertificateReloader, record_files_expiry
+from app.tls import CertificateReloader, TlsFileError, TlsFiles
 
 log = logging.getLogger("pneumoscan")
 
@@ -39,20 +39,22 @@ class DrainingServer(uvicorn.Server):
         self._reloading: asyncio.Task | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
         settings = self.settings
-        if self.started and self.config.ssl is not None and settings is not None:
-            record_files_expiry(settings)  # for /metrics, and a warning when renewal is due
-        if (
-            self.started
-            and self.config.ssl is not None
-            and settings is not None
-            and settings.tls_reload_seconds > 0
-        ):
-            # Renewed certificate files are taken up without a restart (app/tls.py).
-            self.certificates = CertificateReloader(
-                self.config.ssl, settings, settings.tls_reload_seconds
-            )
+        files = TlsFiles.of(settings) if settings is not None else None
+        if self.config.ssl is not None and files is not None:
+            # Before the listener opens: every handshake is served from the reloader's context
+            # (the client CRL, and files changed since), never from uvicorn's own (app/tls.py).
+            try:
+                self.certificates = CertificateReloader(
+                    self.config.ssl, files, settings.tls_reload_seconds, self.config.ssl_ciphers
+                )
+            except TlsFileError as exc:  # changed since the check before start
+                log.error("%s", exc)
+                self.should_exit = True
+                return
+        await super().startup(sockets)
+        if self.started and self.certificates is not None and settings.tls_reload_seconds > 0:
+            # Changed files are taken up without a restart.
             self._reloading = asyncio.create_task(self.certificates.run())
         if self.started:
             # SIGHUP: certificates and key files are checked at once (and the service goes on)
@@ -60,7 +62,7 @@ class DrainingServer(uvicorn.Server):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
 
     def reload(self) -> None:
-        if self.certificates is not None:
+        if self._reloading is not None and self.certificates is not None:
             self.certificates.wake()
         for wake in list(lifecycle.reload_listeners):
             wake()

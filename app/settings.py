@@ -165,6 +165,12 @@ class Settings(BaseSettings):
         description="PEM CA certificates: every client must present a certificate issued by "
         "one of them (mutual TLS), as well as an API key.",
     )
+    tls_client_crl: Path | None = Field(
+        None,
+        description="PEM CRLs, one current CRL for every CA in tls_client_ca: a client "
+        "certificate they revoke is refused (as is every certificate of a CA without a CRL "
+        "here, or whose CRL is past its nextUpdate).",
+    )
 
     tls_reload_seconds: float = Field(
         60.0,
@@ -177,6 +183,7 @@ class Settings(BaseSettings):
         "tls_certfile",
         "tls_keyfile",
         "tls_client_ca",
+        "tls_client_crl",
         "api_keys_file",
         "reader_keys_file",
         mode="before",
@@ -217,6 +224,8 @@ class Settings(BaseSettings):
             raise ValueError("tls_certfile and tls_keyfile are set together, or neither")
         if self.tls_client_ca is not None and self.tls_certfile is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_certfile and tls_keyfile")
+        if self.tls_client_crl is not None and self.tls_client_ca is None:
+            raise ValueError("tls_client_crl needs tls_client_ca (the CAs whose CRLs it holds)")
         return self
 
     @model_validator(mode="after")

@@ -55,11 +55,13 @@ import pytest  # noqa: E402
 @pytest.fixture
 def pneumoscan_metrics_text(client, monkeypatch: pytest.MonkeyPatch) -> str:
     """/metrics after a DICOM prediction, a read and a refused upload, so that every labelled
-    series has a sample; with a certificate expiry, as `pneumoscan serve` over HTTPS has."""
+    series has a sample; with a certificate expiry and a CRL's next update, as `pneumoscan serve`
+    over mutual TLS with a CRL has."""
     from app import tls
     from tests.conftest import fixture_bytes
 
     monkeypatch.setitem(tls.expiry, "server", 2e9)
+    monkeypatch.setattr(tls.watch, "crl_next_update", 2e9)
 
     made = client.post(
         "/predict", files={"file": ("x.dcm", fixture_bytes("dicom/person1946_bacteria_4874.dcm"))}

@@ -351,5 +351,5 @@ def test_a_renewed_certificate_is_served_without_a_restart(
             assert kept.post(f"{url}/predict", content=JPEG, headers=HEADERS).status_code == 200
         assert srv["process"].poll() is None  # SIGHUP reloads, it no longer stops the service
         log = srv["log"].read_text()
-    assert log.count("renewed TLS files not loaded") == 1, log[-2000:]
+    assert log.count("changed TLS files not loaded") == 1, log[-2000:]
     assert log.count("PNEUMOSCAN_TLS_CERTFILE expires on") == 1, log[-2000:]  # the first only

@@ -130,6 +130,10 @@ async def metrics(services: ServicesDep) -> Response:
     services.metrics.tls_expiry.clear()
     for role, when in tls.expiry.items():
         services.metrics.tls_expiry.labels(role).set(when)
+    services.metrics.tls_crl_next_update.clear()
+    if tls.watch.crl_next_update is not None:
+        services.metrics.tls_crl_next_update.labels("client").set(tls.watch.crl_next_update)
+    services.metrics.tls_files_failing.set(int(tls.watch.reload_failing))
     try:
         services.metrics.data_free_bytes.set(shutil.disk_usage(services.settings.data_dir).free)
     except OSError:
