@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import ssl
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -304,6 +305,43 @@ def record_expiry(
         )
 
 
+def refuse_non_ascii_server_names_quietly() -> None:
+    """Python decodes the server name (SNI) as ASCII before calling the SNI callback; a client
+    sending another (RFC 6066 names are ASCII A-labels, so only a broken or hostile client)
+    has its handshake refused, and Python prints the decoding error with the client's bytes to
+    stderr, outside the JSON log, once per such ClientHello. This hook logs the first one per
+    process as a warning without the bytes, the rest at DEBUG; any other unraisable exception
+    goes to the previous hook."""
+    if getattr(sys.unraisablehook, "pneumoscan_sni", False):
+        return
+    previous = sys.unraisablehook
+    seen = [0]
+
+    def hook(unraisable: Any) -> None:
+        frames = []
+        trace = unraisable.exc_traceback
+        while trace is not None:
+            frames.append(trace.tb_frame.f_code.co_name)
+            trace = trace.tb_next
+        if not (
+            unraisable.exc_type is UnicodeDecodeError
+            and isinstance(unraisable.object, bytes)
+            and frames[-1:] == ["do_handshake"]
+        ):
+            previous(unraisable)
+            return
+        seen[0] += 1
+        log.log(
+            logging.WARNING if seen[0] == 1 else logging.DEBUG,
+            "refused a TLS handshake whose server name (SNI) is not ASCII (%d so far); "
+            "further ones are logged at DEBUG",
+            seen[0],
+        )
+
+    hook.pneumoscan_sni = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def _date(when: float) -> str:
     return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -360,6 +398,7 @@ class CertificateReloader(FileWatcher):
         if files.client_crl is not None:
             live.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         live.sni_callback = self._handshake
+        refuse_non_ascii_server_names_quietly()
 
     def _handshake(self, connection: Any, server_name: str | None, live: ssl.SSLContext) -> None:
         connection.context = self.current

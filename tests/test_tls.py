@@ -353,3 +353,33 @@ def test_a_renewed_certificate_is_served_without_a_restart(
         log = srv["log"].read_text()
     assert log.count("changed TLS files not loaded") == 1, log[-2000:]
     assert log.count("PNEUMOSCAN_TLS_CERTFILE expires on") == 1, log[-2000:]  # the first only
+
+
+def test_a_non_ascii_server_name_is_refused_without_a_traceback(mutual_server: dict, pki) -> None:
+    """Every handshake goes through the SNI callback (app/tls.py), and Python decodes the
+    server name as ASCII before calling it: a ClientHello naming another (only a broken or
+    hostile client sends one) is refused, logged once as one JSON record without the client's
+    bytes, and the next handshakes are served as before."""
+    import shutil
+    import subprocess
+    import time
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to send a raw server name")
+    port = mutual_server["url"].rsplit(":", 1)[1]
+    for _ in range(2):
+        sent = subprocess.run(
+            [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "h\u00e9llo"],
+            input=b"",
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert sent.returncode != 0
+    with httpx.Client(verify=client_context(pki, pki.client), timeout=10) as client:
+        assert client.get(f"{mutual_server['url']}/healthz").status_code == 200
+    time.sleep(0.5)
+    log = mutual_server["log"].read_text()
+    assert log.count("server name (SNI) is not ASCII") == 1, log[-2000:]
+    assert "Traceback" not in log and "\\xc3" not in log and "h\u00e9llo" not in log, log[-2000:]
