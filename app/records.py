@@ -70,6 +70,15 @@ CREATE TABLE IF NOT EXISTS readings (
     model_version INTEGER NOT NULL,
     model_label TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS study_reads (
+    study_uid TEXT PRIMARY KEY,
+    recorded REAL NOT NULL,
+    key_id TEXT NOT NULL,
+    reader_label TEXT NOT NULL,
+    all_keys INTEGER NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS study_reads_expires ON study_reads(expires);
 CREATE TABLE IF NOT EXISTS explanations (
     id TEXT NOT NULL,
     num_samples INTEGER NOT NULL,
@@ -91,6 +100,28 @@ class Reading:
     reader_label: str
     model_version: int
     model_label: str
+
+
+@dataclass(frozen=True)
+class StudyRead:
+    """A radiologist's read of a whole study, as a RIS reports it (PUT /studies/{uid}/reading).
+    Besides the images of the study already scored, it is held until `expires` for those scored
+    later (an outage's backlog, an image sent after the report), and recorded for each as it is
+    scored: the images of `key_id` only, or of every key (`all_keys`: a reader key's)."""
+
+    study_uid: str
+    recorded: float
+    key_id: str
+    reader_label: str
+    all_keys: bool
+    expires: float
+
+
+# How long a study's read waits for images of the study not yet scored.
+STUDY_READ_HOLD_SECONDS = 30 * 86400
+# Reads held at most (about 150 bytes each): beyond, a read for a study with no scored image is
+# refused rather than held, so that a caller cannot grow the database without bound.
+MAX_STUDY_READS = 100_000
 
 
 @dataclass(frozen=True)
@@ -229,12 +260,52 @@ class RecordStore:
             (record.id, record.created + self.retention, encode_pixels(pixels))
             for record, pixels in items
         ]
+        in_studies = [(record.id,) for record, _ in items if record.study_uid is not None]
+        applied: list[tuple] = []
         with self._lock, self._transaction():
             self._db.executemany(insert, rows)
             self._db.executemany(
                 "INSERT INTO images (id, expires, pixels) VALUES (?, ?, ?)", images
             )
+            if in_studies:
+                applied = self._apply_study_reads(in_studies)
         self._written.set()
+        for prediction_id, key_id, version, label, reader_label in applied:
+            log.info(
+                "reading",
+                extra={
+                    "prediction_id": prediction_id,
+                    "key_id": key_id,
+                    "model_version": version,
+                    "label": label,
+                    "reader_label": reader_label,
+                    "source": "study read held",
+                },
+            )
+
+    def _apply_study_reads(self, prediction_ids: list[tuple[str]]) -> list[tuple]:
+        """Record a held study read for each new prediction of its study that its key may see,
+        unless a prediction of the same image (SOP instance) and model version has a read
+        already: an image sent twice counts once. In the caller's transaction."""
+        now = time.time()
+        self._db.executemany(
+            """INSERT OR IGNORE INTO readings
+                (id, recorded, key_id, reader_label, model_version, model_label)
+            SELECT p.id, s.recorded, s.key_id, s.reader_label, p.model_version, p.label
+            FROM predictions p JOIN study_reads s ON s.study_uid = p.study_uid
+            WHERE p.id = ? AND s.expires > ? AND (s.all_keys = 1 OR s.key_id = p.key_id)
+              AND NOT EXISTS (
+                SELECT 1 FROM predictions q JOIN readings r ON r.id = q.id
+                WHERE q.study_uid = p.study_uid AND q.sop_uid IS p.sop_uid
+                  AND q.model_version = p.model_version AND q.id != p.id)""",
+            [(prediction_id, now) for (prediction_id,) in prediction_ids],
+        )
+        ids = [prediction_id for (prediction_id,) in prediction_ids]
+        return self._db.execute(
+            "SELECT id, key_id, model_version, model_label, reader_label FROM readings "
+            f"WHERE id IN ({', '.join('?' * len(ids))})",
+            ids,
+        ).fetchall()
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -311,6 +382,37 @@ class RecordStore:
             )
         self._written.set()
 
+    def set_study_read(self, study_read: StudyRead, readings: list[Reading]) -> None:
+        """Hold a study's read (replacing an earlier one: a corrected report) and record it for
+        the images already scored, in one transaction. ValueError, with nothing written, when
+        the study has no such image and MAX_STUDY_READS reads are held already."""
+        fields = list(Reading.__dataclass_fields__)
+        with self._lock, self._transaction():
+            if not readings:
+                held = self._db.execute(
+                    "SELECT COUNT(*) FROM study_reads WHERE study_uid != ?",
+                    (study_read.study_uid,),
+                ).fetchone()[0]
+                if held >= MAX_STUDY_READS:
+                    raise ValueError(f"{held} study reads are held already")
+            self._db.execute(
+                "INSERT OR REPLACE INTO study_reads VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    study_read.study_uid,
+                    study_read.recorded,
+                    study_read.key_id,
+                    study_read.reader_label,
+                    int(study_read.all_keys),
+                    study_read.expires,
+                ),
+            )
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO readings ({', '.join(fields)}) "
+                f"VALUES ({', '.join('?' * len(fields))})",
+                [[getattr(reading, f) for f in fields] for reading in readings],
+            )
+        self._written.set()
+
     def by_study(self, study_uid: str, limit: int = STUDY_LIMIT) -> list[PredictionRecord]:
         """The predictions of one study (DICOM inputs with that Study Instance UID), oldest
         first: the latest `limit` of them (a study holds a few images; a caller that sends
@@ -343,7 +445,8 @@ class RecordStore:
             return count_readings(self._db, since)
 
     def purge(self, now: float | None = None) -> int:
-        """Delete stored images and explanations past retention; the audit rows stay."""
+        """Delete stored images and explanations past retention, and study reads past their
+        hold; the audit rows and the reads recorded stay."""
         now = time.time() if now is None else now
         with self._lock, self._transaction():
             self._db.execute(
@@ -351,6 +454,8 @@ class RecordStore:
                 (now,),
             )
             deleted = self._db.execute("DELETE FROM images WHERE expires <= ?", (now,)).rowcount
+            # a study's read stops waiting for its images; those it reached keep their reads
+            self._db.execute("DELETE FROM study_reads WHERE expires <= ?", (now,))
         self._written.set()
         return deleted
 

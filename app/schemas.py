@@ -158,7 +158,12 @@ class StudyReadingPublic(BaseModel):
     study_instance_uid: str
     readings: list[ReadingPublic] = Field(
         description="The read as recorded for each scored image of the study: the latest "
-        "prediction per SOP instance and model version."
+        "prediction per SOP instance and model version. Empty (status 202) when none is "
+        "scored yet."
+    )
+    held_until: datetime = Field(
+        description="Until when the read is also recorded for images of the study scored "
+        "later (UTC)."
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -339,7 +340,6 @@ def test_a_reader_key_reports_reads_and_nothing_else(ris) -> None:
 @pytest.mark.parametrize(
     ("study", "body", "status", "code"),
     [
-        (STUDY + "7", b'{"label": "NORMAL"}', 404, "not_found"),  # not scored (yet)
         ("1.2.abc", b'{"label": "NORMAL"}', 422, None),  # not a UID
         ("1." + "2" * 70, b'{"label": "NORMAL"}', 422, None),  # over 64 characters
         (STUDY, b'{"label": "maybe"}', 422, "invalid_body"),
@@ -387,3 +387,78 @@ def test_a_study_s_predictions_are_bounded_to_the_latest(client, monkeypatch) ->
     assert [p["prediction_id"] for p in listed] == made[2:]
     read = client.put(f"/studies/{STUDY}/reading", json={"label": "NORMAL"}).json()
     assert sorted(r["prediction_id"] for r in read["readings"]) == sorted(made[2:])
+
+
+def reader_label(client: TestClient, prediction_id: str) -> str | None:
+    stored = client.get(f"/predictions/{prediction_id}", headers={"X-API-Key": READER_KEY})
+    assert stored.status_code == 200, stored.text
+    reading = stored.json()["reading"]
+    return None if reading is None else reading["reader_label"]
+
+
+def test_a_read_reported_before_the_study_is_scored_reaches_its_images_as_they_are(
+    ris, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A RIS can report before the gateway's images are scored (a backlog after an outage, an
+    image sent after the report): the read is held, and recorded for each image of the study
+    as it is scored, under the same rules as a read of scored images."""
+    import time
+
+    from app import records
+
+    reader, other_site = {"X-API-Key": READER_KEY}, {"X-API-Key": OTHER_KEY}
+    before = time.time()
+    held = ris.put(f"/studies/{STUDY}/reading", json={"label": "PNEUMONIA"}, headers=reader)
+    assert held.status_code == 202, held.text
+    assert held.json()["readings"] == []
+    held_until = datetime.fromisoformat(held.json()["held_until"]).timestamp()
+    assert before + 30 * 86400 <= held_until <= time.time() + 30 * 86400
+    assert ris.get(f"/studies/{STUDY}/predictions", headers=reader).status_code == 404
+
+    pa = scored(ris, API_KEY, STUDY, f"{STUDY}.1")
+    again = scored(ris, API_KEY, STUDY, f"{STUDY}.1")  # the same image: counts once
+    lateral = scored(ris, OTHER_KEY, STUDY, f"{STUDY}.2")  # a reader key's read: every key's
+    elsewhere = scored(ris, API_KEY, f"{STUDY}9", f"{STUDY}9.1")
+    assert reader_label(ris, pa) == "PNEUMONIA"
+    assert reader_label(ris, again) is None
+    assert reader_label(ris, lateral) == "PNEUMONIA"
+    assert reader_label(ris, elsewhere) is None
+    counted = [
+        float(line.rsplit(" ", 1)[1])
+        for line in ris.get("/metrics").text.splitlines()
+        if line.startswith("pneumoscan_readings{")
+    ]
+    assert sum(counted) == 2
+
+    # a corrected report replaces the read, for the images scored and those still to come
+    corrected = ris.put(f"/studies/{STUDY}/reading", json={"label": "NORMAL"}, headers=reader)
+    assert corrected.status_code == 200
+    assert sorted(r["prediction_id"] for r in corrected.json()["readings"]) == sorted(
+        [again, lateral]  # the latest prediction of each image
+    )
+    late = scored(ris, API_KEY, STUDY, f"{STUDY}.3")
+    assert reader_label(ris, late) == "NORMAL"
+
+    # an API key's held read reaches its own images of the study only
+    own = f"{STUDY}8"
+    assert ris.put(f"/studies/{own}/reading", json={"label": "NORMAL"}, headers=other_site)
+    assert reader_label(ris, scored(ris, API_KEY, own, f"{own}.1")) is None
+    assert reader_label(ris, scored(ris, OTHER_KEY, own, f"{own}.2")) == "NORMAL"
+
+    # past its hold the read no longer waits; the reads it made stay
+    ris.app.state.services.records.purge(now=time.time() + 31 * 86400)
+    assert reader_label(ris, scored(ris, API_KEY, STUDY, f"{STUDY}.4")) is None
+    assert reader_label(ris, late) == "NORMAL"
+
+    # held reads are bounded: beyond the limit a read for an unscored study is not held
+    monkeypatch.setattr(records, "MAX_STUDY_READS", 1)
+    first = ris.put(f"/studies/{STUDY}5/reading", json={"label": "NORMAL"}, headers=reader)
+    assert first.status_code == 202  # the one held now (the others have expired)
+    refused = ris.put(f"/studies/{STUDY}6/reading", json={"label": "NORMAL"}, headers=reader)
+    assert refused.status_code == 404 and "too many reads" in refused.json()["error"]["message"]
+    assert reader_label(ris, scored(ris, API_KEY, f"{STUDY}6", f"{STUDY}6.1")) is None
+    # a study with scored images is read whatever the number held
+    assert (
+        ris.put(f"/studies/{own}/reading", json={"label": "NORMAL"}, headers=reader).status_code
+        == 200
+    )

@@ -15,12 +15,12 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Request, Response
 from pydantic import ValidationError
 
 from app.deps import ID_PATTERN, ReadingKeyIdDep, ServicesDep, may_see, own_record
 from app.errors import InvalidBodyError, NotFoundError, StorageUnavailableError
-from app.records import PredictionRecord, Reading
+from app.records import STUDY_READ_HOLD_SECONDS, PredictionRecord, Reading, StudyRead
 from app.routes.predict import read_body
 from app.schemas import (
     DicomInfo,
@@ -175,43 +175,81 @@ async def put_reading(
 @router.put(
     "/studies/{study_instance_uid}/reading",
     response_model=StudyReadingPublic,
-    responses=error_responses(
-        401,
-        404,
-        413,
-        503,
-        descriptions={
-            404: "No scored image of this study (for this key, unless a reader key).",
-            422: 'The body is not {"label": "NORMAL"} or {"label": "PNEUMONIA"}, or the path '
-            "is not a DICOM UID.",
+    responses={
+        202: {
+            "model": StudyReadingPublic,
+            "description": "No image of the study is scored yet: the read is held and recorded "
+            "for its images as they are scored (readings empty).",
         },
-    ),
+        **error_responses(
+            401,
+            404,
+            413,
+            503,
+            descriptions={
+                404: "No scored image of this study, and too many reads are held already to "
+                "hold this one: retry later.",
+                422: 'The body is not {"label": "NORMAL"} or {"label": "PNEUMONIA"}, or the '
+                "path is not a DICOM UID.",
+            },
+        ),
+    },
     summary="Report the radiologist's read of a whole study",
     openapi_extra=READING_BODY,
 )
 async def put_study_reading(
-    request: Request, services: ServicesDep, key_id: ReadingKeyIdDep, study_instance_uid: StudyUid
+    request: Request,
+    response: Response,
+    services: ServicesDep,
+    key_id: ReadingKeyIdDep,
+    study_instance_uid: StudyUid,
 ) -> StudyReadingPublic:
     """What a RIS knows when the report is signed: the study and its finding, not the
     prediction ids the PACS gateway got. The read is recorded for each scored image of the
     study (a PA and a repeat PA both get it; the latest prediction per SOP instance and model
     version, so an image sent twice counts once), with the same rules as the read of one
     prediction: a corrected read replaces the earlier one. A reader key
-    (PNEUMOSCAN_READER_KEYS) reaches every key's predictions of the study, an API key its own;
-    404 when there are none (the study was not scored, or not yet)."""
+    (PNEUMOSCAN_READER_KEYS) reaches every key's predictions of the study, an API key its own.
+    The read is also held for 30 days and recorded for the study's images scored later (a
+    backlog after an outage, an image sent after the report, a new model version scoring it
+    again): 200 when it reached scored images now, 202 when none was scored yet."""
     reading_in = await read_reading(request, services)
+    found = await asyncio.to_thread(services.records.by_study, study_instance_uid)
     latest: dict[tuple[str, int], PredictionRecord] = {}
-    for record in await study_records(services, key_id, study_instance_uid):
-        # oldest first: a later prediction of the same image replaces it
-        latest[(record.sop_uid or record.id, record.model_version)] = record
+    for record in found:  # oldest first: a later prediction of the same image replaces it
+        if may_see(services, key_id, record):
+            latest[(record.sop_uid or record.id, record.model_version)] = record
     records = list(latest.values())
-    readings = await record_readings(services, key_id, reading_in, records)
+    now = time.time()
+    held = StudyRead(
+        study_uid=study_instance_uid,
+        recorded=now,
+        key_id=key_id,
+        reader_label=reading_in.label,
+        all_keys=services.keyring.is_reader(key_id),
+        expires=now + STUDY_READ_HOLD_SECONDS,
+    )
+    readings = new_readings(key_id, reading_in, records, now)
+    try:
+        await asyncio.to_thread(services.records.set_study_read, held, readings)
+    except sqlite3.Error as exc:
+        raise unrecorded(exc) from None
+    except ValueError:
+        raise NotFoundError(
+            "No image of this study is scored yet, and too many reads already wait for "
+            "studies not yet scored to hold this one: retry later."
+        ) from None
+    log_readings(key_id, readings)
+    if not readings:
+        log.info("study read held", extra={"key_id": key_id, "reader_label": held.reader_label})
+        response.status_code = 202
     return StudyReadingPublic(
         study_instance_uid=study_instance_uid,
         readings=[
             reading_public(reading, record.model_name)
             for reading, record in zip(readings, records, strict=True)
         ],
+        held_until=datetime.fromtimestamp(held.expires, UTC),
     )
 
 
@@ -233,8 +271,19 @@ async def record_readings(
 ) -> list[Reading]:
     """Store the read of each prediction in one transaction (503 if it cannot be), and log
     each by prediction id, never by the study's or the image's identifiers."""
-    now = time.time()
-    readings = [
+    readings = new_readings(key_id, reading_in, records, time.time())
+    try:
+        await asyncio.to_thread(services.records.set_readings, readings)
+    except sqlite3.Error as exc:
+        raise unrecorded(exc) from None
+    log_readings(key_id, readings)
+    return readings
+
+
+def new_readings(
+    key_id: str, reading_in: ReadingIn, records: list[PredictionRecord], now: float
+) -> list[Reading]:
+    return [
         Reading(
             id=record.id,
             recorded=now,
@@ -245,13 +294,16 @@ async def record_readings(
         )
         for record in records
     ]
-    try:
-        await asyncio.to_thread(services.records.set_readings, readings)
-    except sqlite3.Error as exc:
-        raise StorageUnavailableError(
-            f"The reading could not be recorded ({exc}); retry once PNEUMOSCAN_DATA_DIR has "
-            "space again."
-        ) from None
+
+
+def unrecorded(exc: sqlite3.Error) -> StorageUnavailableError:
+    return StorageUnavailableError(
+        f"The reading could not be recorded ({exc}); retry once PNEUMOSCAN_DATA_DIR has "
+        "space again."
+    )
+
+
+def log_readings(key_id: str, readings: list[Reading]) -> None:
     for reading in readings:
         log.info(
             "reading",
@@ -263,4 +315,3 @@ async def record_readings(
                 "reader_label": reading.reader_label,
             },
         )
-    return readings
