@@ -217,9 +217,11 @@ def check_overlays(base: str, study: str, ids: dict[str, str], deadline: float) 
     return not problems
 
 
-def check_dicomweb(base: str, timeout: float) -> bool:
+def check_dicomweb(base: str, timeout: float, service: str) -> bool:
     """A PACS or router that speaks DICOMweb stores with STOW-RS and finds the result with
-    QIDO-RS: the SR series and, for a PNEUMONIA call, the overlay series, in the same study."""
+    QIDO-RS: the SR series and, for a PNEUMONIA call, the overlay series, in the same study.
+    The RIS reports this study's read before the image reaches the PACS (the gateway's backlog
+    after an outage): held (202), and recorded for the image once the plugin has scored it."""
     if not DICOMWEB_PLUGIN.exists():
         print("SKIPPED DICOMweb: the orthanc-dicomweb plugin is not installed")
         return True
@@ -228,6 +230,13 @@ def check_dicomweb(base: str, timeout: float) -> bool:
     )
     data = make_dicom(gray)
     study_uid = pydicom.dcmread(io.BytesIO(data)).StudyInstanceUID
+    ris = {"X-API-Key": RIS_KEY}
+    early = httpx.put(
+        f"{service}/studies/{study_uid}/reading",
+        json={"label": "PNEUMONIA"},
+        headers=ris,
+        timeout=10,
+    ).status_code
     boundary = uuid.uuid4().hex
     body = (
         f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
@@ -267,7 +276,15 @@ def check_dicomweb(base: str, timeout: float) -> bool:
         f"{'ok' if ok else 'FAIL'} DICOMweb: STOW-RS {stored.status_code}, QIDO-RS finds the "
         f"study's series {sorted(modalities.values())} (image, overlay, SR)"
     )
-    return ok
+    listed = httpx.get(f"{service}/studies/{study_uid}/predictions", headers=ris, timeout=10)
+    predictions = listed.json().get("predictions", []) if listed.status_code == 200 else []
+    reads = [(p.get("reading") or {}).get("reader_label") for p in predictions]
+    held_ok = early == 202 and reads == ["PNEUMONIA"]
+    print(
+        f"{'ok' if held_ok else 'FAIL'} RIS read reported before the image was stored: HTTP "
+        f"{early}, then the scored image's read {reads}"
+    )
+    return ok and held_ok
 
 
 class Orthanc:
@@ -561,7 +578,7 @@ def run(timeout: float) -> bool:
                     f"age {age_check}"
                 )
             ok = check_multi_image_study(base, timeout, server["url"]) and ok
-            ok = check_dicomweb(base, timeout) and ok
+            ok = check_dicomweb(base, timeout, server["url"]) and ok
             first_study = stored["monochrome2-8bit"][0]
             ok = check_scored_after_kill(orthanc, env, first_study, timeout) and ok
             ok = check_overlay_after_kill(orthanc, env, timeout) and ok
