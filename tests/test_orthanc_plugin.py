@@ -34,6 +34,9 @@ class FakeOrthanc(types.ModuleType):
         self.created: list[dict] = []  # POST /tools/create-dicom requests (the overlays)
         self.changes: list[dict] = []  # Orthanc's change log
         self.properties: dict[int, str] = {}  # global properties, kept in Orthanc's database
+        self.sr_uids: set[str] = set()  # SOP Instance UIDs of the stored SRs (/tools/lookup)
+        self.uid_of_sr = None  # how a test's SR bytes give their UID, where a test needs it
+        self.kill_on_sr: str | None = None  # "before" / "after" storing an SR: Killed()
 
     def add(self, instance_id: str, date: str = "20261202T120000", **tags: str) -> None:
         seq = len(self.changes) + 1
@@ -80,8 +83,17 @@ class FakeOrthanc(types.ModuleType):
             overlay_id = f"overlay-{len(self.created)}"
             self.instances[overlay_id] = dict(request["Tags"])  # in the study, as Orthanc does
             return json.dumps({"ID": overlay_id}).encode()
+        if path == "/tools/lookup":
+            found = body in self.sr_uids
+            return json.dumps([{"Type": "Instance", "ID": "sr"}] if found else []).encode()
         assert path == "/instances"
+        if self.kill_on_sr == "before":
+            raise Killed()
         self.stored_srs.append(body)
+        if self.uid_of_sr is not None:
+            self.sr_uids.add(self.uid_of_sr(body))
+        if self.kill_on_sr == "after":
+            raise Killed()
         return None
 
     def GetGlobalProperty(self, number: int, default: str) -> str:
@@ -457,3 +469,47 @@ def test_an_overlay_interrupted_by_a_kill_is_stored_once_after_the_restart(
     )
     restarted.drain(0)  # and a later pass leaves it alone
     assert len(fake.created) == 1 and orthanc.sent == ["pa"]
+
+
+def test_the_plugin_derives_the_sr_uid_as_the_service_does(orthanc) -> None:
+    from app.reports import sr_uid
+
+    prediction_id = "0123456789abcdef0123456789abcdef"
+    assert orthanc.plugin.sr_uid(prediction_id) == sr_uid(prediction_id)
+    assert orthanc.plugin.sr_uid("prediction-of-pa") is None
+    assert orthanc.plugin.sr_uid(None) is None
+
+
+@pytest.mark.parametrize("killed", ["before", "after"])
+def test_a_kill_around_storing_the_sr_leaves_one_sr_and_the_call_recorded(
+    orthanc, monkeypatch, killed: str
+) -> None:
+    """Orthanc killed while storing an SR: if the SR did not reach Orthanc, the image is
+    scored again after the restart; if it did, the call is recorded from what the plugin kept
+    (global property), without sending the image again. Either way the study holds one SR, its
+    call and its checks are recorded, and the overlay is stored once."""
+    fake = orthanc.fake
+    fake.add("pa", ViewPosition="PA", SOPInstanceUID="1.2.3.4")
+    orthanc.answers["pa"] = ("PNEUMONIA", "typical", "within")
+    fake.uid_of_sr = lambda body: "uid-prediction-of-" + body.decode().removeprefix("SR for ")
+    monkeypatch.setattr(orthanc.plugin, "sr_uid", lambda prediction_id: f"uid-{prediction_id}")
+    fake.kill_on_sr = killed
+    with pytest.raises(Killed):
+        orthanc.plugin.drain(0)
+    assert "/instances/pa/metadata/PneumoscanResult" not in fake.metadata
+    assert fake.properties.get(orthanc.plugin.CURSOR_PROPERTY) is None  # not past "pa"
+
+    fake.kill_on_sr = None
+    restarted = load_plugin(monkeypatch, fake, orthanc.sent, orthanc.answers)
+    monkeypatch.setattr(restarted, "sr_uid", lambda prediction_id: f"uid-{prediction_id}")
+    restarted.drain(0)
+    assert orthanc.sent == (["pa"] if killed == "after" else ["pa", "pa"])
+    assert fake.stored_srs == [b"SR for pa"]
+    assert fake.metadata["/instances/pa/metadata/PneumoscanResult"] == "PNEUMONIA"
+    assert fake.metadata["/instances/pa/metadata/PneumoscanInputCheck"] == "typical"
+    assert fake.metadata["/instances/pa/metadata/PneumoscanAgeCheck"] == "within"
+    assert study_metadata(fake, "PneumoscanResult") == "PNEUMONIA"
+    assert len(fake.created) == 1
+    assert fake.properties[restarted.PENDING_PROPERTY] == ""
+    restarted.drain(0)  # and a later pass leaves it alone
+    assert len(fake.stored_srs) == 1 and len(fake.created) == 1

@@ -455,6 +455,83 @@ def check_overlay_after_kill(orthanc: Orthanc, env: dict[str, str], timeout: flo
     return ok
 
 
+# Loaded by Orthanc instead of the plugin for one check: the plugin, plus an OnStoredInstance
+# callback that holds the plugin's thread for a while once an SR is stored (Orthanc calls it in
+# the storing thread, after the instance is in its database), so that a kill lands between the
+# SR's store and the recording of its call.
+HOLD_SR_SCRIPT = """
+import importlib.util, sys, time
+import orthanc
+spec = importlib.util.spec_from_file_location("pneumoscan_plugin", {plugin!r})
+plugin = importlib.util.module_from_spec(spec)
+sys.modules["pneumoscan_plugin"] = plugin
+spec.loader.exec_module(plugin)
+
+def hold(dicom, instance_id):
+    if '"Modality" : "SR"' in dicom.GetInstanceSimplifiedJson().replace('": "', '" : "'):
+        orthanc.LogWarning("e2e: SR stored, holding the plugin before it records the call")
+        time.sleep(60)
+
+orthanc.RegisterOnStoredInstanceCallback(hold)
+"""
+
+
+def check_recorded_after_kill_past_the_sr(
+    orthanc: Orthanc, env: dict[str, str], timeout: float, service: str
+) -> bool:
+    """Orthanc killed (-9) after the plugin stored an image's SR and before it recorded the
+    call: after the restart the call is recorded from that SR, the image is not sent again and
+    the study holds one SR (before round 21: scored again, two SRs)."""
+    base, config_path = orthanc.base, orthanc.config_path
+    config = json.loads(config_path.read_text())
+    script = config_path.with_name("hold_sr.py")
+    script.write_text(HOLD_SR_SCRIPT.format(plugin=str(PLUGIN)))
+    orthanc.kill()
+    config_path.write_text(json.dumps({**config, "PythonScript": str(script)}))
+    try:
+        orthanc.start(env)
+    finally:
+        config_path.write_text(json.dumps(config))  # the next start loads the plugin alone
+    gray = np.asarray(
+        to_grayscale_u8(Image.open(FIXTURES / "originals" / "person1133_virus_1865.jpeg"))
+    )
+    data = make_dicom(gray)
+    study_uid = pydicom.dcmread(io.BytesIO(data)).StudyInstanceUID
+    stored = httpx.post(f"{base}/instances", content=data, timeout=30).json()
+    instance, study = stored["ID"], stored["ParentStudy"]
+    deadline = time.monotonic() + timeout
+    while "holding the plugin" not in orthanc.log_path.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            print("FAIL kill -9 after the SR was stored: the plugin never stored one")
+            return False
+        time.sleep(0.2)
+    orthanc.kill()
+    log_before = orthanc.log_path.read_text(errors="replace")
+    orthanc.start(env)
+    url = f"{base}/instances/{instance}/metadata/PneumoscanResult"
+    while time.monotonic() < deadline and httpx.get(url, timeout=5).status_code != 200:
+        time.sleep(0.5)
+    time.sleep(2)  # time for a wrongly repeated score to show up
+    answer = httpx.get(url, timeout=5)
+    label = answer.text if answer.status_code == 200 else None
+    resumed = (
+        "recording the call whose SR was stored before a restart"
+        in (orthanc.log_path.read_text(errors="replace")[len(log_before) :])
+    )
+    srs = modality_count(base, study, "SR")
+    listed = httpx.get(
+        f"{service}/studies/{study_uid}/predictions", headers={"X-API-Key": RIS_KEY}, timeout=10
+    )
+    sent = len(listed.json().get("predictions", [])) if listed.status_code == 200 else 0
+    ok = label in ("NORMAL", "PNEUMONIA") and resumed and srs == 1 and sent == 1
+    print(
+        f"{'ok' if ok else 'FAIL'} kill -9 after the plugin stored an SR, before it recorded the "
+        f"call: after the restart {label}, {'recorded from the SR' if resumed else 'not resumed'}"
+        f", {srs} SR, image sent {sent} time(s)"
+    )
+    return ok
+
+
 def run(timeout: float) -> bool:
     binary = orthanc_binary()
     if not binary or not PYTHON_PLUGIN.exists():
@@ -582,6 +659,7 @@ def run(timeout: float) -> bool:
             first_study = stored["monochrome2-8bit"][0]
             ok = check_scored_after_kill(orthanc, env, first_study, timeout) and ok
             ok = check_overlay_after_kill(orthanc, env, timeout) and ok
+            ok = check_recorded_after_kill_past_the_sr(orthanc, env, timeout, server["url"]) and ok
         finally:
             orthanc.stop()
             if not ok:

@@ -31,7 +31,9 @@ The cursor moves past an instance only once it is finished, so an instance that 
 being scored when Orthanc stopped (even by kill -9) is scored after the restart; one that
 already has its result is not scored twice, and one whose overlay was still being fetched
 (`PneumoscanOverlay` reads "pending: <prediction id>") gets it then, unless the study already
-holds it. On the very first start the cursor begins at the
+holds it. One stopped after its SR was stored but before its call was recorded (global property
+PNEUMOSCAN_PENDING_PROPERTY, default 9902, says which) has the call recorded from that SR,
+without being scored again. On the very first start the cursor begins at the
 last change logged before Orthanc loaded the plugin: images stored from then on are scored,
 those stored before the plugin was installed are not.
 
@@ -108,6 +110,11 @@ RETRYING = "error: service unavailable (retrying)"
 # numbers from 1024 up), and how often the change log is read when no callback wakes the worker.
 CURSOR_PROPERTY = int(os.environ.get("PNEUMOSCAN_CURSOR_PROPERTY", "9901"))
 POLL_SECONDS = 5.0
+# Orthanc global property holding, from just before an SR is stored until its call is recorded,
+# what recording it takes (instance, prediction id, label, checks). A kill in between leaves it,
+# and after the restart the call is recorded from it if the SR reached Orthanc, instead of the
+# image being scored again and a second SR stored beside the first.
+PENDING_PROPERTY = int(os.environ.get("PNEUMOSCAN_PENDING_PROPERTY", str(CURSOR_PROPERTY + 1)))
 # When Orthanc loaded this script, before it took any image, in the UTC form of the change
 # log's "Date" (the database cannot be read this early).
 LOADED_AT = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -369,6 +376,11 @@ def process(instance_id):
         return
     parent = json.loads(orthanc.RestApiGet(f"/instances/{instance_id}/study"))
     study_id = parent["ID"]
+    stored = _stored_before_restart(instance_id)
+    if stored is not None:
+        _log(f"instance {instance_id}: recording the call whose SR was stored before a restart")
+        _finish(instance_id, study_id, tags, None, *stored)
+        return
     dicom_bytes = orthanc.RestApiGet(f"/instances/{instance_id}/file")
     delay, attempt = 1.0, 0
     while True:
@@ -393,15 +405,52 @@ def process(instance_id):
             _log(f"instance {instance_id} refused by the service: {exc}")
             _record(instance_id, study_id, "error: " + str(exc)[:200])
             return
-    orthanc.RestApiPost("/instances", sr_bytes)
+    _finish(instance_id, study_id, tags, sr_bytes, label, checks, prediction_id)
+
+
+def _finish(instance_id, study_id, tags, sr_bytes, label, checks, prediction_id):
+    """Store the SR (None: it was stored before a restart), record the call, store the
+    overlay. PENDING_PROPERTY covers the SR's store until the call is recorded."""
+    if sr_bytes is not None:
+        pending = {"instance": instance_id, "prediction_id": prediction_id, "label": label}
+        orthanc.SetGlobalProperty(PENDING_PROPERTY, json.dumps({**pending, "checks": checks}))
+        orthanc.RestApiPost("/instances", sr_bytes)
     if prediction_id and wants_overlay(label):  # replaced by _store_overlay's outcome
         _put_optional_metadata(
             f"/instances/{instance_id}", OVERLAY_METADATA, OVERLAY_PENDING + prediction_id
         )
     _record(instance_id, study_id, label or "scored", checks)
+    orthanc.SetGlobalProperty(PENDING_PROPERTY, "")
     described = ", ".join(f"{name} {value}" for name, value in checks.items()) or "no checks"
     _log(f"instance {instance_id} scored {label} ({described}); SR stored")
     _store_overlay(instance_id, study_id, tags, label, prediction_id)
+
+
+def sr_uid(prediction_id):
+    """The SR's SOP Instance UID the service gives a prediction (app.reports.sr_uid; a test
+    keeps them equal), or None for an id that is not 32 hex digits."""
+    if not re.fullmatch(r"[0-9a-f]{32}", prediction_id or ""):
+        return None
+    return f"2.25.{int(prediction_id, 16)}"
+
+
+def _stored_before_restart(instance_id):
+    """(label, checks, prediction id) of this instance's call if Orthanc stopped after its SR
+    was stored and before the call was recorded; None otherwise (the image is then scored:
+    without its SR in Orthanc, that stores no second one)."""
+    try:
+        pending = json.loads(orthanc.GetGlobalProperty(PENDING_PROPERTY, "") or "null")
+    except ValueError:
+        return None
+    if not isinstance(pending, dict) or pending.get("instance") != instance_id:
+        return None
+    uid = sr_uid(pending.get("prediction_id"))
+    if uid is None:
+        return None
+    found = json.loads(orthanc.RestApiPost("/tools/lookup", uid))
+    if not any(item.get("Type") == "Instance" for item in found):
+        return None
+    return pending.get("label", ""), pending.get("checks") or {}, pending["prediction_id"]
 
 
 def _last_change_before_load():
