@@ -88,7 +88,10 @@ class PredictionCore(BaseModel):
     probabilities: Probabilities
     threshold: float = Field(description="Decision threshold on P(PNEUMONIA) of this model.")
     model: ModelRef
-    explain_url: str
+    explain_url: str | None = Field(
+        description="GET it for the LIME overlay (the key that made the prediction); null in "
+        "answers to a reader key, which cannot pull overlays."
+    )
     input: InputInfo
     dicom: DicomInfo | None = None
 

@@ -281,8 +281,11 @@ def test_a_ris_reports_a_study_s_read_by_its_study_uid_with_a_reader_key(ris) ->
     for prediction_id in (pa, repeat):  # the reader key looks up any key's prediction
         stored = ris.get(f"/predictions/{prediction_id}", headers=reader).json()
         assert stored["reading"]["reader_label"] == "PNEUMONIA"
+        assert stored["explain_url"] is None  # a reader key cannot pull overlays (403)
     for untouched in (first_try, elsewhere):
-        assert ris.get(f"/predictions/{untouched}", headers=gateway).json()["reading"] is None
+        own_view = ris.get(f"/predictions/{untouched}", headers=gateway).json()
+        assert own_view["reading"] is None
+        assert own_view["explain_url"] == f"/explain/{untouched}"
     counted = [
         float(line.rsplit(" ", 1)[1])
         for line in ris.get("/metrics").text.splitlines()
@@ -308,6 +311,7 @@ def test_a_ris_reports_a_study_s_read_by_its_study_uid_with_a_reader_key(ris) ->
     assert shown[pa]["reading"]["reader_label"] == "PNEUMONIA"
     assert shown[repeat]["reading"]["reader_label"] == "NORMAL"
     assert shown[first_try]["reading"] is None
+    assert {p["explain_url"] for p in shown.values()} == {None}
     own_list = ris.get(f"/studies/{STUDY}/predictions", headers=other_site).json()
     assert [p["prediction_id"] for p in own_list["predictions"]] == [repeat]
     assert ris.get(f"/studies/{STUDY}7/predictions", headers=reader).status_code == 404

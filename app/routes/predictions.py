@@ -75,7 +75,7 @@ async def get_prediction(
     UIDs, and the radiologist's read once reported; never the image."""
     record = await own_record(services, key_id, prediction_id)
     reading = await asyncio.to_thread(services.records.reading, prediction_id)
-    return stored(request, record, reading)
+    return stored(request, record, reading, services.keyring.is_reader(key_id))
 
 
 @router.get(
@@ -102,7 +102,10 @@ async def get_study_predictions(
     readings = await asyncio.to_thread(services.records.readings, [r.id for r in visible])
     return StudyPredictions(
         study_instance_uid=study_instance_uid,
-        predictions=[stored(request, record, readings.get(record.id)) for record in visible],
+        predictions=[
+            stored(request, record, readings.get(record.id), services.keyring.is_reader(key_id))
+            for record in visible
+        ],
     )
 
 
@@ -118,7 +121,10 @@ async def study_records(
     return visible
 
 
-def stored(request: Request, record: PredictionRecord, reading: Reading | None) -> PredictionStored:
+def stored(
+    request: Request, record: PredictionRecord, reading: Reading | None, reader: bool
+) -> PredictionStored:
+    """The record as answered; without `explain_url` for a reader key (403 on /explain)."""
     uids = (record.study_uid, record.series_uid, record.sop_uid)
     return PredictionStored(
         prediction_id=record.id,
@@ -127,7 +133,7 @@ def stored(request: Request, record: PredictionRecord, reading: Reading | None) 
         probabilities=Probabilities(NORMAL=record.p_normal, PNEUMONIA=record.p_pneumonia),
         threshold=record.threshold,
         model=ModelRef(name=record.model_name, version=record.model_version),
-        explain_url=f"{request.scope.get('root_path', '')}/explain/{record.id}",
+        explain_url=None if reader else f"{request.scope.get('root_path', '')}/explain/{record.id}",
         input=InputInfo(
             format=record.input_format,
             width=record.width,
