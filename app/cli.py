@@ -23,10 +23,14 @@ def main(argv: list[str] | None = None) -> int:
         return check_main(argv[1:])
     if argv and argv[0] == "new-key":
         return new_key(argv[1:])
+    if argv and argv[0] == "backup":
+        from app.backup import main as backup_main
+
+        return backup_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="pneumoscan",
         description="pneumoscan service and training. Subcommands: serve, train, evaluate, "
-        "readings, check, new-key.",
+        "readings, check, new-key, backup.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the API (settings from PNEUMOSCAN_* variables)")
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         "check", help="what the service would answer for a site's files (`pneumoscan check -h`)"
     )
     sub.add_parser("new-key", help="a new random key and its line for a key file")
+    sub.add_parser("backup", help="a consistent copy of the audit database, without images")
     args = parser.parse_args(argv)
     problem = settings_problem()
     if problem:
