@@ -255,6 +255,15 @@ def ris(tiny_store: Path, tmp_path: Path):
         yield client
 
 
+def reads_counted(client: TestClient) -> float:
+    """The reads `pneumoscan_readings` counts, all versions and labels together."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("pneumoscan_readings{")
+    )
+
+
 def scored(client: TestClient, key: str, study: str, sop: str) -> str:
     answer = client.post(
         "/predict", files={"file": ("x.dcm", dicom_of(study, sop))}, headers={"X-API-Key": key}
@@ -286,12 +295,7 @@ def test_a_ris_reports_a_study_s_read_by_its_study_uid_with_a_reader_key(ris) ->
         own_view = ris.get(f"/predictions/{untouched}", headers=gateway).json()
         assert own_view["reading"] is None
         assert own_view["explain_url"] == f"/explain/{untouched}"
-    counted = [
-        float(line.rsplit(" ", 1)[1])
-        for line in ris.get("/metrics").text.splitlines()
-        if line.startswith("pneumoscan_readings{")
-    ]
-    assert sum(counted) == 2
+    assert reads_counted(ris) == 2
 
     # an API key reaches only its own predictions of the study; a corrected read replaces
     own = ris.put(f"/studies/{STUDY}/reading", json={"label": "NORMAL"}, headers=other_site)
@@ -427,12 +431,7 @@ def test_a_read_reported_before_the_study_is_scored_reaches_its_images_as_they_a
     assert reader_label(ris, again) is None
     assert reader_label(ris, lateral) == "PNEUMONIA"
     assert reader_label(ris, elsewhere) is None
-    counted = [
-        float(line.rsplit(" ", 1)[1])
-        for line in ris.get("/metrics").text.splitlines()
-        if line.startswith("pneumoscan_readings{")
-    ]
-    assert sum(counted) == 2
+    assert reads_counted(ris) == 2
 
     # a corrected report replaces the read, for the images scored and those still to come
     corrected = ris.put(f"/studies/{STUDY}/reading", json={"label": "NORMAL"}, headers=reader)
