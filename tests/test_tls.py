@@ -34,7 +34,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
     from a CA the service does not trust."""
     folder = tmp_path_factory.mktemp("pki")
     ca, stranger = trustme.CA(), trustme.CA()
-    files = types.SimpleNamespace(folder=folder)
+    files = types.SimpleNamespace(folder=folder, authority=ca)
     ca.cert_pem.write_to_path(str(folder / "ca.pem"))
     server = ca.issue_cert("127.0.0.1", "localhost")
     server.cert_chain_pems[0].write_to_path(str(folder / "server.pem"))
@@ -383,3 +383,76 @@ def test_a_non_ascii_server_name_is_refused_without_a_traceback(mutual_server: d
     log = mutual_server["log"].read_text()
     assert log.count("server name (SNI) is not ASCII") == 1, log[-2000:]
     assert "Traceback" not in log and "\\xc3" not in log and "h\u00e9llo" not in log, log[-2000:]
+
+
+def server_auth_only(ca: trustme.CA, folder: Path) -> tuple[Path, Path]:
+    """A server certificate for 127.0.0.1 whose Extended Key Usage is serverAuth alone, as
+    many CAs issue them (trustme's include clientAuth, which hid this case)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pneumoscan")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "server-only.pem", folder / "server-only.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_the_health_probe_presents_its_own_client_certificate_under_mutual_tls(
+    tiny_store: Path, tmp_path: Path, pki
+) -> None:
+    """A server certificate without clientAuth is refused as a client certificate, so a probe
+    presenting it reports the service unhealthy, and says why; PNEUMOSCAN_HEALTHCHECK_CERT and
+    _KEY give the probe a client certificate of its own."""
+    cert, key = server_auth_only(pki.authority, tmp_path)
+    env = {
+        "PNEUMOSCAN_TLS_CERTFILE": str(cert),
+        "PNEUMOSCAN_TLS_KEYFILE": str(key),
+        "PNEUMOSCAN_TLS_CLIENT_CA": str(pki.ca),
+    }
+    with running_server(
+        tiny_store, tmp_path / "data", extra_env=env, tls_client=client_context(pki, pki.client)
+    ) as server:
+        port = server["url"].rsplit(":", 1)[1]
+        code = f"import sys; from app.healthcheck import main; sys.exit(main([{port!r}]))"
+        env_before = dict(os.environ)
+        try:
+            os.environ.update(env)
+            refused = run_code(code)
+            assert refused.returncode == 1
+            assert "PNEUMOSCAN_HEALTHCHECK_CERT" in refused.stderr, refused.stderr
+            assert refused.stderr.count("\n") == 1
+            os.environ["PNEUMOSCAN_HEALTHCHECK_CERT"] = str(pki.client)  # key in the same file
+            accepted = run_code(code)
+            assert accepted.returncode == 0, accepted.stderr
+        finally:
+            os.environ.clear()
+            os.environ.update(env_before)
