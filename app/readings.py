@@ -14,7 +14,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from app.records import count_readings
+from app.records import count_readings, latest_reads
 
 Z95 = 1.959963984540054
 
@@ -82,9 +82,8 @@ def read_counts_split(
         columns = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
         group = f"COALESCE(p.{split_by}, 'not checked')" if split_by in columns else "'not checked'"
         rows = db.execute(
-            f"SELECT {group}, r.model_version, r.model_label, r.reader_label, COUNT(*) "
-            "FROM readings r JOIN predictions p ON p.id = r.id WHERE r.recorded >= ? "
-            "GROUP BY 1, 2, 3, 4",
+            "SELECT split, model_version, model_label, reader_label, COUNT(*) "
+            f"FROM ({latest_reads(db, group)}) GROUP BY 1, 2, 3, 4",
             (since,),
         ).fetchall()
     split: dict[str, list[tuple[int, str, str, int]]] = {}

@@ -468,12 +468,31 @@ class RecordStore:
             return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def latest_reads(db: sqlite3.Connection, split: str = "NULL") -> str:
+    """SQL for the reads reported since `?`, one per image and model version: an image sent
+    twice (a PACS re-send) and read on both of its predictions (a RIS reporting by prediction
+    id for every entry of GET /studies/{uid}/predictions) counts once, by its latest read.
+    An image is its SOP Instance UID, or the prediction itself for a JPEG or PNG. Columns:
+    model_version, model_label, reader_label, split (the `split` expression, over `p`, the
+    prediction)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
+    image = "COALESCE(p.sop_uid, p.id)" if "sop_uid" in columns else "p.id"
+    return (
+        "SELECT model_version, model_label, reader_label, split FROM ("
+        f"SELECT r.model_version, r.model_label, r.reader_label, {split} AS split, "
+        f"ROW_NUMBER() OVER (PARTITION BY {image}, r.model_version "
+        "ORDER BY r.recorded DESC, r.rowid DESC) AS newest "
+        "FROM readings r JOIN predictions p ON p.id = r.id WHERE r.recorded >= ?) "
+        "WHERE newest = 1"
+    )
+
+
 def count_readings(db: sqlite3.Connection, since: float = 0.0) -> list[tuple[int, str, str, int]]:
-    """(model version, model label, reader label, count) of the reads reported since."""
+    """(model version, model label, reader label, count) of the images read since (latest_reads:
+    one read per image and model version)."""
     rows = db.execute(
-        "SELECT model_version, model_label, reader_label, COUNT(*) FROM readings "
-        "WHERE recorded >= ? GROUP BY model_version, model_label, reader_label "
-        "ORDER BY model_version, model_label, reader_label",
+        f"SELECT model_version, model_label, reader_label, COUNT(*) FROM ({latest_reads(db)}) "
+        "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
         (since,),
     ).fetchall()
     return [(int(v), str(m), str(r), int(n)) for v, m, r, n in rows]

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.readings import main as readings_main
-from app.readings import summarise, wilson
+from app.readings import read_counts, summarise, wilson
 from app.security import key_id
 from tests.conftest import API_KEY, OTHER_KEY, fixture_bytes, make_settings
 
@@ -174,8 +174,9 @@ def test_the_report_splits_the_reads_by_age_check_and_by_sender(
     from tests.utils.dicom_factory import make_dicom
 
     gray = np.asarray(Image.open(io.BytesIO(JPEG)).convert("L"))
-    uploads = {
+    uploads = {  # each DICOM its own image (SOP Instance UID): reads count once per image
         "child": make_dicom(gray, attributes={"PatientAge": "004Y"}),
+        "child 2": make_dicom(gray, attributes={"PatientAge": "003Y"}),
         "adult": make_dicom(gray, attributes={"PatientAge": "060Y"}),
         "jpeg": JPEG,
     }
@@ -183,7 +184,7 @@ def test_the_report_splits_the_reads_by_age_check_and_by_sender(
     with TestClient(
         create_app(make_settings(tiny_store, data)), headers={"X-API-Key": API_KEY}
     ) as c:
-        for name, agree in (("child", True), ("child", True), ("adult", False), ("jpeg", True)):
+        for name, agree in (("child", True), ("child 2", True), ("adult", False), ("jpeg", True)):
             # the adult's image comes from another site's gateway (another key)
             key = {"X-API-Key": OTHER_KEY if name == "adult" else API_KEY}
             made = c.post("/predict", files={"file": ("x", uploads[name])}, headers=key).json()
@@ -465,3 +466,28 @@ def test_a_read_reported_before_the_study_is_scored_reaches_its_images_as_they_a
         ris.put(f"/studies/{own}/reading", json={"label": "NORMAL"}, headers=reader).status_code
         == 200
     )
+
+
+def test_an_image_sent_twice_and_read_on_both_predictions_counts_once(ris) -> None:
+    """A PACS re-sends an image; a RIS reports a read by prediction id for each entry of
+    GET /studies/{uid}/predictions: the site's counts take the image once, by its latest read,
+    in /metrics and in `pneumoscan readings`."""
+    reader = {"X-API-Key": READER_KEY}
+    first = scored(ris, API_KEY, STUDY, f"{STUDY}.1")
+    again = scored(ris, API_KEY, STUDY, f"{STUDY}.1")
+    other = scored(ris, API_KEY, STUDY, f"{STUDY}.2")
+    listed = ris.get(f"/studies/{STUDY}/predictions", headers=reader).json()["predictions"]
+    assert [p["prediction_id"] for p in listed] == [first, again, other]
+    for prediction_id, label in ((first, "NORMAL"), (again, "PNEUMONIA"), (other, "NORMAL")):
+        answer = ris.put(
+            f"/predictions/{prediction_id}/reading", json={"label": label}, headers=reader
+        )
+        assert answer.status_code == 200
+    assert reads_counted(ris) == 2
+    data_dir = ris.app.state.services.settings.data_dir
+    counts = read_counts(data_dir / "pneumoscan.sqlite3", 0.0)
+    assert sum(count for *_, count in counts) == 2
+    assert sorted((reader_label, count) for _, _, reader_label, count in counts) == [
+        ("NORMAL", 1),
+        ("PNEUMONIA", 1),  # the image sent twice, by its latest read
+    ]
