@@ -103,9 +103,9 @@ class Metrics:
         )
         self.readings = Gauge(
             "pneumoscan_readings",
-            "Images read by radiologists (PUT /predictions/{id}/reading or /studies/{uid}/reading), "
-            "by the model's call and the read, once per image and model version (its latest "
-            "read); from the audit database, so restarts do not reset it",
+            "Images read by radiologists (PUT /predictions/{id}/reading, PUT /studies/{uid}/"
+            "reading), by the model's call and the read, once per image and model version (its "
+            "latest read); from the audit database, so restarts do not reset it",
             ["model_version", "model_label", "reader_label"],
             registry=self.registry,
         )
