@@ -284,9 +284,10 @@ class RecordStore:
             )
 
     def _apply_study_reads(self, prediction_ids: list[tuple[str]]) -> list[tuple]:
-        """Record a held study read for each new prediction of its study that its key may see,
-        unless a prediction of the same image (SOP instance) and model version has a read
-        already: an image sent twice counts once. In the caller's transaction."""
+        """Record a held study read for each of these predictions (new ones, or unread ones of
+        a study whose read is being recorded) that its key may see, unless a prediction of the
+        same image (SOP instance) and model version has a read already: an image sent twice
+        counts once. In the caller's transaction; the reads of these predictions afterwards."""
         now = time.time()
         self._db.executemany(
             """INSERT OR IGNORE INTO readings
@@ -382,10 +383,13 @@ class RecordStore:
             )
         self._written.set()
 
-    def set_study_read(self, study_read: StudyRead, readings: list[Reading]) -> None:
+    def set_study_read(self, study_read: StudyRead, readings: list[Reading]) -> list[tuple]:
         """Hold a study's read (replacing an earlier one: a corrected report) and record it for
-        the images already scored, in one transaction. ValueError, with nothing written, when
-        the study has no such image and MAX_STUDY_READS reads are held already."""
+        the images already scored, in one transaction. A prediction of the study committed
+        after the caller looked the study up (and before this transaction) gets the held read
+        here, as it would have at its own commit had the read come first; those are returned
+        (as _apply_study_reads). ValueError, with nothing written, when the study has no such
+        image and MAX_STUDY_READS reads are held already."""
         fields = list(Reading.__dataclass_fields__)
         with self._lock, self._transaction():
             if not readings:
@@ -411,7 +415,14 @@ class RecordStore:
                 f"VALUES ({', '.join('?' * len(fields))})",
                 [[getattr(reading, f) for f in fields] for reading in readings],
             )
+            unread = self._db.execute(
+                "SELECT p.id FROM predictions p WHERE p.study_uid = ? AND NOT EXISTS "
+                "(SELECT 1 FROM readings r WHERE r.id = p.id) ORDER BY p.created DESC LIMIT ?",
+                (study_read.study_uid, STUDY_LIMIT),
+            ).fetchall()
+            applied = self._apply_study_reads(unread) if unread else []
         self._written.set()
+        return applied
 
     def by_study(self, study_uid: str, limit: int = STUDY_LIMIT) -> list[PredictionRecord]:
         """The predictions of one study (DICOM inputs with that Study Instance UID), oldest

@@ -491,3 +491,33 @@ def test_an_image_sent_twice_and_read_on_both_predictions_counts_once(ris) -> No
         ("NORMAL", 1),
         ("PNEUMONIA", 1),  # the image sent twice, by its latest read
     ]
+
+
+def test_an_image_scored_while_the_study_read_is_recorded_gets_it(tmp_path: Path) -> None:
+    """The route looks the study up, then records the read: an image committed in between
+    (the gateway's backlog flowing in as the RIS reports) is read in the same transaction."""
+    import time
+
+    import numpy as np
+
+    from app.records import PredictionRecord, Reading, RecordStore, StudyRead
+
+    def image(index: int, sop: str) -> PredictionRecord:
+        return PredictionRecord(
+            f"{index:032x}", time.time(), "key-a", "pneumonia", 1, 0.3, 0.7, "PNEUMONIA", 0.5,
+            "0" * 64, "DICOM", 10, 300, 300, study_uid=STUDY, sop_uid=sop,
+        )  # fmt: skip
+
+    store = RecordStore(tmp_path, retention_seconds=3600)
+    pixels = np.zeros((224, 224), np.uint8)
+    store.add(image(1, f"{STUDY}.1"), pixels)
+    seen = store.by_study(STUDY)  # the route's lookup
+    store.add(image(2, f"{STUDY}.2"), pixels)  # committed before the read's transaction
+    store.add(image(3, f"{STUDY}.1"), pixels)  # the first image sent again
+    now = time.time()
+    readings = [Reading(r.id, now, "key-r", "NORMAL", 1, r.label) for r in seen]
+    held = StudyRead(STUDY, now, "key-r", "NORMAL", True, now + 86400)
+    late = store.set_study_read(held, readings)
+    assert [row[0] for row in late] == [f"{2:032x}"]  # read; the re-sent image is not
+    assert set(store.readings([f"{n:032x}" for n in (1, 2, 3)])) == {f"{1:032x}", f"{2:032x}"}
+    store.close()

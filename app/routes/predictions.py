@@ -237,7 +237,7 @@ async def put_study_reading(
     )
     readings = new_readings(key_id, reading_in, records, now)
     try:
-        await asyncio.to_thread(services.records.set_study_read, held, readings)
+        late = await asyncio.to_thread(services.records.set_study_read, held, readings)
     except sqlite3.Error as exc:
         raise unrecorded(exc) from None
     except ValueError:
@@ -246,7 +246,9 @@ async def put_study_reading(
             "studies not yet scored to hold this one: retry later."
         ) from None
     log_readings(key_id, readings)
-    if not readings:
+    for prediction_id, *_ in late:  # scored while this request ran: read all the same
+        log.info("reading", extra={"prediction_id": prediction_id, "key_id": key_id})
+    if not readings and not late:
         log.info("study read held", extra={"key_id": key_id, "reader_label": held.reader_label})
         response.status_code = 202
     return StudyReadingPublic(
