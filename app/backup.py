@@ -26,6 +26,8 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+from app.records import add_data_dir_argument, audit_database_of
+
 # Tables dropped from a backup: pixel data past its retention, and the service's write probe.
 TRANSIENT_TABLES = ("images", "explanations", "write_probe")
 KEPT_TABLES = ("predictions", "readings", "study_reads")
@@ -97,16 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         "Restore: stop the service, put the copy in PNEUMOSCAN_DATA_DIR as pneumoscan.sqlite3.",
     )
     parser.add_argument("destination", type=Path, help="the backup file to write (new)")
-    parser.add_argument(
-        "--data-dir", type=Path, help="the service's PNEUMOSCAN_DATA_DIR (default: that setting)"
-    )
+    add_data_dir_argument(parser)
     args = parser.parse_args(argv)
-    if args.data_dir is None:
-        from app.settings import Settings
-
-        args.data_dir = Settings().data_dir
     try:
-        made = backup(args.data_dir / "pneumoscan.sqlite3", args.destination)
+        made = backup(audit_database_of(args), args.destination)
     except BackupError as exc:
         print(f"pneumoscan backup: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from app.records import count_readings, latest_reads
+from app.records import add_data_dir_argument, audit_database_of, count_readings, latest_reads
 
 Z95 = 1.959963984540054
 
@@ -112,18 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         "against the radiologists' reads reported to this service, overall, by the patient "
         "age check and by the key that sent the images (JSON on stdout).",
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        help="the service's PNEUMOSCAN_DATA_DIR (default: that setting)",
-    )
+    add_data_dir_argument(parser)
     parser.add_argument("--days", type=float, help="only reads reported in the last N days")
     args = parser.parse_args(argv)
-    if args.data_dir is None:
-        from app.settings import Settings
-
-        args.data_dir = Settings().data_dir
-    database = args.data_dir / "pneumoscan.sqlite3"
+    database = audit_database_of(args)
     if not database.is_file():
         print(f"pneumoscan readings: no audit database at {database}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ each (the one-client p99 of 17 ms in round 11).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import logging
@@ -173,6 +174,51 @@ def decode_pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("L"))  # rows written as PNG
 
 
+def audit_database(data_dir: Path) -> Path:
+    """The audit database in the service's PNEUMOSCAN_DATA_DIR."""
+    return data_dir / "pneumoscan.sqlite3"
+
+
+def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """--data-dir, for the commands that read the audit database beside a running service."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="the service's PNEUMOSCAN_DATA_DIR (default: that setting)",
+    )
+
+
+def audit_database_of(args: argparse.Namespace) -> Path:
+    """The audit database the --data-dir argument names, or PNEUMOSCAN_DATA_DIR's."""
+    data_dir = args.data_dir
+    if data_dir is None:
+        from app.settings import Settings
+
+        data_dir = Settings().data_dir
+    return audit_database(data_dir)
+
+
+def log_reading(
+    prediction_id: str,
+    key_id: str,
+    model_version: int,
+    label: str,
+    reader_label: str,
+) -> None:
+    """One read recorded, by prediction id (never the study's or the image's identifiers),
+    on the pneumoscan.readings logger wherever it was recorded."""
+    logging.getLogger("pneumoscan.readings").info(
+        "reading",
+        extra={
+            "prediction_id": prediction_id,
+            "key_id": key_id,
+            "model_version": model_version,
+            "label": label,
+            "reader_label": reader_label,
+        },
+    )
+
+
 class RecordStore:
     def __init__(
         self,
@@ -182,7 +228,7 @@ class RecordStore:
         wal_restart_pages: int = WAL_RESTART_PAGES,
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / "pneumoscan.sqlite3"
+        self.path = audit_database(data_dir)
         self.retention = retention_seconds
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -270,18 +316,8 @@ class RecordStore:
             if in_studies:
                 applied = self._apply_study_reads(in_studies)
         self._written.set()
-        for prediction_id, key_id, version, label, reader_label in applied:
-            log.info(
-                "reading",
-                extra={
-                    "prediction_id": prediction_id,
-                    "key_id": key_id,
-                    "model_version": version,
-                    "label": label,
-                    "reader_label": reader_label,
-                    "source": "study read held",
-                },
-            )
+        for row in applied:
+            log_reading(*row)
 
     def _apply_study_reads(self, prediction_ids: list[tuple[str]]) -> list[tuple]:
         """Record a held study read for each of these predictions (new ones, or unread ones of

@@ -20,7 +20,13 @@ from pydantic import ValidationError
 
 from app.deps import ID_PATTERN, ReadingKeyIdDep, ServicesDep, may_see, own_record
 from app.errors import InvalidBodyError, NotFoundError, StorageUnavailableError
-from app.records import STUDY_READ_HOLD_SECONDS, PredictionRecord, Reading, StudyRead
+from app.records import (
+    STUDY_READ_HOLD_SECONDS,
+    PredictionRecord,
+    Reading,
+    StudyRead,
+    log_reading,
+)
 from app.routes.predict import read_body
 from app.schemas import (
     DicomInfo,
@@ -100,11 +106,11 @@ async def get_study_predictions(
     its own."""
     visible = await study_records(services, key_id, study_instance_uid)
     readings = await asyncio.to_thread(services.records.readings, [r.id for r in visible])
+    reader = services.keyring.is_reader(key_id)
     return StudyPredictions(
         study_instance_uid=study_instance_uid,
         predictions=[
-            stored(request, record, readings.get(record.id), services.keyring.is_reader(key_id))
-            for record in visible
+            stored(request, record, readings.get(record.id), reader) for record in visible
         ],
     )
 
@@ -246,8 +252,8 @@ async def put_study_reading(
             "studies not yet scored to hold this one: retry later."
         ) from None
     log_readings(key_id, readings)
-    for prediction_id, *_ in late:  # scored while this request ran: read all the same
-        log.info("reading", extra={"prediction_id": prediction_id, "key_id": key_id})
+    for row in late:  # scored while this request ran: read all the same
+        log_reading(*row)
     if not readings and not late:
         log.info("study read held", extra={"key_id": key_id, "reader_label": held.reader_label})
         response.status_code = 202
@@ -313,13 +319,6 @@ def unrecorded(exc: sqlite3.Error) -> StorageUnavailableError:
 
 def log_readings(key_id: str, readings: list[Reading]) -> None:
     for reading in readings:
-        log.info(
-            "reading",
-            extra={
-                "prediction_id": reading.id,
-                "key_id": key_id,
-                "model_version": reading.model_version,
-                "label": reading.model_label,
-                "reader_label": reading.reader_label,
-            },
+        log_reading(
+            reading.id, key_id, reading.model_version, reading.model_label, reading.reader_label
         )
