@@ -39,6 +39,9 @@ class FileWatcher:
     def check(self) -> bool:
         raise NotImplementedError
 
+    def changed(self) -> None:
+        """Runs on the event loop after a check that took up a change (returned True)."""
+
     def identity(self) -> tuple:
         return identity(self.files())
 
@@ -54,6 +57,7 @@ class FileWatcher:
                 pass
             self._wake.clear()
             try:
-                await asyncio.to_thread(self.check)
+                if await asyncio.to_thread(self.check):
+                    self.changed()
             except Exception:  # the watcher must outlive any surprise; the log says where
                 self.log.exception("%s check failed", self.what)

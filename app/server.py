@@ -9,7 +9,10 @@ had just sent.
 
 Over HTTPS it also takes up renewed certificate files without a restart (`app.tls.
 CertificateReloader`, every PNEUMOSCAN_TLS_RELOAD_SECONDS and on SIGHUP); SIGHUP also has the
-key files read again (`app.security.KeyFileWatcher`)."""
+key files read again (`app.security.KeyFileWatcher`). When the client CA or CRL file changes, the
+open TLS connections close after their current answer, so that every client's certificate is
+checked again against the changed files when it reconnects: a gateway revoked while its
+keep-alive connection was busy would otherwise go on sending over it."""
 
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ class DrainingServer(uvicorn.Server):
                 log.error("%s", exc)
                 self.should_exit = True
                 return
+            self.certificates.on_trust_change = self.verify_clients_again
         await super().startup(sockets)
         if self.started and self.certificates is not None and settings.tls_reload_seconds > 0:
             # Changed files are taken up without a restart.
@@ -60,6 +64,26 @@ class DrainingServer(uvicorn.Server):
             # SIGHUP: certificates and key files are checked at once (and the service goes on)
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+
+    def verify_clients_again(self) -> None:
+        """Close the open TLS connections after their current answer (an idle one after
+        `IDLE_GRACE_S`, for a request its client may have just sent), as at shutdown. A TLS
+        connection's client certificate is checked once, in its handshake, and neither TLS 1.3
+        nor Python can check it again on an open connection."""
+        closing = 0
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is None or transport.is_closing():
+                continue
+            if transport.get_extra_info("ssl_object") is None:
+                continue
+            connection.shutdown()
+            closing += 1
+        log.info(
+            "client CA or CRL file changed: %d open TLS connection(s) close after their "
+            "current answer, so each client's certificate is checked again when it reconnects",
+            closing,
+        )
 
     def reload(self) -> None:
         if self._reloading is not None and self.certificates is not None:

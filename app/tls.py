@@ -13,7 +13,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -373,7 +373,10 @@ class CertificateReloader(FileWatcher):
     ClientHello, with or without a server name; that switch takes the certificate, the CA store
     and the CRLs, so a CA removed or a certificate revoked is refused from the next handshake
     (OpenSSL's stores only grow, so loading into the live context could not remove anything).
-    Open connections keep what they were made with. A half-written pair (the certificate
+    A certificate is only checked in a handshake, so when the client CA or CRL file changes,
+    `on_trust_change` has the open connections closed after their current answer (as nginx's
+    reload does), and each client's certificate is checked again when it reconnects; a server
+    certificate's renewal leaves them open. A half-written pair (the certificate
     renewed, the key not yet) is logged once, sets `watch.reload_failing` and is retried at the
     next check, while the previous context keeps serving.
     """
@@ -390,6 +393,9 @@ class CertificateReloader(FileWatcher):
         self.current = self._load()  # TlsFileError at start: the files were checked before
         self.reloads = 0
         self._refused: tuple | None = None  # the identity last refused, logged once
+        # Called on the event loop when a reload changed the client CA or CRL file.
+        self.on_trust_change: Callable[[], None] | None = None
+        self._trust_changed = False
         watch.reload_failing = False
         # A handshake switched to another context keeps the options, verification mode and
         # flags the listening context gave it; the switch brings the certificate and the stores.
@@ -451,8 +457,18 @@ class CertificateReloader(FileWatcher):
                 )
             return False
         self.current = context
+        # identity() follows paths(): the certificate and key, then the client CA and CRL files
+        trust = slice(2, None)
+        self._trust_changed = (
+            self.tls_files.client_ca is not None and current[trust] != self.loaded[trust]
+        )
         self.loaded, self._refused = current, None
         watch.reload_failing = False
         self.reloads += 1
         log.info("TLS files reloaded: new connections are served with the changed ones")
         return True
+
+    def changed(self) -> None:
+        if self._trust_changed and self.on_trust_change is not None:
+            self._trust_changed = False
+            self.on_trust_change()

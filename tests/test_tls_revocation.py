@@ -6,6 +6,7 @@ Against a real uvicorn on 127.0.0.1, with test CAs (trustme) and CRLs made with
 from __future__ import annotations
 
 import base64
+import http.client
 import os
 import re
 import socket
@@ -283,3 +284,118 @@ def test_revocation_and_ca_removal_take_effect_without_a_restart(
     assert log.count("changed TLS files not loaded") == 1, log[-2000:]
     assert "PNEUMOSCAN_TLS_CLIENT_CRL cannot be used" in log
     assert "BEGIN" not in log  # never the files' contents
+
+
+def kept_alive(url: str, context: ssl.SSLContext) -> http.client.HTTPSConnection:
+    """A keep-alive connection that has had one request answered, left open."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    conn = http.client.HTTPSConnection(parsed.hostname, parsed.port, context=context, timeout=5)
+    conn.request("GET", "/healthz")
+    answer = conn.getresponse()
+    answer.read()
+    assert answer.status == 200
+    assert answer.getheader("connection") != "close"
+    return conn
+
+
+def closed_by_server(conn: http.client.HTTPSConnection, within: float) -> bool:
+    """Whether the server closes the idle connection within `within` seconds."""
+    conn.sock.settimeout(within)
+    try:
+        return conn.sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:  # reset, or TLS's EOF without close_notify
+        return True
+
+
+def wait_for_line(log: Path, text: str, count: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while log.read_text().count(text) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.read_text().count(text) >= count, log.read_text()[-2000:]
+
+
+def test_a_trust_change_closes_open_connections_after_their_answer(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    """A client's certificate is checked in its handshake only, so a gateway revoked while its
+    keep-alive connection stays busy would go on sending over it for as long as it likes. A
+    change to the client CA or CRL file closes the open connections after their current answer
+    (a request in flight is answered, with Connection: close); each client then reconnects and
+    its certificate is checked against the changed files. A renewed server certificate leaves
+    them open."""
+    import signal
+
+    server_ca, hospital = trustme.CA(), trustme.CA()
+    server = server_ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    replace(cert, server.cert_chain_pems[0].bytes())
+    replace(key, server.private_key_pem.bytes())
+    clients = {}
+    leaves = {name: hospital.issue_cert(name) for name in ("gw-1", "gw-2")}
+    for name, leaf in leaves.items():
+        context = ssl.create_default_context()
+        server_ca.configure_trust(context)
+        leaf.configure_cert(context)
+        clients[name] = context
+    cas, crls = tmp_path / "client_cas.pem", tmp_path / "client_crls.pem"
+    replace(cas, hospital.cert_pem.bytes())
+    replace(crls, crl_pem(hospital))
+    env = {
+        "PNEUMOSCAN_TLS_CERTFILE": str(cert),
+        "PNEUMOSCAN_TLS_KEYFILE": str(key),
+        "PNEUMOSCAN_TLS_CLIENT_CA": str(cas),
+        "PNEUMOSCAN_TLS_CLIENT_CRL": str(crls),
+        "PNEUMOSCAN_TLS_RELOAD_SECONDS": "3600",  # SIGHUP only: the test says when
+        "PNEUMOSCAN_LOG_LEVEL": "INFO",
+    }
+    with running_server(
+        tiny_store, tmp_path / "data", extra_env=env, tls_client=clients["gw-1"]
+    ) as srv:
+        url, log = srv["url"], srv["log"]
+        kept = {name: kept_alive(url, clients[name]) for name in clients}
+
+        # The server certificate renewed (the same bytes, a new file): connections stay open.
+        replace(cert, server.cert_chain_pems[0].bytes())
+        os.kill(srv["pid"], signal.SIGHUP)
+        wait_for_line(log, "TLS files reloaded")
+        for name, conn in kept.items():
+            assert not closed_by_server(conn, 1.5), name
+            conn.request("GET", "/healthz")
+            answer = conn.getresponse()
+            assert answer.status == 200 and answer.getheader("connection") != "close"
+            answer.read()
+
+        # A request in flight when gw-2 is revoked: its head and half its body are in.
+        body = JPEG
+        head = (
+            f"POST /predict HTTP/1.1\r\nHost: x\r\nX-API-Key: {BENCH_KEY}\r\n"
+            f"Content-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        busy = kept["gw-2"].sock
+        busy.sendall(head + body[: len(body) // 2])
+        replace(crls, crl_pem(hospital, (leaves["gw-2"],)))
+        os.kill(srv["pid"], signal.SIGHUP)
+        wait_for_line(log, "client CA or CRL file changed")
+        busy.sendall(body[len(body) // 2 :])
+        answer = b""
+        busy.settimeout(10)
+        while chunk := busy.recv(65536):  # read to the server's close
+            answer += chunk
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 200 OK", answer[:300]
+        assert b"connection: close" in rest.lower().split(b"\r\n\r\n")[0]
+        assert b'"probabilities"' in rest
+
+        # gw-1's idle connection is closed too (after the grace for a request just sent), not
+        # at its idle timeout (75 s); both reconnect, and only the revoked one is refused.
+        assert closed_by_server(kept["gw-1"], 5)
+        assert handshake(url, clients["gw-1"])[0] == "200"
+        assert handshake(url, clients["gw-2"])[0] == "refused"
+        found = re.search(r"client CA or CRL file changed: (\d+) open TLS", log.read_text())
+        assert found and int(found[1]) >= 2
+    for conn in kept.values():
+        conn.close()
