@@ -16,7 +16,9 @@ import argparse
 import asyncio
 import io
 import logging
+import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -219,6 +221,69 @@ def log_reading(
     )
 
 
+# Filesystems whose files other hosts can open: SQLite's write-ahead log keeps its index in
+# shared memory (one host only), and their locks are unreliable (SQLite's own documentation).
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "fuse.glusterfs",
+        "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "afs", "lustre", "9p",
+    }
+)  # fmt: skip
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def filesystem_type(path: Path, mountinfo: Path | None = None) -> str | None:
+    """The type of the filesystem `path` is on, from the longest mount point holding it (the
+    last of those mounted over one another); None where /proc/self/mountinfo cannot be read
+    (not Linux)."""
+    try:
+        lines = (mountinfo or MOUNTINFO).read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best, kind = -1, None
+    for line in lines:
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        separator = fields.index("-", 6)
+        # spaces and backslashes in mount points are written as octal escapes (\040)
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best and separator + 1 < len(fields):
+            best, kind = len(point), fields[separator + 1]
+    return kind
+
+
+def warn_if_shared_over_a_network(data_dir: Path) -> None:
+    kind = filesystem_type(data_dir)
+    if kind in NETWORK_FILESYSTEMS:
+        log.warning(
+            "PNEUMOSCAN_DATA_DIR is on a network filesystem (%s). The audit database (SQLite, "
+            "write-ahead log) must only ever be opened from one host, and file locks over %s "
+            "can fail and corrupt it: use a local disk or a block volume. Several instances "
+            "may share one data dir on one host only (README: Several instances).",
+            kind,
+            kind,
+        )
+
+
+def use_write_ahead_log(db: sqlite3.Connection, patience_s: float = 10.0) -> None:
+    """Switch the database to WAL mode (kept in the file; a no-op once done). The switch
+    needs the database to itself, and SQLite refuses it at once ("database is locked", without
+    waiting out the busy timeout) while another connection is making the same switch: two
+    instances starting together on one data dir, with a database not yet in WAL mode."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class RecordStore:
     def __init__(
         self,
@@ -228,11 +293,12 @@ class RecordStore:
         wal_restart_pages: int = WAL_RESTART_PAGES,
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
+        warn_if_shared_over_a_network(data_dir)
         self.path = audit_database(data_dir)
         self.retention = retention_seconds
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        use_write_ahead_log(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives process kills
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does them
@@ -270,20 +336,27 @@ class RecordStore:
         """Copy the write-ahead log into the database beside the writers (`db`: a connection
         other than the writers'). If the log had grown past `wal_restart_pages`, finish the
         copy with the writers held off, so that the next commit starts the log from the
-        beginning: only the pages committed meanwhile are left (a few ms)."""
+        beginning: only the pages committed meanwhile are left (a few ms). SQLite's RESTART
+        mode holds them off with the database's own write lock, so the writers of another
+        instance on the same data dir wait too (the process's lock held only this one's, and
+        two instances' commits kept the log growing without bound); this one's wait on the
+        process lock instead of polling SQLite's."""
         _, pages, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         if pages >= self.wal_restart_pages:
             with self._lock:
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                db.execute("PRAGMA wal_checkpoint(RESTART)")
         self.checkpoints += 1
 
     def _migrate(self) -> None:
-        """Columns added after a database was created (SQLite adds them as NULL for old rows)."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(predictions)")}
-        if "ood_score" not in columns:
-            self._db.execute("ALTER TABLE predictions ADD COLUMN ood_score REAL")
-        if "age_check" not in columns:
-            self._db.execute("ALTER TABLE predictions ADD COLUMN age_check TEXT")
+        """Columns added after a database was created (SQLite adds them as NULL for old rows).
+        Read and added in one write transaction: two instances starting together on an old
+        database would otherwise both add a column, and the second fail to start."""
+        with self._transaction():
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(predictions)")}
+            if "ood_score" not in columns:
+                self._db.execute("ALTER TABLE predictions ADD COLUMN ood_score REAL")
+            if "age_check" not in columns:
+                self._db.execute("ALTER TABLE predictions ADD COLUMN age_check TEXT")
 
     def close(self) -> None:
         self._closing.set()

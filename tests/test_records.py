@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app import records as records_module
 from app.main import create_app
 from app.records import PredictionRecord, RecordStore
 from tests.conftest import API_KEY, fixture_bytes, make_settings
@@ -251,3 +253,139 @@ def test_readiness_fails_below_the_free_space_floor(
                 assert "PNEUMOSCAN_MIN_FREE_MB" in ready.json()["reason"]
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("not ready:")]
     assert len(said) == 1 and "storage_low" in said[0], said
+
+
+def test_log_stays_bounded_with_two_instances_writing(tmp_path: Path) -> None:
+    """Two service instances on one data dir (one host: two containers on one volume, or two
+    processes) each hold only their own writers off; the other's commits kept every checkpoint
+    from finishing, and the log grew with everything written (2.1 GB in 60 s with two uvicorns
+    under load; 46-50 MB here before the fix, 4 MB after). The log restart now holds every
+    writer off through SQLite's own lock."""
+    stores = [
+        RecordStore(tmp_path, 3600, checkpoint_interval_s=0.05, wal_restart_pages=256)
+        for _ in range(2)
+    ]
+    wal = tmp_path / "pneumoscan.sqlite3-wal"
+    largest = 0
+    stop = threading.Event()
+
+    def write(store: RecordStore, first: int) -> None:
+        index = first
+        while not stop.is_set():
+            store.add(_record(index), np.zeros((224, 224), np.uint8))
+            index += 2
+            time.sleep(0.002)  # about the rate of the single-instance test above
+
+    writers = [
+        threading.Thread(target=write, args=(store, first)) for first, store in enumerate(stores)
+    ]
+    for writer in writers:
+        writer.start()
+    deadline = time.monotonic() + 60
+    while stores[0].count() < 2400 and time.monotonic() < deadline:  # ~120 MB written
+        largest = max(largest, wal.stat().st_size)
+        time.sleep(0.005)
+    stop.set()
+    for writer in writers:
+        writer.join()
+    assert all(store.checkpoints >= 3 for store in stores)
+    assert largest < 25 * 1024 * 1024, largest
+    assert stores[0].count() >= 2400 and stores[0].integrity_ok()
+    for store in stores:
+        store.close()
+
+
+OLD_PREDICTIONS_TABLE = """CREATE TABLE predictions (id TEXT PRIMARY KEY, created REAL NOT
+    NULL, key_id TEXT NOT NULL, model_name TEXT NOT NULL, model_version INTEGER NOT NULL,
+    p_normal REAL NOT NULL, p_pneumonia REAL NOT NULL, label TEXT NOT NULL, threshold REAL NOT
+    NULL, image_sha256 TEXT NOT NULL, input_format TEXT NOT NULL, input_bytes INTEGER NOT NULL,
+    width INTEGER NOT NULL, height INTEGER NOT NULL, study_uid TEXT, series_uid TEXT, sop_uid
+    TEXT);"""
+
+
+def test_two_instances_starting_together_on_an_old_database_both_start(tmp_path: Path) -> None:
+    """Both read the old table's columns, both added the missing ones, and the second failed
+    with "duplicate column name" (8 of 30 tries here before the migration became one write
+    transaction)."""
+    for attempt in range(10):
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        old = sqlite3.connect(folder / "pneumoscan.sqlite3")
+        old.executescript(OLD_PREDICTIONS_TABLE)
+        old.close()
+        barrier, errors = threading.Barrier(2), []
+
+        def start(
+            folder: Path = folder, barrier: threading.Barrier = barrier, errors: list = errors
+        ) -> None:
+            barrier.wait()
+            try:
+                RecordStore(folder, 3600).close()
+            except sqlite3.Error as exc:
+                errors.append(exc)
+
+        starting = [threading.Thread(target=start) for _ in range(2)]
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join()
+        assert errors == []
+        columns = {
+            row[1]
+            for row in sqlite3.connect(folder / "pneumoscan.sqlite3").execute(
+                "PRAGMA table_info(predictions)"
+            )
+        }
+        assert {"ood_score", "age_check"} <= columns
+
+
+MOUNTINFO = """\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 27 0:50 / /srv/pneumo rw,relatime shared:20 - nfs4 nas:/export rw,vers=4.2
+41 40 0:51 / /srv/pneumo/local rw,relatime - ext4 /dev/sdb1 rw
+42 27 0:52 / /mnt/x\\040ray rw,relatime - cifs //nas/xray rw
+43 27 0:53 / /mnt/over rw - nfs nas:/a rw
+44 27 0:54 / /mnt/over rw - xfs /dev/sdc1 rw
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/srv/pneumo/data", "nfs4"),
+        ("/srv/pneumo", "nfs4"),
+        ("/srv/pneumo/local/data", "ext4"),  # a local disk mounted inside the share
+        ("/srv/pneumonia", "ext4"),  # a name that only starts like the mount point
+        ("/mnt/x ray/data", "cifs"),  # a space, written \040
+        ("/mnt/over/data", "xfs"),  # mounted over the share: the last mount is what is seen
+        ("/var/lib/pneumoscan", "ext4"),
+    ],
+)
+def test_the_data_dirs_filesystem_is_read_from_mountinfo(
+    tmp_path: Path, path: str, kind: str
+) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(MOUNTINFO)
+    assert records_module.filesystem_type(Path(path), mountinfo) == kind
+
+
+def test_a_data_dir_on_a_network_filesystem_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite's write-ahead log works on one host only, and file locks over NFS or SMB can fail
+    and corrupt the database: a share is the usual way to try to scale out, so say so."""
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "27 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        f"40 27 0:50 / {tmp_path.resolve()} rw - nfs4 n:/e rw\n"
+    )
+    monkeypatch.setattr(records_module, "MOUNTINFO", mountinfo)
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.records"):
+        RecordStore(tmp_path / "data", 3600).close()
+    assert "network filesystem (nfs4)" in caplog.text
+    caplog.clear()
+    mountinfo.write_text("27 1 8:1 / / rw - ext4 /dev/sda1 rw\n")
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.records"):
+        RecordStore(tmp_path / "data", 3600).close()
+    assert "network filesystem" not in caplog.text
