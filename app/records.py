@@ -160,6 +160,7 @@ STUDY_LIMIT = 500  # predictions of one study read or listed at once (the latest
 CHECKPOINT_INTERVAL_S = 1.0
 WAL_RESTART_PAGES = 2048
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024  # what a restarted log is truncated back to
+RESTART_WAIT_S = 0.25
 
 
 def encode_pixels(pixels: np.ndarray) -> bytes:
@@ -318,7 +319,10 @@ class RecordStore:
     def _checkpoint_loop(self) -> None:
         """After writes, wait one interval (later writes join the same checkpoint), then
         checkpoint on a connection of this thread's own."""
-        db = sqlite3.connect(self.path, isolation_level=None)
+        # A restart waits at most this long for another instance's commit or a reader (a
+        # backup), with this instance's writers held off; if it cannot finish, the next round
+        # tries again.
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=RESTART_WAIT_S)
         try:
             while not self._closing.is_set():
                 self._written.wait()
