@@ -59,10 +59,18 @@ class UnsupportedDicomError(InputError):
 
 
 class AgeOutsideTrainingError(InputError):
-    """A DICOM of a patient outside the trained ages, with PNEUMOSCAN_AGE_OUTSIDE=refuse."""
+    """A patient outside the trained ages (DICOM, or X-Patient-Age), with
+    PNEUMOSCAN_AGE_OUTSIDE=refuse."""
 
     status_code = 422
     code = "age_outside_training"
+
+
+class InvalidPatientAgeError(InputError):
+    """An X-Patient-Age header that is not a DICOM Age String."""
+
+    status_code = 422
+    code = "invalid_patient_age"
 
 
 class PayloadTooLargeError(PneumoscanError):

@@ -4,7 +4,8 @@ The shipped model learned from pediatric radiographs only: Kermany et al. 2018 d
 cohort as patients one to five years old. An adult's chest radiograph looks different (body
 size, heart and rib proportions, adult disease), so the model's probabilities mean less there,
 and nothing in the pixels makes the out-of-distribution score catch it reliably. A DICOM object
-carries the age; a JPEG or PNG carries none, so its age is "unknown".
+carries the age; a JPEG or PNG carries none, so its age is "unknown" unless the sender gives it
+in the `X-Patient-Age` header (a DICOM Age String, as the RIS holds it).
 
 The age is read here and only the verdict leaves this module: never the age or the birth date,
 so no patient data reaches an answer, the audit trail or a log.
@@ -18,7 +19,8 @@ from datetime import date
 from typing import Literal
 
 AgeStatus = Literal["within", "outside", "unknown"]
-AgeSource = Literal["PatientAge", "PatientBirthDate"]
+AgeSource = Literal["PatientAge", "PatientBirthDate", "X-Patient-Age"]
+AGE_HEADER = "X-Patient-Age"
 
 # Age String (PS3.5 6.2, VR AS): three digits and D, W, M or Y; "018M" is 18 months.
 AGE_STRING = re.compile(r"(\d{3})([DWMY])", re.ASCII)  # the VR's digits: ASCII, not "٠٤٥"
@@ -80,6 +82,20 @@ def age_from_age_string(value: object) -> int | None:
     if unit == "W":
         return (count * 7 * 4) // 1461  # 365.25 days a year, in integers
     return (count * 4) // 1461
+
+
+def age_from_header(value: str | None) -> PatientAge | None:
+    """The `X-Patient-Age` header: None when absent or empty; ValueError (without the value)
+    when it is not a DICOM Age String of a plausible age."""
+    if value is None or not value.strip():
+        return None
+    years = age_from_age_string(value)
+    if years is None or years > OLDEST_PLAUSIBLE_YEARS:
+        raise ValueError(
+            f"{AGE_HEADER} must be a DICOM Age String: three digits and D, W, M or Y "
+            "(045Y, 018M, 010W, 020D), at most 130 years"
+        )
+    return PatientAge(years, "X-Patient-Age")
 
 
 def parse_dicom_date(value: object) -> date | None:

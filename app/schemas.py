@@ -55,15 +55,19 @@ class AgeCheck(BaseModel):
         description="The patient's age (DICOM PatientAge, or PatientBirthDate against the study "
         "date) against the ages of the patients whose radiographs trained the model: `outside` "
         "means the probabilities come from a population the model never saw (the shipped model "
-        "learned from children aged 1-5); `unknown` for JPEG and PNG, or a DICOM without a "
-        "readable age. The age itself is never returned or stored."
+        "learned from children aged 1-5); `unknown` for a JPEG or PNG sent without the "
+        "`X-Patient-Age` header, or a DICOM without a readable age. The age itself is never "
+        "returned or stored."
     )
     trained_age_years: list[int] = Field(
         description="[low, high] completed years of the training population, both included.",
         examples=[[1, 5]],
     )
-    source: Literal["PatientAge", "PatientBirthDate"] | None = Field(
-        None, description="The DICOM attribute the age came from; null when unknown."
+    source: Literal["PatientAge", "PatientBirthDate", "X-Patient-Age"] | None = Field(
+        None,
+        description="Where the age came from: the DICOM attribute, or the request's "
+        "X-Patient-Age header (used only when the DICOM object has no readable age); null "
+        "when unknown.",
     )
 
 

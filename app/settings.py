@@ -142,12 +142,14 @@ class Settings(BaseSettings):
         description="Ages (completed years, LOW-HIGH) of the patients whose radiographs trained "
         "the model, used when its card does not record them (population.age_years): the "
         "shipped model's cohort was 1-5 (Kermany et al. 2018). A DICOM whose PatientAge (or "
-        "birth date against the study date) falls outside is flagged or refused (age_outside). "
+        "birth date against the study date), or an upload whose X-Patient-Age header, falls "
+        "outside is flagged or refused (age_outside). "
         "'off': no age check.",
     )
     age_outside: Literal["flag", "refuse"] = Field(
         "flag",
-        description="A DICOM of a patient outside the trained ages: flag (scored, age_check "
+        description="A patient outside the trained ages (DICOM or X-Patient-Age): flag (scored, "
+        "age_check "
         "outside) or refuse (422 age_outside_training).",
     )
     retention_hours: float = Field(24.0, gt=0, description="Keep stored images this long.")

@@ -188,6 +188,72 @@ def test_a_jpeg_has_no_age(client) -> None:
     }
 
 
+JPEG = (FIXTURES / "originals" / "NORMAL2-IM-0744-0001.jpeg").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [("003Y", "within"), ("047Y", "outside"), ("030M", "within"), ("010W", "outside")],
+)
+def test_a_jpegs_age_can_come_with_the_request(client, caplog, header: str, status: str) -> None:
+    """A RIS that posts a JPEG or PNG knows the age; X-Patient-Age (a DICOM Age String) gives
+    it to the check. Only the verdict is answered, stored and logged."""
+    caplog.set_level(logging.DEBUG)
+    response = client.post(
+        "/predict", files={"file": ("a.jpeg", JPEG)}, headers={"X-Patient-Age": header}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["age_check"] == {
+        "status": status,
+        "trained_age_years": [1, 5],
+        "source": "X-Patient-Age",
+    }
+    stored = client.get(f"/predictions/{body['prediction_id']}").json()
+    assert stored["age_check"] == status
+    assert header not in response.text and header not in str(stored)
+    assert all(header not in str(vars(r)) and header not in r.getMessage() for r in caplog.records)
+    # the same image as the body, and as FHIR
+    fhir = client.post(
+        "/predict",
+        content=JPEG,
+        headers={
+            "Content-Type": "image/jpeg",
+            "X-Patient-Age": header,
+            "Accept": "application/fhir+json",
+        },
+    ).json()
+    assert ("outside the ages the model was trained on" in fhir["conclusion"]) == (
+        status == "outside"
+    )
+
+
+def test_a_dicoms_own_age_comes_before_the_header(client) -> None:
+    child = dicom_with(PatientAge="003Y")
+    body = predict(client, child, **{"X-Patient-Age": "047Y"}).json()
+    assert body["age_check"]["status"] == "within"
+    assert body["age_check"]["source"] == "PatientAge"
+    # a DICOM without a readable age takes the header's
+    body = predict(client, dicom_with(), **{"X-Patient-Age": "047Y"}).json()
+    assert body["age_check"]["status"] == "outside"
+    assert body["age_check"]["source"] == "X-Patient-Age"
+
+
+@pytest.mark.parametrize("header", ["47", "47Y", "047X", "999Y", "\u0664\u0667Y", "-47Y", "0 47Y"])
+def test_a_malformed_age_header_is_refused_before_the_upload_is_read(client, header: str) -> None:
+    before = client.app.state.services.records.count()
+    response = client.post(
+        "/predict",
+        files={"file": ("a.jpeg", JPEG)},
+        headers={"X-Patient-Age": header.encode("utf-8")},  # as a client would send it
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_patient_age"
+    assert "DICOM Age String" in error["message"] and "47" not in error["message"]
+    assert client.app.state.services.records.count() == before
+
+
 def test_fhir_and_sr_warn_for_a_patient_outside_the_trained_ages(client) -> None:
     from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
@@ -232,6 +298,14 @@ def test_refuse_policy(tiny_store: Path, tmp_path: Path) -> None:
             "within"
         )
         assert predict(client, dicom_with()).json()["age_check"]["status"] == "unknown"
+        # a JPEG whose age comes with the request is refused the same way
+        adult = client.post(
+            "/predict", files={"file": ("a.jpeg", JPEG)}, headers={"X-Patient-Age": "045Y"}
+        )
+        assert adult.status_code == 422
+        assert adult.json()["error"]["code"] == "age_outside_training"
+        assert "X-Patient-Age" in adult.json()["error"]["message"]
+        assert "045" not in adult.json()["error"]["message"]
 
 
 def test_the_check_can_be_turned_off(tiny_store: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -19,6 +20,7 @@ from app.classifier import LoadedModel
 from app.deps import API_KEY_SECURITY, services_and_key_id
 from app.errors import (
     AgeOutsideTrainingError,
+    InvalidPatientAgeError,
     MissingFileError,
     NotAcceptableError,
     OverloadedError,
@@ -31,7 +33,7 @@ from app.errors import (
 )
 from app.imaging import DecodedImage, check_content, decode_image, decode_small_raster
 from app.negotiation import DICOM, FHIR, JSON, choose
-from app.population import AgeRange, age_status
+from app.population import AGE_HEADER, AgeRange, PatientAge, age_from_header, age_status
 from app.records import PredictionRecord
 from app.reports import build_fhir, build_sr, sr_problem
 from app.schemas import (
@@ -56,6 +58,18 @@ RAW_BODY_TYPES = frozenset(
 )
 
 OPENAPI_BODY = {
+    "parameters": [
+        {
+            "name": AGE_HEADER,
+            "in": "header",
+            "required": False,
+            "description": "The patient's age at the radiograph as a DICOM Age String (045Y, "
+            "018M, 010W, 020D), for the age check of a JPEG or PNG, which carries no age. A "
+            "DICOM object's own PatientAge or PatientBirthDate is used first. Never returned, "
+            "stored or logged.",
+            "schema": {"type": "string", "pattern": "^[0-9]{3}[DWMY]$"},
+        }
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -77,7 +91,7 @@ OPENAPI_BODY = {
                 for media_type in ("image/jpeg", "image/png", "application/dicom")
             },
         },
-    }
+    },
 }
 
 
@@ -212,8 +226,8 @@ def age_check(decoded: DecodedImage, trained: AgeRange | None) -> AgeCheck | Non
 
 
 def refuse_outside_ages(decoded: DecodedImage, services: Services) -> None:
-    """With PNEUMOSCAN_AGE_OUTSIDE=refuse, a DICOM of a patient outside the trained ages gets
-    422 before the model runs (nothing is recorded)."""
+    """With PNEUMOSCAN_AGE_OUTSIDE=refuse, a patient outside the trained ages (by the DICOM,
+    or X-Patient-Age) gets 422 before the model runs (nothing is recorded)."""
     if services.settings.age_outside != "refuse" or decoded.patient_age is None:
         return
     trained = trained_ages(services.manager.get(), services.settings)
@@ -221,11 +235,21 @@ def refuse_outside_ages(decoded: DecodedImage, services: Services) -> None:
     if check is not None and check.status == "outside":
         services.metrics.rejected.labels("age_outside_training").inc()
         low, high = check.trained_age_years
+        where = AGE_HEADER if check.source == AGE_HEADER else f"DICOM {check.source}"
         raise AgeOutsideTrainingError(
-            f"The patient's age (DICOM {check.source}) is outside the {low}-{high} years of "
+            f"The patient's age ({where}) is outside the {low}-{high} years of "
             "the patients whose radiographs trained this model, and this service refuses such "
             "images (PNEUMOSCAN_AGE_OUTSIDE=refuse): a clinician reads it without pneumoscan."
         )
+
+
+def patient_age_header(request: Request) -> PatientAge | None:
+    """The X-Patient-Age header's age; 422 when it is not a DICOM Age String (the message
+    never quotes the value)."""
+    try:
+        return age_from_header(request.headers.get(AGE_HEADER))
+    except ValueError as exc:
+        raise InvalidPatientAgeError(f"{exc}.") from None
 
 
 async def decode_in_pool(services: Services, data: bytes) -> DecodedImage:
@@ -294,6 +318,7 @@ async def score_upload(
     request: Request, services: Services, key_id: str, started: float, holding: UploadHolding
 ) -> Response:
     settings = services.settings
+    given_age = patient_age_header(request)  # refused before the body is read
     try:
         data = await read_upload(
             request, settings.max_upload_bytes, settings.upload_timeout_s, holding
@@ -307,6 +332,8 @@ async def score_upload(
     if decoded is None:  # large, progressive or DICOM: off the event loop
         decoded = await decode_in_pool(services, data)
     check_content(decoded.pixels)
+    if given_age is not None and decoded.patient_age is None:
+        decoded = dataclasses.replace(decoded, patient_age=given_age)
     # Negotiated before the model runs, so nothing is recorded for an answer never delivered.
     accept = request.headers.get("accept")
     is_dicom = decoded.source is not None
