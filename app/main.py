@@ -24,6 +24,7 @@ from app.batching import MicroBatcher
 from app.classifier import ModelManager
 from app.errors import OverloadedError, PneumoscanError, UnauthorizedError
 from app.observability import Metrics, ObservabilityMiddleware, configure_logging
+from app.population import AGE_HEADER
 from app.records import RecordStore, RecordWriter
 from app.routes import explain, health, models, predict, predictions
 from app.schemas import INTENDED_USE
@@ -200,7 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST", "PUT"],
-            allow_headers=["X-API-Key", "Authorization", "Content-Type"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type", AGE_HEADER],
         )
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     install_error_handlers(app)

@@ -462,3 +462,30 @@ def test_a_declared_length_is_checked_but_only_received_bytes_are_held() -> None
             assert budget.held == 910
         assert budget.held == 10
     assert budget.held == 0
+
+
+def test_cors_preflight_allows_the_apis_request_headers(tiny_store, tmp_path) -> None:
+    """A browser viewer on an allowed origin may send the key and the patient's age; another
+    origin gets no CORS grant."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(tiny_store, tmp_path / "data", cors_origins="https://viewer.example")
+    with TestClient(create_app(settings)) as client:
+        preflight = {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key, content-type, x-patient-age",
+        }
+        allowed = client.options(
+            "/predict", headers={"Origin": "https://viewer.example", **preflight}
+        )
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://viewer.example"
+        granted = allowed.headers["access-control-allow-headers"].lower()
+        assert {"x-api-key", "content-type", "x-patient-age"} <= {
+            name.strip() for name in granted.split(",")
+        }
+        other = client.options("/predict", headers={"Origin": "https://evil.example", **preflight})
+        assert "access-control-allow-origin" not in other.headers
