@@ -105,8 +105,10 @@ class Metrics:
             "pneumoscan_readings",
             "Images read by radiologists (PUT /predictions/{id}/reading, PUT /studies/{uid}/"
             "reading), by the model's call and the read, once per image and model version (its "
-            "latest read); from the audit database, so restarts do not reset it",
-            ["model_version", "model_label", "reader_label"],
+            "latest read); from the audit database, so restarts do not reset it. database: "
+            "the audit database's id, the same from every instance sharing it (count reads "
+            "with max by database, then sum)",
+            ["database", "model_version", "model_label", "reader_label"],
             registry=self.registry,
         )
         self.audit_write_failing = Gauge(

@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -73,6 +74,7 @@ CREATE TABLE IF NOT EXISTS readings (
     model_version INTEGER NOT NULL,
     model_label TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS study_reads (
     study_uid TEXT PRIMARY KEY,
     recorded REAL NOT NULL,
@@ -361,6 +363,14 @@ class RecordStore:
                 self._db.execute("ALTER TABLE predictions ADD COLUMN ood_score REAL")
             if "age_check" not in columns:
                 self._db.execute("ALTER TABLE predictions ADD COLUMN age_check TEXT")
+            # The database's identity, made once: instances sharing it export the same reads,
+            # and alerting rules count them once per database (`max by (database, ...)`).
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('database_id', ?)", (secrets.token_hex(6),)
+            )
+            (self.database_id,) = self._db.execute(
+                "SELECT value FROM meta WHERE key = 'database_id'"
+            ).fetchone()
 
     def close(self) -> None:
         self._closing.set()

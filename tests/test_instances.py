@@ -5,6 +5,7 @@ the audit database stays whole under both. Real uvicorns on 127.0.0.1."""
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import sqlite3
 from pathlib import Path
 
@@ -53,15 +54,17 @@ def test_two_instances_share_one_data_dir(tiny_store: Path, tmp_path: Path) -> N
             f"{urls[1]}/explain/{made[0]}", params={"num_samples": 100}, headers=KEY, timeout=120
         )
         assert overlay.status_code == 200 and overlay.content.startswith(b"\x89PNG")
-        # the reads are the database's: either instance counts both
+        # the reads are the database's: either instance counts both, under the database's id,
+        # so that alerting rules count them once (max by database)
+        databases = set()
         for url in urls:
             metrics = httpx.get(f"{url}/metrics", timeout=30).text
-            counted = [
-                float(line.rsplit(" ", 1)[1])
-                for line in metrics.splitlines()
-                if line.startswith("pneumoscan_readings{")
+            series = [
+                line for line in metrics.splitlines() if line.startswith("pneumoscan_readings{")
             ]
-            assert sum(counted) == 2, url
+            assert sum(float(line.rsplit(" ", 1)[1]) for line in series) == 2, url
+            databases |= {re.search(r'database="(\w+)"', line)[1] for line in series}
+        assert len(databases) == 1
         logs = [srv["log"].read_text() for srv in started]
     finally:
         for server in servers:

@@ -49,9 +49,10 @@ def test_a_read_is_recorded_corrected_and_shown_with_the_stored_prediction(clien
     assert corrected.json()["agrees"] is True  # the last read counts
     assert client.get(url).json()["reading"]["reader_label"] == made["label"]
     metrics = client.get("/metrics").text
+    database = client.app.state.services.records.database_id
     expected = (
-        f'pneumoscan_readings{{model_label="{made["label"]}",model_version="1",'
-        f'reader_label="{made["label"]}"}} 1.0'
+        f'pneumoscan_readings{{database="{database}",model_label="{made["label"]}",'
+        f'model_version="1",reader_label="{made["label"]}"}} 1.0'
     )
     assert expected in metrics
     assert f'reader_label="{OTHER_LABEL[made["label"]]}"' not in metrics

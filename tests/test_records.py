@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import sqlite3
 import threading
@@ -389,3 +390,17 @@ def test_a_data_dir_on_a_network_filesystem_is_warned_about(
     with caplog.at_level(logging.WARNING, logger="pneumoscan.records"):
         RecordStore(tmp_path / "data", 3600).close()
     assert "network filesystem" not in caplog.text
+
+
+def test_a_database_keeps_its_identity(tmp_path: Path) -> None:
+    """The id the reads gauge carries: made once, kept across restarts (and in a backup),
+    different for another database."""
+    first = RecordStore(tmp_path / "a", 3600)
+    made = first.database_id
+    first.close()
+    again = RecordStore(tmp_path / "a", 3600)
+    assert again.database_id == made and re.fullmatch(r"[0-9a-f]{12}", made)
+    again.close()
+    other = RecordStore(tmp_path / "b", 3600)
+    assert other.database_id != made
+    other.close()

@@ -123,8 +123,12 @@ async def metrics(services: ServicesDep) -> Response:
         counts = None  # unreadable now: the last values stay
     if counts is not None:
         services.metrics.readings.clear()
+        database = services.records.database_id
         for version, model_label, reader_label, count in counts:
-            services.metrics.readings.labels(str(version), model_label, reader_label).set(count)
+            series = services.metrics.readings.labels(
+                database, str(version), model_label, reader_label
+            )
+            series.set(count)
     watcher = services.key_watcher
     services.metrics.key_files_failing.set(int(watcher is not None and watcher.failing))
     services.metrics.tls_expiry.clear()
