@@ -68,6 +68,10 @@ def test_a_backup_taken_while_predictions_are_written_is_whole_and_holds_no_imag
         assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0
     ids = [row[0] for row in db.execute("SELECT id FROM predictions ORDER BY id")]
     assert ids == [f"{index:032x}" for index in range(made["predictions"])]  # no gap
+    # the same audit trail: restored, it exports its reads under the same database id
+    assert db.execute("SELECT value FROM meta WHERE key = 'database_id'").fetchone()[0] == (
+        store.database_id
+    )
     db.close()
     # rebuilt without the freed pages: the rows alone (about 350 bytes a prediction; the
     # images were 49 KB each)
