@@ -254,6 +254,17 @@ def test_a_malformed_age_header_is_refused_before_the_upload_is_read(client, hea
     assert client.app.state.services.records.count() == before
 
 
+def test_two_age_headers_are_refused(client) -> None:
+    response = client.post(
+        "/predict",
+        files={"file": ("a.jpeg", JPEG)},
+        headers=[("X-Patient-Age", "003Y"), ("X-Patient-Age", "047Y")],
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_patient_age"
+    assert "once" in response.json()["error"]["message"]
+
+
 def test_fhir_and_sr_warn_for_a_patient_outside_the_trained_ages(client) -> None:
     from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 

@@ -246,8 +246,11 @@ def refuse_outside_ages(decoded: DecodedImage, services: Services) -> None:
 def patient_age_header(request: Request) -> PatientAge | None:
     """The X-Patient-Age header's age; 422 when it is not a DICOM Age String (the message
     never quotes the value)."""
+    given = request.headers.getlist(AGE_HEADER)
+    if len(given) > 1:  # two ages for one image: neither can be trusted
+        raise InvalidPatientAgeError(f"Send {AGE_HEADER} once (it came {len(given)} times).")
     try:
-        return age_from_header(request.headers.get(AGE_HEADER))
+        return age_from_header(given[0] if given else None)
     except ValueError as exc:
         raise InvalidPatientAgeError(f"{exc}.") from None
 
