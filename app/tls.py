@@ -6,6 +6,7 @@ in front (README, "Security")."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import re
@@ -390,7 +391,8 @@ class CertificateReloader(FileWatcher):
         super().__init__(interval)
         self.tls_files, self.ciphers = files, ciphers
         self.loaded = self.identity()
-        self.current = self._load()  # TlsFileError at start: the files were checked before
+        # TlsFileError at start: the files were checked before
+        self.current, self._trust = self._load()
         self.reloads = 0
         self._refused: tuple | None = None  # the identity last refused, logged once
         # Called on the event loop when a reload changed the client CA or CRL file.
@@ -412,7 +414,7 @@ class CertificateReloader(FileWatcher):
     def files(self) -> list[Path]:
         return self.tls_files.paths()
 
-    def _load(self) -> ssl.SSLContext:
+    def _load(self) -> tuple[ssl.SSLContext, bytes]:
         """A context from one snapshot of the files' bytes, with their expiry recorded: reading
         the paths again could see a pair replaced in between. The copies live in a private
         (0700) temporary folder (tmpfs in the container) for milliseconds."""
@@ -429,6 +431,12 @@ class CertificateReloader(FileWatcher):
                 copies.get(files.client_crl) if files.client_crl else None,
             )
             context = server_context(snapshot, self.ciphers)
+            # what the client certificates are checked against, by content: a CRL rewritten
+            # unchanged (a cron job fetching it hourly) or a touched file changes nothing
+            trust = hashlib.sha256()
+            for path in (snapshot.client_ca, snapshot.client_crl):
+                trust.update(path.read_bytes() if path is not None else b"")
+                trust.update(b"\0")
             server_expiry = certificate_expiry(snapshot.certfile)
             crl_times = (
                 [t for t in crl_next_updates(snapshot.client_crl.read_bytes()) if t is not None]
@@ -437,7 +445,7 @@ class CertificateReloader(FileWatcher):
             )
         client_ca_expiry = earliest_ca_expiry(context) if files.client_ca is not None else None
         record_expiry(server_expiry, client_ca_expiry, min(crl_times) if crl_times else None)
-        return context
+        return context, trust.digest()
 
     def check(self) -> bool:
         """Make a new context if the files changed and load cleanly; True when one was made."""
@@ -445,7 +453,7 @@ class CertificateReloader(FileWatcher):
         if current == self.loaded:
             return False
         try:
-            context = self._load()
+            context, trust = self._load()
         except TlsFileError as exc:
             watch.reload_failing = True
             if current != self._refused:
@@ -457,11 +465,8 @@ class CertificateReloader(FileWatcher):
                 )
             return False
         self.current = context
-        # identity() follows paths(): the certificate and key, then the client CA and CRL files
-        trust = slice(2, None)
-        self._trust_changed = (
-            self.tls_files.client_ca is not None and current[trust] != self.loaded[trust]
-        )
+        self._trust_changed = self.tls_files.client_ca is not None and trust != self._trust
+        self._trust = trust
         self.loaded, self._refused = current, None
         watch.reload_failing = False
         self.reloads += 1
