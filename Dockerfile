@@ -1,10 +1,12 @@
 # pneumoscan serving image: slim, non-root, shipped model baked in, offline-buildable.
 #   docker build -t pneumoscan .                       (wheels from the package index)
-#   python3.11 -m pip wheel -w wheelhouse . 'setuptools>=69' wheel && docker build -t pneumoscan .
+#   python3.11 -m pip wheel -w wheelhouse -c constraints.txt . 'setuptools>=69' wheel && docker build -t pneumoscan .
 #   (offline: the wheelhouse holds the build backend too)
 # It serves on LiteRT without TensorFlow. The training image adds it (1.3 GB):
 #   docker build --build-arg EXTRAS=training -t pneumoscan-train .
-#   (offline: python3.11 -m pip wheel -w wheelhouse '.[training]' 'setuptools>=69' wheel first)
+#   (offline: python3.11 -m pip wheel -w wheelhouse -c constraints.txt '.[training]' 'setuptools>=69' wheel first)
+# Either way the versions are constraints.txt's, the ones CI tested (a wheelhouse kept from an
+# earlier build may hold newer wheels too: the constraints choose).
 # BASE_IMAGE must be Debian bookworm-like; one without Python gets Debian's python3 (3.11).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
@@ -22,7 +24,7 @@ RUN if ! command -v python3 >/dev/null 2>&1; then \
     fi
 WORKDIR /src
 COPY wheelhouse/ /wheelhouse/
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY app ./app
 COPY training ./training
 RUN python3 -m venv /opt/venv && \
@@ -30,9 +32,9 @@ RUN python3 -m venv /opt/venv && \
     if [ -n "$EXTRAS" ]; then target=".[$EXTRAS]"; fi && \
     set -- /wheelhouse/*.whl && \
     if [ -e "$1" ]; then \
-        /opt/venv/bin/pip install --no-index --find-links /wheelhouse "$target" ; \
+        /opt/venv/bin/pip install --no-index --find-links /wheelhouse -c constraints.txt "$target" ; \
     else \
-        /opt/venv/bin/pip install "$target" ; \
+        /opt/venv/bin/pip install -c constraints.txt "$target" ; \
     fi && \
     find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 

@@ -78,7 +78,8 @@ fi
 log "building the wheelhouse on the host (the container cannot reach the index over HTTPS)"
 # The build backend too: the project is built from source in the image (TensorFlow, which
 # used to bring setuptools and wheel along as its own dependencies, is no longer installed).
-python3.11 -m pip wheel --quiet --wheel-dir "$ROOT/wheelhouse" "$ROOT" "setuptools>=69" wheel \
+python3.11 -m pip wheel --quiet --wheel-dir "$ROOT/wheelhouse" -c "$ROOT/constraints.txt" "$ROOT" \
+  "setuptools>=69" wheel \
   >"$WORK/wheel.log" 2>&1 \
   || { tail -n 20 "$WORK/wheel.log"; exit 1; }
 

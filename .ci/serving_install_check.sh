@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's serving install (`pip install -e .`, no extras) in a venv of its own: TensorFlow
+# The README's serving install (`pip install -c constraints.txt -e .`, no extras) in a venv of its own: TensorFlow
 # is not installed, the shipped model is served on LiteRT, and a real radiograph is scored and
 # explained. The test suite's venv has TensorFlow (the `dev` extra), so this is the only check
 # of the serving install outside the container check (which may be SKIPPED).
@@ -19,7 +19,7 @@ trap cleanup EXIT
 
 cd "$ROOT"
 python3.11 -m venv "$WORK/venv"
-"$WORK/venv/bin/pip" install -q -e . >"$WORK/pip.log" 2>&1 \
+"$WORK/venv/bin/pip" install -q -c constraints.txt -e . >"$WORK/pip.log" 2>&1 \
   || { grep -v "is ignored: it is neither" "$WORK/pip.log" | tail -n 20; exit 1; }
 "$WORK/venv/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('tensorflow') is not None)" \
   || { echo "[serving] the serving install has TensorFlow"; exit 1; }
