@@ -23,6 +23,7 @@ from app.admission import KeyConcurrency, UploadBudget
 from app.batching import MicroBatcher
 from app.classifier import ModelManager
 from app.errors import OverloadedError, PneumoscanError, UnauthorizedError
+from app.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from app.observability import Metrics, ObservabilityMiddleware, configure_logging
 from app.population import AGE_HEADER
 from app.records import RecordStore, RecordWriter
@@ -201,7 +202,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST", "PUT"],
-            allow_headers=["X-API-Key", "Authorization", "Content-Type", AGE_HEADER],
+            allow_headers=[
+                "X-API-Key",
+                "Authorization",
+                "Content-Type",
+                AGE_HEADER,
+                IDEMPOTENCY_HEADER,
+            ],
+            # what a browser client reads besides the body: a replay, when to retry, the SR's id
+            expose_headers=[REPLAYED_HEADER, "Retry-After", "X-Prediction-Id"],
         )
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     install_error_handlers(app)

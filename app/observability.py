@@ -58,6 +58,12 @@ class Metrics:
             ["label", "model_version"],
             registry=self.registry,
         )
+        self.idempotent_replays = Counter(
+            "pneumoscan_idempotent_replays_total",
+            "Answers given again for a retried Idempotency-Key instead of a second prediction "
+            "(a gateway losing answers: timeouts, resets)",
+            registry=self.registry,
+        )
         self.out_of_distribution = Counter(
             "pneumoscan_out_of_distribution_total",
             "Predictions whose input was flagged as unlike the training radiographs; a rising "

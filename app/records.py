@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from app.errors import StorageUnavailableError
+from app.idempotency import ReplayEntry, StoredKey
 from app.imaging import TARGET_SIZE
 
 log = logging.getLogger("pneumoscan.records")
@@ -84,6 +85,17 @@ CREATE TABLE IF NOT EXISTS study_reads (
     expires REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS study_reads_expires ON study_reads(expires);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key_id TEXT NOT NULL,
+    key_hash TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    prediction_id TEXT NOT NULL REFERENCES predictions(id),
+    expires REAL NOT NULL,
+    ood_threshold REAL,
+    age_check TEXT,
+    PRIMARY KEY (key_id, key_hash)
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_expires ON idempotency_keys(expires);
 CREATE TABLE IF NOT EXISTS explanations (
     id TEXT NOT NULL,
     num_samples INTEGER NOT NULL,
@@ -379,27 +391,50 @@ class RecordStore:
         with self._lock:
             self._db.close()  # the last connection to close checkpoints and removes the log
 
-    def add(self, record: PredictionRecord, pixels: np.ndarray) -> None:
-        self.add_many([(record, pixels)])
+    def add(
+        self, record: PredictionRecord, pixels: np.ndarray, replay: ReplayEntry | None = None
+    ) -> None:
+        self.add_many([(record, pixels, replay)])
 
-    def add_many(self, items: list[tuple[PredictionRecord, np.ndarray]]) -> None:
-        """Write predictions and their images in one transaction (all or none)."""
+    def add_many(
+        self, items: list[tuple[PredictionRecord, np.ndarray, ReplayEntry | None]]
+    ) -> None:
+        """Write predictions, their images and their Idempotency-Keys in one transaction (all
+        or none). A key another instance sharing the database wrote first is kept: its first
+        prediction is the one replayed."""
         fields = list(PredictionRecord.__dataclass_fields__)
         insert = (
             f"INSERT INTO predictions ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})"
         )
-        rows = [[getattr(record, f) for f in fields] for record, _ in items]
+        rows = [[getattr(record, f) for f in fields] for record, _, _ in items]
         images = [
             (record.id, record.created + self.retention, encode_pixels(pixels))
-            for record, pixels in items
+            for record, pixels, _ in items
         ]
-        in_studies = [(record.id,) for record, _ in items if record.study_uid is not None]
+        keys = [
+            (
+                record.key_id,
+                e.key_hash,
+                record.image_sha256,
+                record.id,
+                e.expires,
+                e.ood_threshold,
+                e.age_check,
+            )
+            for record, _, e in items
+            if e is not None
+        ]
+        in_studies = [(record.id,) for record, _, _ in items if record.study_uid is not None]
         applied: list[tuple] = []
         with self._lock, self._transaction():
             self._db.executemany(insert, rows)
             self._db.executemany(
                 "INSERT INTO images (id, expires, pixels) VALUES (?, ?, ?)", images
             )
+            if keys:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", keys
+                )
             if in_studies:
                 applied = self._apply_study_reads(in_studies)
         self._written.set()
@@ -463,6 +498,24 @@ class RecordStore:
                 (prediction_id,),
             ).fetchone()
         return PredictionRecord(*row) if row else None
+
+    def idempotency_key(
+        self, key_id: str, key_hash: str, now: float | None = None
+    ) -> StoredKey | None:
+        """The unexpired use of this Idempotency-Key (its SHA-256) by this API key, if any."""
+        now = time.time() if now is None else now
+        with self._lock:
+            row = self._db.execute(
+                "SELECT image_sha256, prediction_id, expires, ood_threshold, age_check "
+                "FROM idempotency_keys WHERE key_id = ? AND key_hash = ? AND expires > ?",
+                (key_id, key_hash, now),
+            ).fetchone()
+        if row is None:
+            return None
+        image_sha256, prediction_id, expires, ood_threshold, age_check = row
+        return StoredKey(
+            image_sha256, prediction_id, ReplayEntry(key_hash, expires, ood_threshold, age_check)
+        )
 
     def image(self, prediction_id: str, now: float | None = None) -> np.ndarray | None:
         now = time.time() if now is None else now
@@ -590,6 +643,8 @@ class RecordStore:
             deleted = self._db.execute("DELETE FROM images WHERE expires <= ?", (now,)).rowcount
             # a study's read stops waiting for its images; those it reached keep their reads
             self._db.execute("DELETE FROM study_reads WHERE expires <= ?", (now,))
+            # a key past its window makes a new prediction: nothing needs its row
+            self._db.execute("DELETE FROM idempotency_keys WHERE expires <= ?", (now,))
         self._written.set()
         return deleted
 
@@ -646,11 +701,13 @@ class RecordWriter:
         self._thread = threading.Thread(target=self._run, name="records-writer", daemon=True)
         self._thread.start()
 
-    async def add(self, record: PredictionRecord, pixels: np.ndarray) -> None:
+    async def add(
+        self, record: PredictionRecord, pixels: np.ndarray, replay: ReplayEntry | None = None
+    ) -> None:
         """Returns once the record is committed; StorageUnavailableError if it cannot be."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((record, pixels, loop, future))
+        self._queue.put((record, pixels, replay, loop, future))
         try:
             await future
         except sqlite3.Error as exc:
@@ -682,12 +739,12 @@ class RecordWriter:
                 group.append(following)
             error: BaseException | None = None
             try:
-                self.store.add_many([(record, pixels) for record, pixels, _, _ in group])
+                self.store.add_many([item[:3] for item in group])
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 log.error("audit records not written, %d request(s) refused: %s", len(group), exc)
                 error = exc
             self.failing = error is not None
-            for _, _, loop, future in group:
+            for *_, loop, future in group:
                 loop.call_soon_threadsafe(_settle, future, error)
             if stop:
                 return

@@ -7,6 +7,7 @@ Both say plainly that the result is an unverified screening aid, not a diagnosis
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import re
 from datetime import UTC, datetime
@@ -29,12 +30,15 @@ def build_sr(
     ood_threshold: float | None = None,
     age: AgeCheck | None = None,
 ) -> bytes:
-    """A Comprehensive 3D SR with the result, in the source image's study (new series)."""
+    """A Comprehensive 3D SR with the result, in the source image's study (new series). Made
+    from the record alone, with no clock or random UID, so the same prediction always gives the
+    same object: a replayed answer (Idempotency-Key) is the SR the PACS may already hold."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
     software = f"{model_name} v{model_version}"
+    # DICOM dates without an offset are local: the prediction's time, as highdicom's clock is
+    created = datetime.fromtimestamp(record.created)
     source = _with_type2_attributes(source)
     algorithm = hd.sr.AlgorithmIdentification(
         name=f"pneumoscan-{model_name}",
@@ -44,7 +48,7 @@ def build_sr(
     finding_code, finding_meaning = FINDINGS[record.label]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier=f"pneumoscan prediction {record.id}"
+            uid=derived_uid("tracking", record.id), identifier=f"pneumoscan prediction {record.id}"
         ),
         algorithm_id=algorithm,
         qualitative_evaluations=[
@@ -72,7 +76,7 @@ def build_sr(
     device = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(),
+            uid=derived_uid("device", software),  # the model version is the observing device
             name="pneumoscan",
             manufacturer_name="pneumoscan",
             model_name=software,
@@ -88,14 +92,14 @@ def build_sr(
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=software,
         software_versions=str(model_version),
-        contribution_datetime=datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
+        contribution_datetime=created.strftime("%Y%m%d%H%M%S"),  # its own entry: see below
         contribution_description=SHORT_CAUTION,
     )
     sr = hd.sr.Comprehensive3DSR(
         specific_character_set=SR_CHARSET,
         evidence=[source],
         content=report,
-        series_instance_uid=generate_uid(),
+        series_instance_uid=derived_uid("series", record.id),
         series_number=9901,
         sop_instance_uid=sr_uid(record.id),
         instance_number=1,
@@ -106,6 +110,13 @@ def build_sr(
         contributing_equipment=[equipment],
     )
     sr.SeriesDescription = "pneumoscan AI result - NOT FOR DIAGNOSTIC USE"
+    # highdicom dates the object, and the entry it adds for itself, by the clock: the
+    # prediction's time instead, so that the same prediction gives the same bytes
+    for prefix in ("InstanceCreation", "Content"):
+        setattr(sr, f"{prefix}Date", created.strftime("%Y%m%d"))
+        setattr(sr, f"{prefix}Time", created.strftime("%H%M%S.%f"))
+    for contribution in sr.ContributingEquipmentSequence:
+        contribution.ContributionDateTime = created.strftime("%Y%m%d%H%M%S.%f")
     out = io.BytesIO()
     sr.save_as(out, enforce_file_format=True)
     return out.getvalue()
@@ -117,6 +128,13 @@ def sr_uid(prediction_id: str) -> str:
     record (GET /predictions/{id}, with id = the UID's number in hex), and the answer to one
     prediction is always the same object."""
     return f"2.25.{int(prediction_id, 16)}"
+
+
+def derived_uid(purpose: str, name: str) -> str:
+    """A UID under 2.25 made from a name (128 bits of its SHA-256): the same for the same name,
+    so that an SR made again for one prediction carries the same UIDs."""
+    digest = hashlib.sha256(f"pneumoscan {purpose} {name}".encode()).hexdigest()
+    return f"2.25.{int(digest[:32], 16)}"
 
 
 def prediction_id_of(sop_instance_uid: str) -> str | None:

@@ -76,7 +76,10 @@ class Timings(BaseModel):
     queue_ms: float
     inference_ms: float
     total_ms: float
-    batch_size: int = Field(description="How many images shared the model call.")
+    batch_size: int = Field(
+        description="How many images shared the model call; 0 for an answer given again for "
+        "a retried Idempotency-Key (no model call)."
+    )
 
 
 Label = Literal["NORMAL", "PNEUMONIA"]
@@ -247,7 +250,8 @@ def error_responses(
         "unsupported DICOM (multi-frame, colour palette, floating-point pixels, not a radiograph "
         "modality such as CT, a lateral or oblique view, a 'for processing' image, a body part "
         "other than the chest, or 1-bit pixels), a patient outside the trained ages (with "
-        "PNEUMOSCAN_AGE_OUTSIDE=refuse), or a DICOM no SR can reference (SR answers).",
+        "PNEUMOSCAN_AGE_OUTSIDE=refuse), a DICOM no SR can reference (SR answers), or a "
+        "malformed X-Patient-Age or Idempotency-Key header, or a key used for another image.",
         429: "This API key has PNEUMOSCAN_MAX_INFLIGHT_PER_KEY predictions in flight (see "
         "Retry-After).",
         503: "No model loaded, a queue is full, or the audit record could not be written "

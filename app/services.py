@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from app.admission import KeyConcurrency, UploadBudget
 from app.batching import MicroBatcher
 from app.classifier import ModelManager
+from app.idempotency import KeysInFlight
 from app.observability import Metrics
 from app.records import RecordStore, RecordWriter
 from app.security import KeyFileWatcher, KeyRing
@@ -40,6 +41,8 @@ class Services:
     # What /readyz last found wrong with the audit storage ("storage_low", ...), or None.
     storage_state: str | None = None
     key_watcher: KeyFileWatcher | None = None  # with PNEUMOSCAN_*_KEYS_FILE
+    # Idempotency-Keys whose first request is being scored (409 for a retry meanwhile).
+    idempotency_in_flight: KeysInFlight = field(default_factory=KeysInFlight)
 
     def cache_get(self, key: tuple[str, int, int]) -> bytes | None:
         png = self.explain_cache.get(key)

@@ -153,6 +153,13 @@ class Settings(BaseSettings):
         "outside) or refuse (422 age_outside_training).",
     )
     retention_hours: float = Field(24.0, gt=0, description="Keep stored images this long.")
+    idempotency_hours: float = Field(
+        24.0,
+        gt=0,
+        le=24 * 365,
+        description="How long an Idempotency-Key replays its first prediction (POST /predict); "
+        "after it, the same key makes a new one.",
+    )
     poll_seconds: float = Field(5.0, gt=0, description="Model store poll interval.")
     cors_origins: str = Field("", description="Comma-separated CORS origins; empty = CORS off.")
     log_level: str = Field("INFO", description="Logging level.")

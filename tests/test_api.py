@@ -465,8 +465,9 @@ def test_a_declared_length_is_checked_but_only_received_bytes_are_held() -> None
 
 
 def test_cors_preflight_allows_the_apis_request_headers(tiny_store, tmp_path) -> None:
-    """A browser viewer on an allowed origin may send the key and the patient's age; another
-    origin gets no CORS grant."""
+    """A browser viewer on an allowed origin may send the key, the patient's age and an
+    Idempotency-Key, and read whether an answer was replayed; another origin gets no CORS
+    grant."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -476,7 +477,8 @@ def test_cors_preflight_allows_the_apis_request_headers(tiny_store, tmp_path) ->
     with TestClient(create_app(settings)) as client:
         preflight = {
             "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "x-api-key, content-type, x-patient-age",
+            "Access-Control-Request-Headers": "x-api-key, content-type, x-patient-age, "
+            "idempotency-key",
         }
         allowed = client.options(
             "/predict", headers={"Origin": "https://viewer.example", **preflight}
@@ -484,8 +486,11 @@ def test_cors_preflight_allows_the_apis_request_headers(tiny_store, tmp_path) ->
         assert allowed.status_code == 200
         assert allowed.headers["access-control-allow-origin"] == "https://viewer.example"
         granted = allowed.headers["access-control-allow-headers"].lower()
-        assert {"x-api-key", "content-type", "x-patient-age"} <= {
+        assert {"x-api-key", "content-type", "x-patient-age", "idempotency-key"} <= {
             name.strip() for name in granted.split(",")
         }
+        answer = client.get("/healthz", headers={"Origin": "https://viewer.example"})
+        exposed = answer.headers["access-control-expose-headers"].lower()
+        assert "idempotent-replayed" in {name.strip() for name in exposed.split(",")}
         other = client.options("/predict", headers={"Origin": "https://evil.example", **preflight})
         assert "access-control-allow-origin" not in other.headers

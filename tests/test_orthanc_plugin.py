@@ -37,6 +37,7 @@ class FakeOrthanc(types.ModuleType):
         self.sr_uids: set[str] = set()  # SOP Instance UIDs of the stored SRs (/tools/lookup)
         self.uid_of_sr = None  # how a test's SR bytes give their UID, where a test needs it
         self.kill_on_sr: str | None = None  # "before" / "after" storing an SR: Killed()
+        self.idempotency_keys: list[str] = []  # sent with each POST /predict
 
     def add(self, instance_id: str, date: str = "20261202T120000", **tags: str) -> None:
         seq = len(self.changes) + 1
@@ -127,9 +128,10 @@ def load_plugin(monkeypatch: pytest.MonkeyPatch, fake: FakeOrthanc, sent: list, 
     plugin = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plugin)
 
-    def post_predict(dicom_bytes: bytes):
+    def post_predict(dicom_bytes: bytes, key: str):
         instance_id = dicom_bytes.decode().removeprefix("DICM ")
         sent.append(instance_id)
+        fake.idempotency_keys.append(key)
         answer = answers[instance_id]
         if isinstance(answer, BaseException):
             raise answer
@@ -294,7 +296,7 @@ def test_an_outage_is_waited_out_and_said_on_the_study(orthanc, monkeypatch) -> 
     def sleep(seconds: float) -> None:
         seen_while_retrying.append(study_metadata(fake, "PneumoscanResult"))
 
-    monkeypatch.setattr(plugin, "_post_predict", lambda data: _next(outcomes))
+    monkeypatch.setattr(plugin, "_post_predict", lambda data, key: _next(outcomes))
     monkeypatch.setattr(plugin.time, "sleep", sleep)
     plugin.process("during-outage")
     assert seen_while_retrying[:5] == [None] * 5
@@ -308,7 +310,7 @@ def test_a_repeated_500_is_that_image_s_error_and_the_next_is_scored(orthanc, mo
     fake.add("poison")
     fake.add("next")
     outcomes = [plugin.Transient("HTTP 500 internal", 500)] * 6 + [("NORMAL", "typical")]
-    monkeypatch.setattr(plugin, "_post_predict", lambda data: _next(outcomes))
+    monkeypatch.setattr(plugin, "_post_predict", lambda data, key: _next(outcomes))
     monkeypatch.setattr(plugin.time, "sleep", lambda seconds: None)
     plugin.drain(0)
     assert (
@@ -325,6 +327,35 @@ def test_an_image_waiting_for_the_service_at_a_kill_is_retried_after_it(orthanc)
     orthanc.plugin.process("waiting")
     assert orthanc.sent == ["waiting"]
     assert fake.metadata["/instances/waiting/metadata/PneumoscanResult"] == "NORMAL"
+
+
+def test_every_try_of_an_image_sends_one_idempotency_key(orthanc, monkeypatch) -> None:
+    """A try whose answer was lost (a reset, a timeout, a 409 while the first try is still
+    scored) and the try after a restart send the same Idempotency-Key, so the service answers
+    its first prediction again; another file under the same instance is another image."""
+    plugin, fake = orthanc.plugin, orthanc.fake
+    fake.add("lost-answers")
+    keys: list[str] = []
+    outcomes = [
+        plugin.Transient("connection reset by peer"),
+        plugin.Transient("HTTP 409 idempotency_key_in_use", 409),
+        ("NORMAL", "typical"),
+    ]
+
+    def post_predict(data: bytes, key: str):
+        keys.append(key)
+        return _next(outcomes)
+
+    monkeypatch.setattr(plugin, "_post_predict", post_predict)
+    monkeypatch.setattr(plugin.time, "sleep", lambda seconds: None)
+    plugin.process("lost-answers")
+    assert fake.metadata["/instances/lost-answers/metadata/PneumoscanResult"] == "NORMAL"
+    assert len(keys) == 3 and len(set(keys)) == 1
+    assert keys[0].startswith("orthanc-lost-answers-") and len(keys[0]) <= 255
+    dicom = fake.RestApiGet("/instances/lost-answers/file")
+    assert plugin.idempotency_key("lost-answers", dicom) == keys[0]  # a restart: the same
+    assert plugin.idempotency_key("lost-answers", dicom + b"changed") != keys[0]
+    assert plugin.idempotency_key("another", dicom) != keys[0]
 
 
 def _next(outcomes: list):

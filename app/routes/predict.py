@@ -31,6 +31,14 @@ from app.errors import (
     UnsupportedDicomError,
     UnsupportedMediaError,
 )
+from app.idempotency import (
+    IDEMPOTENCY_HEADER,
+    REPLAYED_HEADER,
+    IdempotencyKeyReusedError,
+    ReplayEntry,
+    idempotency_key,
+    key_digest,
+)
 from app.imaging import DecodedImage, check_content, decode_image, decode_small_raster
 from app.negotiation import DICOM, FHIR, JSON, choose
 from app.population import AGE_HEADER, AgeRange, PatientAge, age_from_header, age_status
@@ -68,7 +76,20 @@ OPENAPI_BODY = {
             "DICOM object's own PatientAge or PatientBirthDate is used first. Never returned, "
             "stored or logged.",
             "schema": {"type": "string", "pattern": "^[0-9]{3}[DWMY]$"},
-        }
+        },
+        {
+            "name": IDEMPOTENCY_HEADER,
+            "in": "header",
+            "required": False,
+            "description": "A key of the caller's making, new for each image (a UUID), sent "
+            "again unchanged with each retry of that request: a retry within "
+            "PNEUMOSCAN_IDEMPOTENCY_HOURS (24 h) gets the first prediction again, with "
+            "`Idempotent-Replayed: true`, in the representation it asks for, instead of a "
+            "second prediction. Scoped to the API key; only its SHA-256 is stored. The same key "
+            "with another image: 422 `idempotency_key_reused`; while the first request is "
+            "still being scored: 409 with Retry-After.",
+            "schema": {"type": "string", "pattern": "^[!#-\\[\\]-~]{1,255}$"},
+        },
     ],
     "requestBody": {
         "required": True,
@@ -296,7 +317,21 @@ async def decode_in_pool(services: Services, data: bytes) -> DecodedImage:
             "`flagged`), and, unless the age check is off, `X-Age-Check` (`within`, `outside` "
             "or `unknown`).",
         },
-        **error_responses(401, 403, 406, 408, 413, 415, 422, 429, 503),
+        **error_responses(
+            401,
+            403,
+            406,
+            408,
+            409,
+            413,
+            415,
+            422,
+            429,
+            503,
+            descriptions={
+                409: "A request with this Idempotency-Key is still being scored (see Retry-After)."
+            },
+        ),
     },
 )
 async def predict(request: Request) -> PredictionPublic | Response:
@@ -322,6 +357,8 @@ async def score_upload(
 ) -> Response:
     settings = services.settings
     given_age = patient_age_header(request)  # refused before the body is read
+    idempotency = idempotency_key(request.headers.getlist(IDEMPOTENCY_HEADER))
+    key_hash = None if idempotency is None else key_digest(idempotency)
     try:
         data = await read_upload(
             request, settings.max_upload_bytes, settings.upload_timeout_s, holding
@@ -357,8 +394,82 @@ async def score_upload(
                 f"No DICOM SR can be made for this object: {problem}. Ask for "
                 "application/json (or application/fhir+json) to have it scored."
             )
-    refuse_outside_ages(decoded, services)
     decode_ms = (time.perf_counter() - decode_started) * 1000
+    upload = Upload(data, decoded, digest, answer_type, decode_ms)
+    if key_hash is None:
+        return await score(request, services, key_id, started, upload, None)
+    # One request per key at a time: a retry racing its first request waits for its answer.
+    services.idempotency_in_flight.claim(key_id, key_hash)
+    try:
+        return await score_once(request, services, key_id, started, upload, key_hash)
+    finally:
+        services.idempotency_in_flight.release(key_id, key_hash)
+
+
+@dataclasses.dataclass(frozen=True)
+class Upload:
+    """A decoded upload, with the answer it asked for, ready for the model."""
+
+    data: bytes
+    decoded: DecodedImage
+    digest: asyncio.Future[str]
+    answer_type: str
+    decode_ms: float
+
+
+async def score_once(
+    request: Request,
+    services: Services,
+    key_id: str,
+    started: float,
+    upload: Upload,
+    key_hash: str,
+) -> Response:
+    """With an Idempotency-Key: the first prediction made with it, answered again, else a new
+    one recorded with the key (app.idempotency)."""
+    used = await asyncio.to_thread(services.records.idempotency_key, key_id, key_hash)
+    if used is None:
+        return await score(request, services, key_id, started, upload, key_hash)
+    if await upload.digest != used.image_sha256:
+        raise IdempotencyKeyReusedError(
+            f"This {IDEMPOTENCY_HEADER} was used for another image in the last "
+            f"{services.settings.idempotency_hours:g} h: send a new key for each image (the "
+            "same key only to retry the same request)."
+        )
+    record = await asyncio.to_thread(services.records.get, used.prediction_id)
+    if record is None:  # the row outlived its prediction: cannot happen, but never a 500
+        return await score(request, services, key_id, started, upload, key_hash)
+    services.metrics.idempotent_replays.inc()
+    log.info(
+        "prediction replayed",
+        extra={"prediction_id": record.id, "key_id": key_id, "answer": upload.answer_type},
+    )
+    timings = Timings(
+        decode_ms=round(upload.decode_ms, 2),
+        queue_ms=0.0,
+        inference_ms=0.0,
+        total_ms=round((time.perf_counter() - started) * 1000, 2),
+        batch_size=0,
+    )
+    response = await answer(
+        request, record, upload, used.entry.ood_threshold, used.entry.age(), timings
+    )
+    response.headers[REPLAYED_HEADER] = "true"
+    return response
+
+
+async def score(
+    request: Request,
+    services: Services,
+    key_id: str,
+    started: float,
+    upload: Upload,
+    key_hash: str | None,
+) -> Response:
+    """Run the model, record the prediction (with its Idempotency-Key), answer."""
+    settings = services.settings
+    decoded = upload.decoded
+    refuse_outside_ages(decoded, services)
     services.metrics.queue_depth.set(services.batcher.queue.qsize())
     try:
         result = await services.batcher.predict(decoded.pixels)
@@ -371,7 +482,7 @@ async def score_upload(
     label = "PNEUMONIA" if p_pneumonia >= model.threshold else "NORMAL"
     prediction_id = secrets.token_hex(16)
     ages = age_check(decoded, trained_ages(model, settings))
-    sha256 = await digest
+    sha256 = await upload.digest
     uids = decoded.dicom
     record = PredictionRecord(
         id=prediction_id,
@@ -385,7 +496,7 @@ async def score_upload(
         threshold=model.threshold,
         image_sha256=sha256,
         input_format=decoded.format,
-        input_bytes=len(data),
+        input_bytes=len(upload.data),
         width=decoded.width,
         height=decoded.height,
         study_uid=uids.get("StudyInstanceUID"),
@@ -394,8 +505,12 @@ async def score_upload(
         ood_score=result.ood_score,
         age_check=None if ages is None else ages.status,
     )
+    replay = None
+    if key_hash is not None:
+        expires = record.created + settings.idempotency_hours * 3600
+        replay = ReplayEntry.of(key_hash, expires, model.ood_threshold, ages)
     try:
-        await services.writer.add(record, decoded.pixels)
+        await services.writer.add(record, decoded.pixels, replay)
     except StorageUnavailableError:
         services.metrics.rejected.labels("storage_unavailable").inc()
         raise
@@ -416,61 +531,75 @@ async def score_upload(
             "label": label,
             "ood_flagged": None if ood is None else ood.flagged,
             "age_check": None if ages is None else ages.status,
-            "answer": answer_type,
+            "answer": upload.answer_type,
         },
     )
-    if answer_type == FHIR:
-        fhir = build_fhir(record, model.name, model.version, model.ood_threshold, ages)
+    timings = Timings(
+        decode_ms=round(upload.decode_ms, 2),
+        queue_ms=round(result.queue_ms, 2),
+        inference_ms=round(result.inference_ms, 2),
+        total_ms=round((time.perf_counter() - started) * 1000, 2),
+        batch_size=result.batch_size,
+    )
+    return await answer(request, record, upload, model.ood_threshold, ages, timings)
+
+
+async def answer(
+    request: Request,
+    record: PredictionRecord,
+    upload: Upload,
+    ood_threshold: float | None,
+    ages: AgeCheck | None,
+    timings: Timings,
+) -> Response:
+    """The prediction in the representation negotiated: made from the record, so that a replay
+    gives what the first answer gave (but its timings)."""
+    ood = out_of_distribution(record.ood_score, ood_threshold)
+    if upload.answer_type == FHIR:
+        fhir = build_fhir(record, record.model_name, record.model_version, ood_threshold, ages)
         return JSONResponse(
-            fhir, media_type="application/fhir+json", headers={"X-Prediction-Id": prediction_id}
+            fhir, media_type="application/fhir+json", headers={"X-Prediction-Id": record.id}
         )
-    if answer_type == DICOM:
+    if upload.answer_type == DICOM:
         sr = await asyncio.to_thread(
             build_sr,
-            decoded.source,
+            upload.decoded.source,
             record,
-            model.name,
-            model.version,
-            model.ood_threshold,
+            record.model_name,
+            record.model_version,
+            ood_threshold,
             ages,
         )
-        headers = {"X-Prediction-Id": prediction_id, "X-Label": label}
+        headers = {"X-Prediction-Id": record.id, "X-Label": record.label}
         if ood is not None:  # for a PACS plugin, which gets no JSON body with the SR
             headers["X-Input-Check"] = "flagged" if ood.flagged else "typical"
         if ages is not None:
             headers["X-Age-Check"] = ages.status
         return Response(sr, media_type="application/dicom", headers=headers)
+    uids = (record.study_uid, record.series_uid, record.sop_uid)
     body = PredictionPublic(
-        prediction_id=prediction_id,
-        label=label,
-        probabilities=Probabilities(NORMAL=p_normal, PNEUMONIA=p_pneumonia),
-        threshold=model.threshold,
-        model=ModelRef(name=model.name, version=model.version),
+        prediction_id=record.id,
+        label=record.label,
+        probabilities=Probabilities(NORMAL=record.p_normal, PNEUMONIA=record.p_pneumonia),
+        threshold=record.threshold,
+        model=ModelRef(name=record.model_name, version=record.model_version),
         # What url_for("explain") gives, without its route search on every request.
-        explain_url=f"{request.scope.get('root_path', '')}/explain/{prediction_id}",
+        explain_url=f"{request.scope.get('root_path', '')}/explain/{record.id}",
         input=InputInfo(
-            format=decoded.format,
-            width=decoded.width,
-            height=decoded.height,
-            bytes=len(data),
-            sha256=sha256,
+            format=record.input_format,
+            width=record.width,
+            height=record.height,
+            bytes=record.input_bytes,
+            sha256=record.image_sha256,
         ),
         dicom=DicomInfo(
-            study_instance_uid=uids.get("StudyInstanceUID"),
-            series_instance_uid=uids.get("SeriesInstanceUID"),
-            sop_instance_uid=uids.get("SOPInstanceUID"),
+            study_instance_uid=uids[0], series_instance_uid=uids[1], sop_instance_uid=uids[2]
         )
-        if uids
+        if any(uids)
         else None,
         out_of_distribution=ood,
         age_check=ages,
-        timings=Timings(
-            decode_ms=round(decode_ms, 2),
-            queue_ms=round(result.queue_ms, 2),
-            inference_ms=round(result.inference_ms, 2),
-            total_ms=round((time.perf_counter() - started) * 1000, 2),
-            batch_size=result.batch_size,
-        ),
+        timings=timings,
     )
     # Serialised once by pydantic-core; returning the model would validate it a second time.
     return Response(body.model_dump_json(), media_type="application/json")

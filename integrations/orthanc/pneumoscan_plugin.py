@@ -49,6 +49,7 @@ ages the model was trained on, else "within" if any is known to be within, else 
 """
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -100,6 +101,8 @@ AGE_CHECK = "PneumoscanAgeCheck"
 # How a study sums up its instances' checks: the first value found in this order.
 SUMMARY_ORDER = {INPUT_CHECK: ("flagged", "typical"), AGE_CHECK: ("outside", "within", "unknown")}
 TRANSIENT = {408, 429, 500, 502, 503, 504}
+# POST /predict's 409: the first request with this Idempotency-Key is still being scored.
+PREDICT_TRANSIENT = TRANSIENT | {409}
 # Tries of an overlay's GET /explain while the service is busy or unreachable (2 s, then 4 s
 # apart): the call itself is already stored, so the overlay is not waited for as long.
 OVERLAY_TRIES = max(1, int(os.environ.get("PNEUMOSCAN_OVERLAY_TRIES", "3")))
@@ -157,7 +160,15 @@ def _log(message):
     orthanc.LogWarning("pneumoscan: " + message)
 
 
-def _post_predict(dicom_bytes):
+def idempotency_key(instance_id, dicom_bytes):
+    """The same for every try of one instance's file, across restarts of Orthanc: a try whose
+    answer was lost (a timeout, a reset, Orthanc killed before the SR was stored) gets the
+    first prediction's SR again instead of a second prediction. A file changed under the same
+    instance is another image, so another key."""
+    return f"orthanc-{instance_id}-{hashlib.sha256(dicom_bytes).hexdigest()[:32]}"
+
+
+def _post_predict(dicom_bytes, key):
     boundary = uuid.uuid4().hex
     body = (
         (
@@ -176,6 +187,7 @@ def _post_predict(dicom_bytes):
             "Content-Type": "multipart/form-data; boundary=" + boundary,
             "Accept": "application/dicom",
             "X-API-Key": API_KEY,
+            "Idempotency-Key": key,
         },
     )
     try:
@@ -195,7 +207,7 @@ def _post_predict(dicom_bytes):
             )
     except urllib.error.HTTPError as exc:
         detail = exc.read()[:300].decode("utf-8", "replace")
-        if exc.code in TRANSIENT:
+        if exc.code in PREDICT_TRANSIENT:
             raise Transient(f"HTTP {exc.code} {detail}", exc.code) from exc
         raise ValueError(f"HTTP {exc.code} {detail}") from exc
     except (urllib.error.URLError, OSError) as exc:
@@ -382,11 +394,12 @@ def process(instance_id):
         _finish(instance_id, study_id, tags, None, *stored)
         return
     dicom_bytes = orthanc.RestApiGet(f"/instances/{instance_id}/file")
+    key = idempotency_key(instance_id, dicom_bytes)
     delay, attempt = 1.0, 0
     while True:
         attempt += 1
         try:
-            sr_bytes, label, checks, prediction_id = _post_predict(dicom_bytes)
+            sr_bytes, label, checks, prediction_id = _post_predict(dicom_bytes, key)
             break
         except Transient as exc:
             if exc.status == 500 and attempt >= MAX_TRIES:

@@ -1,0 +1,221 @@
+"""Idempotency-Key on POST /predict: a retried request gets its first prediction again, in any
+representation, instead of a second prediction of the same image (app/idempotency.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.idempotency import key_digest
+from app.records import audit_database
+from tests.conftest import API_KEY, FIXTURES, OTHER_KEY, make_settings
+from tests.utils.dicom_factory import make_dicom
+
+
+def predictions_in(client: TestClient) -> int:
+    return client.app.state.services.records.count()
+
+
+def post(client: TestClient, image: bytes, key: str | None, **headers: str):
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return client.post("/predict", files={"file": ("x", image)}, headers=headers)
+
+
+def test_a_retry_with_the_key_gets_the_first_prediction_again(client, normal_jpeg) -> None:
+    key = str(uuid.uuid4())
+    first = post(client, normal_jpeg, key)
+    assert first.status_code == 200, first.text
+    assert "idempotent-replayed" not in first.headers
+    again = post(client, normal_jpeg, key)
+    assert again.status_code == 200, again.text
+    assert again.headers["idempotent-replayed"] == "true"
+    before, after = first.json(), again.json()
+    assert after["prediction_id"] == before["prediction_id"]
+    for field in ("label", "probabilities", "threshold", "model", "explain_url", "input"):
+        assert after[field] == before[field], field
+    assert after["timings"]["batch_size"] == 0  # no model call
+    assert predictions_in(client) == 1
+    # the draft's Structured Field form of the same key is the same key
+    quoted = post(client, normal_jpeg, f'"{key}"')
+    assert quoted.json()["prediction_id"] == before["prediction_id"]
+    # and the replayed prediction is the one the audit trail and /explain know
+    looked_up = client.get(f"/predictions/{before['prediction_id']}")
+    assert looked_up.json()["probabilities"] == before["probabilities"]
+    assert predictions_in(client) == 1
+
+
+def test_without_a_key_or_with_a_new_one_each_post_is_a_new_prediction(client, normal_jpeg) -> None:
+    ids = {post(client, normal_jpeg, None).json()["prediction_id"] for _ in range(2)}
+    ids |= {post(client, normal_jpeg, str(uuid.uuid4())).json()["prediction_id"] for _ in range(2)}
+    assert len(ids) == 4
+    assert predictions_in(client) == 4
+
+
+def test_the_key_with_another_image_is_refused(client, normal_jpeg, pneumonia_jpeg) -> None:
+    key = str(uuid.uuid4())
+    assert post(client, normal_jpeg, key).status_code == 200
+    reused = post(client, pneumonia_jpeg, key)
+    assert reused.status_code == 422
+    assert reused.json()["error"]["code"] == "idempotency_key_reused"
+    assert key not in reused.text
+    assert predictions_in(client) == 1
+
+
+def test_keys_belong_to_the_api_key_that_sent_them(client, normal_jpeg) -> None:
+    key = str(uuid.uuid4())
+    mine = post(client, normal_jpeg, key).json()["prediction_id"]
+    theirs = post(client, normal_jpeg, key, **{"X-API-Key": OTHER_KEY})
+    assert theirs.status_code == 200
+    assert "idempotent-replayed" not in theirs.headers
+    assert theirs.json()["prediction_id"] != mine  # never another caller's prediction
+    assert predictions_in(client) == 2
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "  ", "a" * 256, "two words", "caf\u00e9", "tab\there", '"', '""'],
+    ids=["empty", "blank", "too-long", "space", "non-ascii", "tab", "lone-quote", "empty-quoted"],
+)
+def test_a_malformed_key_is_refused_before_the_upload(client, normal_jpeg, value: str) -> None:
+    response = client.post(
+        "/predict",
+        files={"file": ("x", normal_jpeg)},
+        headers=[("Idempotency-Key", value.encode("utf-8"))],
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_idempotency_key"
+    assert predictions_in(client) == 0
+
+
+def test_a_key_sent_twice_is_refused(client, normal_jpeg) -> None:
+    response = client.post(
+        "/predict",
+        files={"file": ("x", normal_jpeg)},
+        headers=[("Idempotency-Key", "one-0001"), ("Idempotency-Key", "one-0001")],
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_idempotency_key"
+
+
+def test_a_dicom_retry_gets_the_same_sr_and_the_same_fhir_report(client) -> None:
+    source = FIXTURES / "chest_xray" / "PNEUMONIA" / "person495_bacteria_2094.jpeg"
+    gray = np.asarray(Image.open(source).convert("L"))
+    dicom = make_dicom(gray, bits=12)
+    key = str(uuid.uuid4())
+    sr = {"Accept": "application/dicom"}
+    first = post(client, dicom, key, **sr)
+    assert first.status_code == 200, first.text
+    time.sleep(1.1)  # a clock-dated SR would now differ
+    again = post(client, dicom, key, **sr)
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    # byte for byte: the PACS that stored the first gets the same instance, not a second one
+    assert again.content == first.content
+    assert again.headers["x-prediction-id"] == first.headers["x-prediction-id"]
+    assert again.headers["x-label"] == first.headers["x-label"]
+    assert again.headers.get("x-age-check") == first.headers.get("x-age-check")
+    stored = pydicom.dcmread(io.BytesIO(first.content))
+    assert stored.SeriesInstanceUID.startswith("2.25.")
+    fhir = post(client, dicom, key, Accept="application/fhir+json")
+    assert fhir.status_code == 200 and fhir.headers["idempotent-replayed"] == "true"
+    assert fhir.headers["x-prediction-id"] == first.headers["x-prediction-id"]
+    assert predictions_in(client) == 1
+
+
+def test_a_retry_while_the_first_is_scored_waits_for_it(client, normal_jpeg) -> None:
+    """The second request with the key, arriving before the first is recorded, gets 409 with
+    Retry-After; after the first's answer, the retry gets that prediction."""
+    services = client.app.state.services
+    release = threading.Event()
+    entered = threading.Event()
+    predict = services.batcher.predict
+
+    async def slow_predict(pixels):
+        entered.set()
+        await asyncio.to_thread(release.wait, 10)
+        return await predict(pixels)
+
+    services.batcher.predict = slow_predict
+    key = str(uuid.uuid4())
+    results: dict[str, object] = {}
+    first = threading.Thread(target=lambda: results.update(first=post(client, normal_jpeg, key)))
+    first.start()
+    try:
+        assert entered.wait(10)
+        racing = post(client, normal_jpeg, key)
+        assert racing.status_code == 409, racing.text
+        assert racing.json()["error"]["code"] == "idempotency_key_in_use"
+        assert racing.headers["retry-after"] == "1"
+    finally:
+        release.set()
+        first.join(10)
+        services.batcher.predict = predict
+    original = results["first"].json()["prediction_id"]
+    retried = post(client, normal_jpeg, key)
+    assert retried.headers["idempotent-replayed"] == "true"
+    assert retried.json()["prediction_id"] == original
+    assert predictions_in(client) == 1
+
+
+def test_a_key_survives_a_restart_and_expires(
+    tiny_store: Path, tmp_path: Path, normal_jpeg: bytes
+) -> None:
+    from app.main import create_app
+
+    settings = make_settings(tiny_store, tmp_path / "data", idempotency_hours=1)
+    key = str(uuid.uuid4())
+    with TestClient(create_app(settings)) as first:
+        first.headers["X-API-Key"] = API_KEY
+        original = post(first, normal_jpeg, key).json()["prediction_id"]
+    with TestClient(create_app(settings)) as restarted:
+        restarted.headers["X-API-Key"] = API_KEY
+        again = post(restarted, normal_jpeg, key)
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.json()["prediction_id"] == original
+        records = restarted.app.state.services.records
+        assert records.purge(now=time.time() + 1800) == 0  # within the hour: kept
+        assert records.idempotency_key(first_key_id(restarted), key_digest(key)) is not None
+        records.purge(now=time.time() + 3601)
+        assert records.idempotency_key(first_key_id(restarted), key_digest(key)) is None
+        later = post(restarted, normal_jpeg, key)
+        assert "idempotent-replayed" not in later.headers
+        assert later.json()["prediction_id"] != original
+
+
+def first_key_id(client: TestClient) -> str:
+    (key_id,) = {
+        row[0]
+        for row in sqlite3.connect(audit_database(client.app.state.services.settings.data_dir))
+        .execute("SELECT key_id FROM predictions")
+        .fetchall()
+    }
+    return key_id
+
+
+def test_the_key_itself_is_never_stored_or_logged(
+    client, normal_jpeg, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = "ACC-2026-000123-" + uuid.uuid4().hex  # what a RIS might use: an accession number
+    with caplog.at_level(logging.DEBUG):
+        assert post(client, normal_jpeg, key).status_code == 200
+        assert post(client, normal_jpeg, key).headers["idempotent-replayed"] == "true"
+    assert key not in caplog.text
+    assert any(r.getMessage() == "prediction replayed" for r in caplog.records)
+    database = audit_database(client.app.state.services.settings.data_dir)
+    for path in database.parent.iterdir():
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path.name
+    metrics = client.get("/metrics").text
+    assert "pneumoscan_idempotent_replays_total 1.0" in metrics
