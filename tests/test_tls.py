@@ -219,17 +219,20 @@ def test_the_orthanc_plugin_posts_over_mutual_tls(
     monkeypatch.setattr(plugin, "API_KEY", BENCH_KEY)
     environ = {"PNEUMOSCAN_CA_FILE": str(pki.ca), "PNEUMOSCAN_CLIENT_CERT": str(pki.client)}
     monkeypatch.setattr(plugin, "TLS_CONTEXT", plugin.tls_context(url, environ))
-    sr, label, checks, prediction_id = plugin._post_predict(DICOM)
+    key = plugin.idempotency_key("instance-1", DICOM)
+    sr, label, checks, prediction_id = plugin._post_predict(DICOM, key)
     assert sr[128:132] == b"DICM" and label in ("NORMAL", "PNEUMONIA")
     assert checks == {"PneumoscanAgeCheck": "unknown"}  # the fixture states no age
     assert plugin._get_overlay(prediction_id)[:4] == b"\x89PNG"  # the overlay, same channel
+    # a try whose answer was lost: the same key gets the same SR, not a second prediction
+    assert plugin._post_predict(DICOM, key) == (sr, label, checks, prediction_id)
     # Without the client certificate the service refuses the connection, which the plugin
     # treats as the service being unreachable: it retries, the image is not lost.
     monkeypatch.setattr(
         plugin, "TLS_CONTEXT", plugin.tls_context(url, {"PNEUMOSCAN_CA_FILE": str(pki.ca)})
     )
     with pytest.raises(plugin.Transient):
-        plugin._post_predict(DICOM)
+        plugin._post_predict(DICOM, key)
 
 
 @pytest.mark.parametrize(
