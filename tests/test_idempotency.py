@@ -219,3 +219,46 @@ def test_the_key_itself_is_never_stored_or_logged(
             assert key.encode() not in path.read_bytes(), path.name
     metrics = client.get("/metrics").text
     assert "pneumoscan_idempotent_replays_total 1.0" in metrics
+
+
+def test_a_request_whose_client_gave_up_is_answered_to_its_retry(
+    tiny_store: Path, tmp_path: Path, normal_jpeg: bytes
+) -> None:
+    """Real uvicorn: a gateway sends its image and drops the connection before the answer (its
+    timeout). The service still scores and records it, and the retry, sent at once, gets that
+    prediction (after a 409 with Retry-After if the first is still being scored)."""
+    import socket
+
+    import httpx
+
+    from benchmarks.common import BENCH_KEY, running_server
+
+    key = str(uuid.uuid4())
+    headers = {"X-API-Key": BENCH_KEY, "Idempotency-Key": key, "Content-Type": "image/jpeg"}
+    with running_server(tiny_store, tmp_path / "data") as server:
+        host, port = server["url"].removeprefix("http://").split(":")
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        with socket.create_connection((host, int(port)), timeout=10) as gateway:
+            gateway.sendall(
+                f"POST /predict HTTP/1.1\r\nHost: {host}\r\n{head}"
+                f"Content-Length: {len(normal_jpeg)}\r\n\r\n".encode()
+                + normal_jpeg
+            )
+        # the answer is never read: the gateway's timeout fired
+        statuses = []
+        for _ in range(20):
+            retry = httpx.post(
+                f"{server['url']}/predict", content=normal_jpeg, headers=headers, timeout=30
+            )
+            statuses.append(retry.status_code)
+            if retry.status_code != 409:
+                break
+            time.sleep(float(retry.headers["retry-after"]))
+        log = server["log"].read_text()
+    assert statuses[-1] == 200 and set(statuses[:-1]) <= {409}, statuses
+    assert retry.headers["idempotent-replayed"] == "true"
+    database = sqlite3.connect(tmp_path / "data" / "pneumoscan.sqlite3")
+    (made,) = database.execute("SELECT id FROM predictions").fetchall()
+    database.close()
+    assert retry.json()["prediction_id"] == made[0]  # the first request's, recorded once
+    assert "Traceback" not in log, log[-2000:]
