@@ -1,5 +1,8 @@
 """kill -9 the server during a burst of predictions, restart it, and check that every
-prediction answered 200 is in the audit database intact and still explainable.
+prediction answered 200 is in the audit database intact and still explainable. Each request
+carries an Idempotency-Key; after the restart the clients retry the requests the kill left
+unanswered, as a gateway does, and each image must then be in the audit trail exactly once:
+a request recorded before the kill gets its prediction replayed, the others are scored.
 
     python -m benchmarks.kill_during_writes [--clients 8] [--kill-after 3]
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import signal
 import sqlite3
@@ -30,20 +34,29 @@ from benchmarks.common import (
     running_server,
 )
 
+KEY_HEADER = "Idempotency-Key"
+
 
 async def burst(
     url: str, body: bytes, headers: dict, clients: int, pid: int, kill_after: float
-) -> dict[str, tuple[float, float | None]]:
+) -> tuple[dict[str, tuple[float, float | None]], list[str]]:
+    """The predictions answered 200 (id: probability, out-of-distribution score) and the
+    Idempotency-Keys of the requests the kill left without an answer."""
     answered: dict[str, tuple[float, float | None]] = {}
+    unanswered: list[str] = []
     stop = time.perf_counter() + kill_after
 
     async with httpx.AsyncClient(timeout=10) as client:
 
-        async def worker() -> None:
-            while True:
+        async def worker(number: int) -> None:
+            for sent in itertools.count():
+                key = f"kill-{number}-{sent}"
                 try:
-                    response = await client.post(f"{url}/predict", content=body, headers=headers)
+                    response = await client.post(
+                        f"{url}/predict", content=body, headers={**headers, KEY_HEADER: key}
+                    )
                 except httpx.HTTPError:
+                    unanswered.append(key)
                     return
                 if response.status_code == 200:
                     data = response.json()
@@ -57,8 +70,23 @@ async def burst(
             await asyncio.sleep(max(0.0, stop - time.perf_counter()))
             os.kill(pid, signal.SIGKILL)
 
-        await asyncio.gather(killer(), *(worker() for _ in range(clients)))
-    return answered
+        await asyncio.gather(killer(), *(worker(number) for number in range(clients)))
+    return answered, unanswered
+
+
+def retry(url: str, body: bytes, headers: dict, keys: list[str]) -> tuple[int, int]:
+    """Send the unanswered requests again with their keys: (replayed, scored now)."""
+    replayed = scored = 0
+    for key in keys:
+        response = httpx.post(
+            f"{url}/predict", content=body, headers={**headers, KEY_HEADER: key}, timeout=60
+        )
+        response.raise_for_status()
+        if response.headers.get("idempotent-replayed") == "true":
+            replayed += 1
+        else:
+            scored += 1
+    return replayed, scored
 
 
 def same_record(answer: tuple[float, float | None], row: tuple[float, float | None]) -> bool:
@@ -80,7 +108,7 @@ def run(clients: int, kill_after: float, store: Path | None = None) -> dict:
         data_dir = Path(tmp)
         port = free_port()
         with running_server(store, data_dir, port) as server:
-            answered = asyncio.run(
+            answered, unanswered = asyncio.run(
                 burst(server["url"], body, headers, clients, server["pid"], kill_after)
             )
             server["process"].wait(timeout=10)
@@ -106,6 +134,13 @@ def run(clients: int, kill_after: float, store: Path | None = None) -> dict:
                     headers={"X-API-Key": BENCH_KEY},
                     timeout=60,
                 ).status_code
+            replayed, scored = retry(server["url"], body, headers, unanswered)
+        db = sqlite3.connect(data_dir / "pneumoscan.sqlite3")
+        rows_after_retries = db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+        db.close()
+    # Every request that reached 200, before the kill or on its retry, is one image: the
+    # audit trail must hold exactly one row for each, none twice.
+    images = len(answered) + len(unanswered)
     result = {
         "answered_200": len(answered),
         "rows_after_restart": len(rows),
@@ -113,11 +148,18 @@ def run(clients: int, kill_after: float, store: Path | None = None) -> dict:
         "mismatched": len(mismatched),
         "integrity": integrity,
         "explain_after_restart": explain_status,
+        "unanswered_at_kill": len(unanswered),
+        "retries_replayed": replayed,
+        "retries_scored": scored,
+        "rows_after_retries": rows_after_retries,
+        "recorded_twice": rows_after_retries - images,
         "passed": bool(answered)
         and not missing
         and not mismatched
         and integrity == "ok"
-        and explain_status == 200,
+        and explain_status == 200
+        and replayed == len(rows) - len(answered)
+        and rows_after_retries == images,
     }
     report("kill -9 during writes", [(k, v) for k, v in result.items()], result)
     return result

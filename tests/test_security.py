@@ -60,13 +60,20 @@ def test_prediction_ids_are_random_128_bit(client) -> None:
     assert len(ids) == 5 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
 
 
-def test_kill_9_during_writes_loses_no_answered_prediction(tiny_store: Path) -> None:
+def test_kill_9_during_writes_loses_no_answered_prediction_and_retries_record_none_twice(
+    tiny_store: Path,
+) -> None:
     from benchmarks.kill_during_writes import run
 
     result = run(clients=4, kill_after=2.0, store=tiny_store)
     assert result["answered_200"] > 0
     assert result["missing"] == 0 and result["mismatched"] == 0
     assert result["integrity"] == "ok" and result["explain_after_restart"] == 200
+    # the requests the kill left unanswered, retried with their Idempotency-Keys: those
+    # recorded before it are replayed, the others scored, and no image is recorded twice
+    assert result["unanswered_at_kill"] == result["retries_replayed"] + result["retries_scored"]
+    assert result["retries_replayed"] == result["rows_after_restart"] - result["answered_200"]
+    assert result["recorded_twice"] == 0 and result["passed"]
 
 
 def test_a_logged_exception_says_where_it_happened_but_not_its_message() -> None:
