@@ -86,7 +86,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def build_services(settings: Settings, metrics: Metrics, keyring: KeyRing) -> Services:
-    records = RecordStore(settings.data_dir, settings.retention_hours * 3600)
+    records = RecordStore(
+        settings.data_dir,
+        settings.retention_hours * 3600,
+        max_study_reads=settings.max_study_reads,
+    )
     manager = ModelManager(
         settings.model_store,
         settings.model_name,

@@ -134,10 +134,9 @@ class StudyRead:
     expires: float
 
 
-# How long a study's read waits for images of the study not yet scored.
-STUDY_READ_HOLD_SECONDS = 30 * 86400
 # Reads held at most (about 150 bytes each): beyond, a read for a study with no scored image is
-# refused rather than held, so that a caller cannot grow the database without bound.
+# refused rather than held, so that a caller cannot grow the database without bound. How long a
+# read waits is PNEUMOSCAN_STUDY_READ_HOLD_DAYS, and this bound PNEUMOSCAN_MAX_STUDY_READS.
 MAX_STUDY_READS = 100_000
 
 
@@ -306,11 +305,13 @@ class RecordStore:
         retention_seconds: float,
         checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
         wal_restart_pages: int = WAL_RESTART_PAGES,
+        max_study_reads: int = MAX_STUDY_READS,
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         warn_if_shared_over_a_network(data_dir)
         self.path = audit_database(data_dir)
         self.retention = retention_seconds
+        self.max_study_reads = max_study_reads
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         use_write_ahead_log(self._db)
@@ -565,7 +566,7 @@ class RecordStore:
         after the caller looked the study up (and before this transaction) gets the held read
         here, as it would have at its own commit had the read come first; those are returned
         (as _apply_study_reads). ValueError, with nothing written, when the study has no such
-        image and MAX_STUDY_READS reads are held already."""
+        image and `max_study_reads` reads are held already."""
         fields = list(Reading.__dataclass_fields__)
         with self._lock, self._transaction():
             if not readings:
@@ -573,7 +574,7 @@ class RecordStore:
                     "SELECT COUNT(*) FROM study_reads WHERE study_uid != ?",
                     (study_read.study_uid,),
                 ).fetchone()[0]
-                if held >= MAX_STUDY_READS:
+                if held >= self.max_study_reads:
                     raise ValueError(f"{held} study reads are held already")
             self._db.execute(
                 "INSERT OR REPLACE INTO study_reads VALUES (?, ?, ?, ?, ?, ?)",

@@ -153,6 +153,19 @@ class Settings(BaseSettings):
         "outside) or refuse (422 age_outside_training).",
     )
     retention_hours: float = Field(24.0, gt=0, description="Keep stored images this long.")
+    study_read_hold_days: float = Field(
+        30.0,
+        gt=0,
+        le=3650,
+        description="How long a study's read (PUT /studies/{uid}/reading) waits for images of "
+        "the study scored after it (an outage's backlog, an image sent after the report).",
+    )
+    max_study_reads: int = Field(
+        100_000,
+        ge=0,
+        description="Study reads held at most for studies with no scored image yet (about 150 "
+        "bytes each); beyond, such a read is answered 404 and not held. 0: none is held.",
+    )
     idempotency_hours: float = Field(
         24.0,
         gt=0,

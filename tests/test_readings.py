@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -414,8 +415,6 @@ def test_a_read_reported_before_the_study_is_scored_reaches_its_images_as_they_a
     as it is scored, under the same rules as a read of scored images."""
     import time
 
-    from app import records
-
     reader, other_site = {"X-API-Key": READER_KEY}, {"X-API-Key": OTHER_KEY}
     before = time.time()
     held = ris.put(f"/studies/{STUDY}/reading", json={"label": "PNEUMONIA"}, headers=reader)
@@ -456,7 +455,7 @@ def test_a_read_reported_before_the_study_is_scored_reaches_its_images_as_they_a
     assert reader_label(ris, late) == "NORMAL"
 
     # held reads are bounded: beyond the limit a read for an unscored study is not held
-    monkeypatch.setattr(records, "MAX_STUDY_READS", 1)
+    monkeypatch.setattr(ris.app.state.services.records, "max_study_reads", 1)
     first = ris.put(f"/studies/{STUDY}5/reading", json={"label": "NORMAL"}, headers=reader)
     assert first.status_code == 202  # the one held now (the others have expired)
     refused = ris.put(f"/studies/{STUDY}6/reading", json={"label": "NORMAL"}, headers=reader)
@@ -522,3 +521,29 @@ def test_an_image_scored_while_the_study_read_is_recorded_gets_it(tmp_path: Path
     assert [row[0] for row in late] == [f"{2:032x}"]  # read; the re-sent image is not
     assert set(store.readings([f"{n:032x}" for n in (1, 2, 3)])) == {f"{1:032x}", f"{2:032x}"}
     store.close()
+
+
+def test_the_hold_and_its_bound_are_the_site_s_to_set(tiny_store: Path, tmp_path: Path) -> None:
+    """PNEUMOSCAN_STUDY_READ_HOLD_DAYS sets how long a read waits for its study's images;
+    PNEUMOSCAN_MAX_STUDY_READS=0 holds none (a read for an unscored study is 404)."""
+    reader = {"X-API-Key": READER_KEY}
+    settings = make_settings(
+        tiny_store, tmp_path / "a", reader_keys=READER_KEY, study_read_hold_days=2
+    )
+    with TestClient(create_app(settings)) as ris:
+        before = time.time()
+        held = ris.put(f"/studies/{STUDY}/reading", json={"label": "PNEUMONIA"}, headers=reader)
+        assert held.status_code == 202
+        held_until = datetime.fromisoformat(held.json()["held_until"]).timestamp()
+        assert before + 2 * 86400 <= held_until <= time.time() + 2 * 86400
+        ris.app.state.services.records.purge(now=time.time() + 1.5 * 86400)
+        assert reader_label(ris, scored(ris, API_KEY, STUDY, f"{STUDY}.1")) == "PNEUMONIA"
+        ris.app.state.services.records.purge(now=time.time() + 2.5 * 86400)
+        assert reader_label(ris, scored(ris, API_KEY, STUDY, f"{STUDY}.2")) is None
+    settings = make_settings(tiny_store, tmp_path / "b", reader_keys=READER_KEY, max_study_reads=0)
+    with TestClient(create_app(settings)) as ris:
+        refused = ris.put(f"/studies/{STUDY}/reading", json={"label": "NORMAL"}, headers=reader)
+        assert refused.status_code == 404
+        scored(ris, API_KEY, STUDY, f"{STUDY}.1")
+        read = ris.put(f"/studies/{STUDY}/reading", json={"label": "NORMAL"}, headers=reader)
+        assert read.status_code == 200  # a study with a scored image is read all the same

@@ -21,7 +21,6 @@ from pydantic import ValidationError
 from app.deps import ID_PATTERN, ReadingKeyIdDep, ServicesDep, may_see, own_record
 from app.errors import InvalidBodyError, NotFoundError, StorageUnavailableError
 from app.records import (
-    STUDY_READ_HOLD_SECONDS,
     PredictionRecord,
     Reading,
     StudyRead,
@@ -222,9 +221,9 @@ async def put_study_reading(
     version, so an image sent twice counts once), with the same rules as the read of one
     prediction: a corrected read replaces the earlier one. A reader key
     (PNEUMOSCAN_READER_KEYS) reaches every key's predictions of the study, an API key its own.
-    The read is also held for 30 days and recorded for the study's images scored later (a
-    backlog after an outage, an image sent after the report, a new model version scoring it
-    again): 200 when it reached scored images now, 202 when none was scored yet."""
+    The read is also held (PNEUMOSCAN_STUDY_READ_HOLD_DAYS, 30) and recorded for the study's
+    images scored later (a backlog after an outage, an image sent after the report, a new model
+    version scoring it again): 200 when it reached scored images now, 202 when none was."""
     reading_in = await read_reading(request, services)
     found = await asyncio.to_thread(services.records.by_study, study_instance_uid)
     latest: dict[tuple[str, int], PredictionRecord] = {}
@@ -239,7 +238,7 @@ async def put_study_reading(
         key_id=key_id,
         reader_label=reading_in.label,
         all_keys=services.keyring.is_reader(key_id),
-        expires=now + STUDY_READ_HOLD_SECONDS,
+        expires=now + services.settings.study_read_hold_days * 86400,
     )
     readings = new_readings(key_id, reading_in, records, now)
     try:
