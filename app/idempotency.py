@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from app.errors import InputError, OverloadedError
+from app.errors import OverloadedError, PneumoscanError
 from app.schemas import AgeCheck
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -26,12 +26,12 @@ MAX_KEY_LENGTH = 255
 KEY_CHARACTERS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\"}
 
 
-class InvalidIdempotencyKeyError(InputError):
+class InvalidIdempotencyKeyError(PneumoscanError):
     status_code = 422
     code = "invalid_idempotency_key"
 
 
-class IdempotencyKeyReusedError(InputError):
+class IdempotencyKeyReusedError(PneumoscanError):
     """The key was used for another image: a client bug, never a retry."""
 
     status_code = 422
