@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from app.records import PredictionRecord
 
 INTENDED_USE = (
     "Screening assistance only: a radiologist reads every image. Not a diagnosis and not a "
@@ -101,6 +104,32 @@ class PredictionCore(BaseModel):
     )
     input: InputInfo
     dicom: DicomInfo | None = None
+
+    @staticmethod
+    def fields_of(record: PredictionRecord, explain_url: str | None) -> dict[str, Any]:
+        """The shared fields, from the audit record: what the answer to POST /predict (first
+        or replayed) and GET /predictions/{id} say alike."""
+        uids = (record.study_uid, record.series_uid, record.sop_uid)
+        return {
+            "prediction_id": record.id,
+            "label": record.label,
+            "probabilities": Probabilities(NORMAL=record.p_normal, PNEUMONIA=record.p_pneumonia),
+            "threshold": record.threshold,
+            "model": ModelRef(name=record.model_name, version=record.model_version),
+            "explain_url": explain_url,
+            "input": InputInfo(
+                format=record.input_format,
+                width=record.width,
+                height=record.height,
+                bytes=record.input_bytes,
+                sha256=record.image_sha256,
+            ),
+            "dicom": DicomInfo(
+                study_instance_uid=uids[0], series_instance_uid=uids[1], sop_instance_uid=uids[2]
+            )
+            if any(uids)
+            else None,
+        }
 
 
 class PredictionPublic(PredictionCore):

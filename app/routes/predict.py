@@ -46,12 +46,8 @@ from app.records import PredictionRecord
 from app.reports import build_fhir, build_sr, sr_problem
 from app.schemas import (
     AgeCheck,
-    DicomInfo,
-    InputInfo,
-    ModelRef,
     OutOfDistribution,
     PredictionPublic,
-    Probabilities,
     Timings,
     error_responses,
 )
@@ -576,27 +572,10 @@ async def answer(
         if ages is not None:
             headers["X-Age-Check"] = ages.status
         return Response(sr, media_type="application/dicom", headers=headers)
-    uids = (record.study_uid, record.series_uid, record.sop_uid)
+    # What url_for("explain") gives, without its route search on every request.
+    explain_url = f"{request.scope.get('root_path', '')}/explain/{record.id}"
     body = PredictionPublic(
-        prediction_id=record.id,
-        label=record.label,
-        probabilities=Probabilities(NORMAL=record.p_normal, PNEUMONIA=record.p_pneumonia),
-        threshold=record.threshold,
-        model=ModelRef(name=record.model_name, version=record.model_version),
-        # What url_for("explain") gives, without its route search on every request.
-        explain_url=f"{request.scope.get('root_path', '')}/explain/{record.id}",
-        input=InputInfo(
-            format=record.input_format,
-            width=record.width,
-            height=record.height,
-            bytes=record.input_bytes,
-            sha256=record.image_sha256,
-        ),
-        dicom=DicomInfo(
-            study_instance_uid=uids[0], series_instance_uid=uids[1], sop_instance_uid=uids[2]
-        )
-        if any(uids)
-        else None,
+        **PredictionPublic.fields_of(record, explain_url),
         out_of_distribution=ood,
         age_check=ages,
         timings=timings,

@@ -28,11 +28,8 @@ from app.records import (
 )
 from app.routes.predict import read_body
 from app.schemas import (
-    DicomInfo,
-    InputInfo,
     ModelRef,
     PredictionStored,
-    Probabilities,
     ReadingIn,
     ReadingPublic,
     StudyPredictions,
@@ -130,27 +127,10 @@ def stored(
     request: Request, record: PredictionRecord, reading: Reading | None, reader: bool
 ) -> PredictionStored:
     """The record as answered; without `explain_url` for a reader key (403 on /explain)."""
-    uids = (record.study_uid, record.series_uid, record.sop_uid)
+    explain_url = None if reader else f"{request.scope.get('root_path', '')}/explain/{record.id}"
     return PredictionStored(
-        prediction_id=record.id,
+        **PredictionStored.fields_of(record, explain_url),
         created=datetime.fromtimestamp(record.created, UTC),
-        label=record.label,
-        probabilities=Probabilities(NORMAL=record.p_normal, PNEUMONIA=record.p_pneumonia),
-        threshold=record.threshold,
-        model=ModelRef(name=record.model_name, version=record.model_version),
-        explain_url=None if reader else f"{request.scope.get('root_path', '')}/explain/{record.id}",
-        input=InputInfo(
-            format=record.input_format,
-            width=record.width,
-            height=record.height,
-            bytes=record.input_bytes,
-            sha256=record.image_sha256,
-        ),
-        dicom=DicomInfo(
-            study_instance_uid=uids[0], series_instance_uid=uids[1], sop_instance_uid=uids[2]
-        )
-        if any(uids)
-        else None,
         ood_score=record.ood_score,
         age_check=record.age_check,
         reading=None if reading is None else reading_public(reading, record.model_name),
