@@ -24,6 +24,9 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
 KEY_CHARACTERS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\"}
+# A claim on a key (app.records) by an instance that still runs lapses after this long: a
+# request held longer than this (it has its upload and decode behind it) is taken for lost.
+CLAIM_LAPSE_S = 60.0
 
 
 class InvalidIdempotencyKeyError(PneumoscanError):
@@ -98,6 +101,14 @@ class StoredKey:
     image_sha256: str
     prediction_id: str
     entry: ReplayEntry
+
+
+@dataclass(frozen=True)
+class ClaimedElsewhere:
+    """Another running instance sharing the database is scoring the first request with this
+    key (its image's SHA-256), so this one must not score it too."""
+
+    image_sha256: str
 
 
 class KeysInFlight:

@@ -32,8 +32,9 @@ import numpy as np
 from PIL import Image
 
 from app.errors import StorageUnavailableError
-from app.idempotency import ReplayEntry, StoredKey
+from app.idempotency import CLAIM_LAPSE_S, ClaimedElsewhere, ReplayEntry, StoredKey
 from app.imaging import TARGET_SIZE
+from app.instance_lease import InstanceLease
 
 log = logging.getLogger("pneumoscan.records")
 
@@ -96,6 +97,14 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     PRIMARY KEY (key_id, key_hash)
 );
 CREATE INDEX IF NOT EXISTS idempotency_keys_expires ON idempotency_keys(expires);
+CREATE TABLE IF NOT EXISTS idempotency_claims (
+    key_id TEXT NOT NULL,
+    key_hash TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (key_id, key_hash)
+);
 CREATE TABLE IF NOT EXISTS explanations (
     id TEXT NOT NULL,
     num_samples INTEGER NOT NULL,
@@ -321,6 +330,7 @@ class RecordStore:
         self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         self._db.executescript(SCHEMA)
         self._migrate()
+        self.lease = InstanceLease(data_dir)
         self.checkpoint_interval = checkpoint_interval_s
         self.wal_restart_pages = wal_restart_pages
         self.checkpoints = 0  # completed background checkpoints (for tests and diagnosis)
@@ -391,6 +401,7 @@ class RecordStore:
         self._checkpointer.join(timeout=10)
         with self._lock:
             self._db.close()  # the last connection to close checkpoints and removes the log
+        self.lease.close()
 
     def add(
         self, record: PredictionRecord, pixels: np.ndarray, replay: ReplayEntry | None = None
@@ -435,6 +446,10 @@ class RecordStore:
             if keys:
                 self._db.executemany(
                     "INSERT OR IGNORE INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", keys
+                )
+                self._db.executemany(
+                    "DELETE FROM idempotency_claims WHERE key_id = ? AND key_hash = ?",
+                    [key[:2] for key in keys],
                 )
             if in_studies:
                 applied = self._apply_study_reads(in_studies)
@@ -506,17 +521,63 @@ class RecordStore:
         """The unexpired use of this Idempotency-Key (its SHA-256) by this API key, if any."""
         now = time.time() if now is None else now
         with self._lock:
-            row = self._db.execute(
-                "SELECT image_sha256, prediction_id, expires, ood_threshold, age_check "
-                "FROM idempotency_keys WHERE key_id = ? AND key_hash = ? AND expires > ?",
-                (key_id, key_hash, now),
-            ).fetchone()
+            return self._stored_key(key_id, key_hash, now)
+
+    def _stored_key(self, key_id: str, key_hash: str, now: float) -> StoredKey | None:
+        row = self._db.execute(
+            "SELECT image_sha256, prediction_id, expires, ood_threshold, age_check "
+            "FROM idempotency_keys WHERE key_id = ? AND key_hash = ? AND expires > ?",
+            (key_id, key_hash, now),
+        ).fetchone()
         if row is None:
             return None
         image_sha256, prediction_id, expires, ood_threshold, age_check = row
         return StoredKey(
             image_sha256, prediction_id, ReplayEntry(key_hash, expires, ood_threshold, age_check)
         )
+
+    def claim_idempotency_key(
+        self,
+        key_id: str,
+        key_hash: str,
+        image_sha256: str,
+        now: float | None = None,
+        lapse_s: float = CLAIM_LAPSE_S,
+    ) -> StoredKey | ClaimedElsewhere | None:
+        """Claim a key for this instance to score its first request, in one transaction with
+        the lookup, so that of several instances sharing the database only one scores it:
+        the key's recorded use if it has one (answer it again), the claim of another running
+        instance (wait for it), or None: claimed, until the prediction's own transaction
+        deletes the claim (`add_many`) or `release_idempotency_claim`. A claim whose holder is
+        no longer running (killed) or has lapsed is taken over; one held by this instance is
+        stale (the caller holds the key in-process, app.idempotency.KeysInFlight)."""
+        now = time.time() if now is None else now
+        with self._lock, self._transaction():
+            used = self._stored_key(key_id, key_hash, now)
+            if used is not None:
+                return used
+            claim = self._db.execute(
+                "SELECT image_sha256, holder, until FROM idempotency_claims "
+                "WHERE key_id = ? AND key_hash = ?",
+                (key_id, key_hash),
+            ).fetchone()
+            if claim is not None:
+                claimed_image, holder, until = claim
+                if until > now and holder != self.lease.id and self.lease.is_running(holder):
+                    return ClaimedElsewhere(claimed_image)
+            self._db.execute(
+                "INSERT OR REPLACE INTO idempotency_claims VALUES (?, ?, ?, ?, ?)",
+                (key_id, key_hash, image_sha256, self.lease.id, now + lapse_s),
+            )
+        return None
+
+    def release_idempotency_claim(self, key_id: str, key_hash: str) -> None:
+        """Give up this instance's claim on a key whose request ended without a prediction."""
+        with self._lock, self._transaction():
+            self._db.execute(
+                "DELETE FROM idempotency_claims WHERE key_id = ? AND key_hash = ? AND holder = ?",
+                (key_id, key_hash, self.lease.id),
+            )
 
     def image(self, prediction_id: str, now: float | None = None) -> np.ndarray | None:
         now = time.time() if now is None else now
@@ -646,6 +707,7 @@ class RecordStore:
             self._db.execute("DELETE FROM study_reads WHERE expires <= ?", (now,))
             # a key past its window makes a new prediction: nothing needs its row
             self._db.execute("DELETE FROM idempotency_keys WHERE expires <= ?", (now,))
+            self._db.execute("DELETE FROM idempotency_claims WHERE until <= ?", (now,))
         self._written.set()
         return deleted
 

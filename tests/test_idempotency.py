@@ -4,6 +4,7 @@ representation, instead of a second prediction of the same image (app/idempotenc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
 import sqlite3
@@ -19,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.idempotency import key_digest
-from app.records import audit_database
+from app.records import RecordStore, audit_database
 from tests.conftest import API_KEY, FIXTURES, OTHER_KEY, make_settings
 from tests.utils.dicom_factory import make_dicom
 
@@ -262,3 +263,168 @@ def test_a_request_whose_client_gave_up_is_answered_to_its_retry(
     database.close()
     assert retry.json()["prediction_id"] == made[0]  # the first request's, recorded once
     assert "Traceback" not in log, log[-2000:]
+
+
+def test_two_instances_on_one_data_dir_score_a_key_once(
+    tiny_store: Path, tmp_path: Path, normal_jpeg: bytes, pneumonia_jpeg: bytes
+) -> None:
+    """Two instances share the audit database (two containers on one volume). The first
+    request with a key is held in instance 1's model queue; its retry, sent to instance 2
+    meanwhile, waits (409) instead of scoring the image a second time, and afterwards gets
+    instance 1's prediction. Until round 24 both instances scored it."""
+    from app.main import create_app
+
+    settings = make_settings(tiny_store, tmp_path / "data")
+    with TestClient(create_app(settings)) as one, TestClient(create_app(settings)) as two:
+        for client in (one, two):
+            client.headers["X-API-Key"] = API_KEY
+        services = one.app.state.services
+        release, entered = threading.Event(), threading.Event()
+        predict = services.batcher.predict
+
+        async def slow_predict(pixels):
+            entered.set()
+            await asyncio.to_thread(release.wait, 10)
+            return await predict(pixels)
+
+        services.batcher.predict = slow_predict
+        key = str(uuid.uuid4())
+        results: dict[str, object] = {}
+        first = threading.Thread(target=lambda: results.update(first=post(one, normal_jpeg, key)))
+        first.start()
+        try:
+            assert entered.wait(10)
+            racing = post(two, normal_jpeg, key)
+            assert racing.status_code == 409, racing.text
+            assert racing.json()["error"]["code"] == "idempotency_key_in_use"
+            assert racing.headers["retry-after"] == "1"
+            other_image = post(two, pneumonia_jpeg, key)  # a client bug, even meanwhile
+            assert other_image.json()["error"]["code"] == "idempotency_key_reused"
+        finally:
+            release.set()
+            first.join(10)
+            services.batcher.predict = predict
+        original = results["first"]
+        assert original.status_code == 200, original.text
+        retried = post(two, normal_jpeg, key)
+        assert retried.headers["idempotent-replayed"] == "true"
+        assert retried.json()["prediction_id"] == original.json()["prediction_id"]
+        assert predictions_in(two) == 1
+        claims = sqlite3.connect(audit_database(settings.data_dir))
+        assert claims.execute("SELECT COUNT(*) FROM idempotency_claims").fetchone()[0] == 0
+        claims.close()
+
+
+CLAIM_AND_WAIT = """
+import sys, time
+from pathlib import Path
+from app.records import RecordStore
+store = RecordStore(Path(sys.argv[1]), 3600)
+assert store.claim_idempotency_key(sys.argv[2], sys.argv[3], sys.argv[4]) is None
+print("claimed", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_key_claimed_by_an_instance_that_was_killed_is_taken_over_at_once(
+    tiny_store: Path, tmp_path: Path, normal_jpeg: bytes
+) -> None:
+    """An instance that claimed a key and was killed (kill -9) before recording a prediction
+    holds nothing: a retry to another instance is scored at once, not after the claim lapses
+    (app.instance_lease)."""
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from app.main import create_app
+    from app.security import key_id as key_id_of
+
+    settings = make_settings(tiny_store, tmp_path / "data")
+    key = str(uuid.uuid4())
+    image = hashlib.sha256(normal_jpeg).hexdigest()
+    with TestClient(create_app(settings)) as survivor:
+        survivor.headers["X-API-Key"] = API_KEY
+        holder = subprocess.Popen(
+            [sys.executable, "-c", CLAIM_AND_WAIT, str(settings.data_dir), key_id_of(API_KEY),
+             key_digest(key), image],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )  # fmt: skip
+        try:
+            assert holder.stdout.readline().strip() == "claimed"
+            held = post(survivor, normal_jpeg, key)
+            assert held.status_code == 409, held.text  # the holder runs: it may answer yet
+        finally:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait(10)
+        scored = post(survivor, normal_jpeg, key)
+        assert scored.status_code == 200, scored.text
+        assert "idempotent-replayed" not in scored.headers
+        again = post(survivor, normal_jpeg, key)
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.json()["prediction_id"] == scored.json()["prediction_id"]
+        assert predictions_in(survivor) == 1
+    leases = settings.data_dir / "instances"
+    assert len(list(leases.glob("*.lock"))) == 1  # the killed one's; the survivor removed its own
+    RecordStore(settings.data_dir, 3600).close()  # the next instance to start clears it
+    assert list(leases.glob("*.lock")) == []
+
+
+def test_claims_lapse_are_released_and_end_with_the_prediction(
+    tmp_path: Path, normal_jpeg: bytes
+) -> None:
+    """app.records' claims between two stores on one database, as two instances hold them."""
+    from app.idempotency import CLAIM_LAPSE_S, ClaimedElsewhere, ReplayEntry
+    from tests.test_records import _record
+
+    one, two = RecordStore(tmp_path, 3600), RecordStore(tmp_path, 3600)
+    try:
+        assert one.claim_idempotency_key("k1", "h", "image") is None
+        assert two.claim_idempotency_key("k1", "h", "image") == ClaimedElsewhere("image")
+        assert two.claim_idempotency_key("k1", "h", "other") == ClaimedElsewhere("image")
+        assert one.claim_idempotency_key("k1", "h", "image") is None  # its own: stale
+        assert two.claim_idempotency_key("k2", "h", "image") is None  # keys are per API key
+        # a holder that still runs but has held the claim past its lapse has lost it
+        later = time.time() + CLAIM_LAPSE_S + 1
+        assert two.claim_idempotency_key("k1", "h", "image", now=later) is None
+        assert one.claim_idempotency_key("k1", "h", "image") == ClaimedElsewhere("image")
+        two.release_idempotency_claim("k1", "h")
+        assert one.claim_idempotency_key("k1", "h", "image") is None
+        one.release_idempotency_claim("k1", "h")
+        # the prediction's transaction records the key and ends the claim
+        assert one.claim_idempotency_key("k1", "h", "image") is None
+        made = dataclasses.replace(_record(1), key_id="k1", image_sha256="image")
+        entry = ReplayEntry("h", time.time() + 3600, None, None)
+        one.add(made, np.zeros((224, 224), np.uint8), entry)
+        used = two.claim_idempotency_key("k1", "h", "image")
+        assert used is not None and not isinstance(used, ClaimedElsewhere)
+        assert used.prediction_id == made.id
+        # the purge deletes lapsed claims
+        assert one.claim_idempotency_key("k3", "h", "image") is None
+        one.purge(now=later)
+        assert two.claim_idempotency_key("k3", "h", "image") is None
+    finally:
+        one.close()
+        two.close()
+
+
+def test_an_instance_lease_is_held_while_its_process_runs(tmp_path: Path) -> None:
+    from app.instance_lease import InstanceLease
+
+    one, two = InstanceLease(tmp_path), InstanceLease(tmp_path)
+    assert one.is_running(one.id) and one.is_running(two.id) and two.is_running(one.id)
+    assert not one.is_running("0123456789abcdef")  # no such instance
+    assert not one.is_running("../../etc/passwd")  # not an id: never a path
+    gone = two.id
+    two.close()
+    assert not one.is_running(gone)
+    # a lock file left unlocked (its process killed) is swept by the next instance to start
+    (tmp_path / "instances" / f"{gone}.lock").touch()
+    three = InstanceLease(tmp_path)
+    assert not (tmp_path / "instances" / f"{gone}.lock").exists()
+    assert (tmp_path / "instances" / f"{one.id}.lock").exists()  # a running one is kept
+    one.close()
+    three.close()

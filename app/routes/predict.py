@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
+import sqlite3
 import time
 
 from fastapi import APIRouter, Request
@@ -34,6 +35,8 @@ from app.errors import (
 from app.idempotency import (
     IDEMPOTENCY_HEADER,
     REPLAYED_HEADER,
+    ClaimedElsewhere,
+    IdempotencyKeyInUseError,
     IdempotencyKeyReusedError,
     ReplayEntry,
     idempotency_key,
@@ -42,7 +45,7 @@ from app.idempotency import (
 from app.imaging import DecodedImage, check_content, decode_image, decode_small_raster
 from app.negotiation import DICOM, FHIR, JSON, choose
 from app.population import AGE_HEADER, AgeRange, PatientAge, age_from_header, age_status
-from app.records import PredictionRecord
+from app.records import PredictionRecord, RecordStore
 from app.reports import build_fhir, build_sr, sr_problem
 from app.schemas import (
     AgeCheck,
@@ -422,15 +425,40 @@ async def score_once(
     key_hash: str,
 ) -> Response:
     """With an Idempotency-Key: the first prediction made with it, answered again, else a new
-    one recorded with the key (app.idempotency)."""
-    used = await asyncio.to_thread(services.records.idempotency_key, key_id, key_hash)
-    if used is None:
-        return await score(request, services, key_id, started, upload, key_hash)
-    if await upload.digest != used.image_sha256:
+    one recorded with the key (app.idempotency). The key is claimed in the audit database
+    first, so that an instance sharing it that gets a retry meanwhile waits (409) instead of
+    scoring the image a second time."""
+    records = services.records
+    sha256 = await upload.digest
+    try:
+        used = await asyncio.to_thread(records.claim_idempotency_key, key_id, key_hash, sha256)
+    except sqlite3.Error as exc:
+        services.metrics.rejected.labels("storage_unavailable").inc()
+        raise StorageUnavailableError(
+            f"The {IDEMPOTENCY_HEADER} could not be looked up or claimed in the audit database "
+            f"({exc}): free space in the service's data directory (PNEUMOSCAN_DATA_DIR) or "
+            "retry later."
+        ) from exc
+    if used is None:  # claimed: the prediction's transaction ends the claim
+        try:
+            return await score(request, services, key_id, started, upload, key_hash)
+        except BaseException:
+            # Not awaited: a cancelled request must not wait; the claim lapses if this fails.
+            asyncio.get_running_loop().run_in_executor(
+                None, release_claim, records, key_id, key_hash
+            )
+            raise
+    if used.image_sha256 != sha256:
         raise IdempotencyKeyReusedError(
             f"This {IDEMPOTENCY_HEADER} was used for another image in the last "
             f"{services.settings.idempotency_hours:g} h: send a new key for each image (the "
             "same key only to retry the same request)."
+        )
+    if isinstance(used, ClaimedElsewhere):
+        raise IdempotencyKeyInUseError(
+            f"A request with this {IDEMPOTENCY_HEADER} is still being scored; retry shortly "
+            "for its answer.",
+            1,
         )
     record = await asyncio.to_thread(services.records.get, used.prediction_id)
     if record is None:  # the row outlived its prediction: cannot happen, but never a 500
@@ -452,6 +480,13 @@ async def score_once(
     )
     response.headers[REPLAYED_HEADER] = "true"
     return response
+
+
+def release_claim(records: RecordStore, key_id: str, key_hash: str) -> None:
+    try:
+        records.release_idempotency_claim(key_id, key_hash)
+    except sqlite3.Error as exc:
+        log.warning("an Idempotency-Key claim was left to lapse: %s", type(exc).__name__)
 
 
 async def score(
