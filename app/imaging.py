@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, PngImagePlugin
 
 from app.errors import (
     BlankImageError,
@@ -45,6 +45,9 @@ MIN_CONTENT_STD = 4.0
 CONTENT_STRIDE = 4
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# How Pillow's ValueError for a PNG text chunk that decompresses beyond
+# PngImagePlugin.MAX_TEXT_CHUNK begins (its wording has changed between releases).
+PNG_TEXT_BOMB = "decompressed data too large"
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,9 @@ def _decode_raster(
                     return None  # not ours to judge here: the full decode reports it
                 raise
             width, height = image.size
-            frames = getattr(image, "n_frames", 1)
+            # A Multi-Picture JPEG (CIPA DC-007, "MPO": many cameras and phones write one) holds
+            # its primary image first and previews after it; a viewer shows the first, as here.
+            frames = 1 if image.format == "MPO" else getattr(image, "n_frames", 1)
             if only_if_small and (
                 width * height > INLINE_MAX_PIXELS or image.info.get("progressive") or frames > 1
             ):
@@ -229,7 +234,17 @@ def _decode_raster(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"Image refused as a decompression bomb: {exc}") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, KeyError) as exc:
+    except ValueError as exc:
+        if not str(exc).lower().startswith(PNG_TEXT_BOMB):
+            raise UndecodableImageError(
+                f"The {fmt} file could not be decoded (truncated or corrupt): ValueError."
+            ) from exc
+        raise ImageTooLargeError(
+            "Image refused as a decompression bomb: a compressed text chunk (zTXt or iTXt) "
+            f"expands beyond {PngImagePlugin.MAX_TEXT_CHUNK // 1024 // 1024} MB. Send the "
+            "radiograph without it."
+        ) from exc
+    except (OSError, SyntaxError, EOFError, IndexError, TypeError, KeyError) as exc:
         raise UndecodableImageError(
             f"The {fmt} file could not be decoded (truncated or corrupt): {type(exc).__name__}."
         ) from exc

@@ -63,6 +63,15 @@ def dicom_with(**attributes) -> bytes:
     return out.getvalue()
 
 
+def png_with_text_bomb() -> bytes:
+    """The radiograph as a PNG whose zTXt chunk inflates 50 MB of text from ~50 KB."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "A" * 50_000_000, zip=True)
+    return encode(RADIOGRAPH, pnginfo=info)
+
+
 SIXTEEN_BIT = Image.fromarray(np.asarray(RADIOGRAPH).astype(np.uint16) * 257)
 GREY = Image.new("L", (300, 300), 128)
 
@@ -75,6 +84,14 @@ CASES: dict[str, tuple[str, bytes, int, str | None]] = {
     "png 1-bit": ("multipart", encode(RADIOGRAPH.convert("1")), 422, "unsupported_image"),
     "png palette": ("multipart", encode(RADIOGRAPH.convert("P")), 200, None),
     "jpeg progressive": ("multipart", encode(RADIOGRAPH, "JPEG", progressive=True), 200, None),
+    # a Multi-Picture JPEG (cameras and phones): its primary image is scored, as viewers show it
+    "jpeg MPO": (
+        "multipart",
+        encode(RADIOGRAPH, "MPO", save_all=True, append_images=[RADIOGRAPH.resize((160, 94))]),
+        200,
+        None,
+    ),
+    "png zTXt bomb": ("multipart", png_with_text_bomb(), 422, "image_too_large"),
     "jpeg CMYK": ("multipart", encode(RADIOGRAPH.convert("CMYK"), "JPEG"), 200, None),
     "dicom": ("multipart", DICOM, 200, None),
     "dicom as the body": ("body:application/dicom", DICOM, 200, None),
