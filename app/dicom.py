@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import re
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -227,11 +229,75 @@ def _to_gray(ds, stored: np.ndarray, photometric: str) -> np.ndarray:
     return to_8bit(ds, stored)
 
 
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+# File meta elements whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
+LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN",
+                             b"UR", b"UT"})  # fmt: skip
+# Beyond the largest image accepted (RGB at max_pixels), room for the other attributes.
+DEFLATED_HEADROOM_BYTES = 16 * 1024 * 1024
+
+
+def file_meta_end_and_syntax(data: bytes) -> tuple[int, str | None]:
+    """Where the File Meta Information group (0002, always Explicit VR Little Endian) of a
+    Part 10 file ends, and its Transfer Syntax UID; the walk stops at the first element that is
+    not group 0002 or does not fit, and pydicom then judges the file."""
+    offset, syntax = 132, None
+    while offset + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, offset)
+        if group != 0x0002:
+            break
+        if data[offset + 4 : offset + 6] in LONG_LENGTH_VRS:
+            if offset + 12 > len(data):
+                break
+            (length,) = struct.unpack_from("<I", data, offset + 8)
+            value = offset + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, offset + 6)
+            value = offset + 8
+        if value + length > len(data):
+            break
+        if element == 0x0010:
+            syntax = data[value : value + length].rstrip(b"\0 ").decode("ascii", "replace")
+        offset = value + length
+    return offset, syntax
+
+
+def check_deflated_size(data: bytes, max_pixels: int) -> None:
+    """A Deflated Explicit VR Little Endian data set is inflated whole, in memory, by pydicom:
+    a few megabytes of deflated zeros would become gigabytes (zlib reaches ~1000:1) and end
+    the process. Inflate it here first, bounded by the largest data set an accepted image
+    needs, and refuse it beyond that."""
+    start, syntax = file_meta_end_and_syntax(data)
+    if syntax != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        return
+    limit = 3 * max_pixels + DEFLATED_HEADROOM_BYTES
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size, view, step = 0, memoryview(data)[start:], 1 << 20
+    try:
+        for chunk_start in range(0, len(view), step):
+            pending = view[chunk_start : chunk_start + step]
+            while pending:
+                size += len(inflater.decompress(pending, 1 << 22))
+                pending = inflater.unconsumed_tail
+                if size > limit:
+                    raise ImageTooLargeError(
+                        "The deflated DICOM data set inflates beyond "
+                        f"{limit // (1 << 20)} MB, more than any accepted radiograph needs "
+                        "(a decompression bomb): send it uncompressed or with a compressed "
+                        "pixel transfer syntax."
+                    )
+    except zlib.error as exc:
+        raise UndecodableImageError(
+            "The deflated DICOM data set could not be inflated (truncated or corrupt)."
+        ) from exc
+
+
 def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage:
     """Decode a single-frame DICOM radiograph to the model input, or raise an InputError."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    check_deflated_size(data, max_pixels)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
     except (
