@@ -292,6 +292,78 @@ def check_deflated_size(data: bytes, max_pixels: int) -> None:
         ) from exc
 
 
+# JPEG Start Of Frame markers (ITU T.81 B.1.1.3: all but DHT C4, JPG C8 and DAC CC) and
+# JPEG-LS's SOF55 (ITU T.87): each is followed by length, precision, height, width.
+JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+J2K_SOC_SIZ = b"\xff\x4f\xff\x51"  # JPEG 2000 Start Of Codestream, then its SIZ segment
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+
+def codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(columns, rows) as a compressed frame's own header declares them: the JPEG or JPEG-LS
+    Start Of Frame segment, or the JPEG 2000 SIZ segment (in a bare codestream or a JP2 file);
+    None where there is none before the image data."""
+    if frame[:2] == b"\xff\xd8":
+        offset = 2
+        while offset + 4 <= len(frame):
+            if frame[offset] != 0xFF:
+                return None
+            marker = frame[offset + 1]
+            if marker == 0xFF:  # a fill byte before the marker
+                offset += 1
+                continue
+            if marker in JPEG_STANDALONE_MARKERS:
+                offset += 2
+                continue
+            if marker in JPEG_SOF_MARKERS:
+                if offset + 9 > len(frame):
+                    return None
+                rows, columns = struct.unpack_from(">HH", frame, offset + 5)
+                return columns, rows
+            if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header
+                return None
+            (length,) = struct.unpack_from(">H", frame, offset + 2)
+            offset += 2 + length
+        return None
+    start = frame.find(J2K_SOC_SIZ, 0, 4096)
+    if start == -1 or start + 24 > len(frame):
+        return None
+    x_size, y_size, x_origin, y_origin = struct.unpack_from(">IIII", frame, start + 8)
+    return x_size - x_origin, y_size - y_origin
+
+
+def check_frame_size(ds, rows: int, columns: int) -> None:
+    """A compressed frame decodes to the size its own header declares, whatever Rows and
+    Columns say: a 224 x 224 data set could carry a 60,000 x 60,000 JPEG-LS or JPEG 2000
+    frame of a few kilobytes and have the decoder allocate gigabytes (measured: a 12,000 px
+    JPEG-LS frame was decoded whole before the mismatch was found). The frame's header is read
+    first and must agree with the data set's (checked against the pixel limit already). RLE
+    decodes into the size the data set gives, so it needs no check."""
+    from pydicom.encaps import generate_frames
+
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_encapsulated or syntax == RLE_LOSSLESS:
+        return
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception as exc:
+        raise UndecodableImageError(
+            "The DICOM's encapsulated pixel data holds no readable frame (truncated or corrupt)."
+        ) from exc
+    size = codestream_size(frame)
+    if size is None:
+        raise UndecodableImageError(
+            f"The compressed frame (transfer syntax {syntax}) has no JPEG or JPEG 2000 frame "
+            "header before its image data (truncated or corrupt)."
+        )
+    if size != (columns, rows):
+        raise UndecodableImageError(
+            f"The compressed frame is {size[0]} x {size[1]} pixels by its own header, but the "
+            f"data set's Columns and Rows say {columns} x {rows}: the object is inconsistent."
+        )
+
+
 def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage:
     """Decode a single-frame DICOM radiograph to the model input, or raise an InputError."""
     import pydicom
@@ -384,6 +456,7 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
         check_dimensions(columns, rows, max_pixels, min_side)
     except ImageTooLargeError:
         raise
+    check_frame_size(ds, rows, columns)
     try:
         stored = ds.pixel_array
     except NotImplementedError as exc:

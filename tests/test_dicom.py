@@ -382,3 +382,81 @@ def test_lookup_table_path_gives_the_same_bytes_as_the_direct_one(data: st.DataO
         if data.draw(st.booleans(), label="padding range"):
             ds.PixelPaddingRangeLimit = data.draw(st.integers(lo, hi), label="padding limit")
     np.testing.assert_array_equal(to_8bit(ds, stored), to_8bit_direct(ds, stored))
+
+
+def _with_syntax(data: bytes, syntax: str) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = syntax
+    return _save(ds)
+
+
+def test_a_deflated_data_set_decodes_like_the_uncompressed_one(reference: np.ndarray) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    plain = make_dicom(reference, bits=12)
+    deflated = _with_syntax(plain, DeflatedExplicitVRLittleEndian)
+    assert len(deflated) < len(plain)
+    assert np.array_equal(decode_image(deflated).pixels, decode_image(plain).pixels)
+
+
+def test_a_deflate_bomb_is_refused_before_pydicom_inflates_it(reference: np.ndarray) -> None:
+    """pydicom inflates a deflated data set whole, in memory: a 1 MB upload of deflated zeros
+    took 214 s and 2 GB there, and the 64 MB an upload may be would end the process."""
+    import time
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from app.dicom import file_meta_end_and_syntax
+
+    deflated = _with_syntax(make_dicom(reference), DeflatedExplicitVRLittleEndian)
+    start, syntax = file_meta_end_and_syntax(deflated)
+    assert syntax == DeflatedExplicitVRLittleEndian
+    squeezer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(1 << 24)
+    body = b"".join(squeezer.compress(zeros) for _ in range(12)) + squeezer.flush()  # 192 MB
+    began = time.perf_counter()
+    with pytest.raises(ImageTooLargeError, match="inflates beyond"):
+        decode_image(deflated[:start] + body)
+    assert time.perf_counter() - began < 10
+    # within the bound (the limit follows max_pixels), corrupt deflate data is named as such
+    with pytest.raises(UndecodableImageError, match="could not be inflated"):
+        decode_image(deflated[:start] + b"\xff" * 1000)
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless, "jpeg-baseline"])
+def test_a_compressed_frame_larger_than_the_data_set_says_is_refused_undecoded(
+    syntax: str,
+) -> None:
+    """A small data set carrying a frame whose own header declares far more pixels: the
+    decoder would allocate what the frame declares (a 12,000 px JPEG-LS frame was decoded
+    whole before the mismatch was noticed), so the header is read first."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    from app.dicom import codestream_size
+
+    large = np.zeros((1200, 1000), np.uint8)
+    large[::7, ::5] = 200
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(large, bits=8, syntax=syntax)))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    assert codestream_size(frame) == (1000, 1200)
+    ds.Rows, ds.Columns = 256, 256
+    with pytest.raises(UndecodableImageError, match="1000 x 1200 pixels by its own header"):
+        decode_image(_save(ds))
+
+
+def test_frame_headers_are_found_past_other_segments() -> None:
+    from app.dicom import codestream_size
+
+    image = Image.new("L", (300, 200), 90)
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 5000  # a long APP1 segment before the frame header
+    out = io.BytesIO()
+    image.save(out, "JPEG", exif=exif.tobytes(), progressive=True)
+    assert codestream_size(out.getvalue()) == (300, 200)
+    assert codestream_size(b"\xff\xd8\xff\xff\xda\x00\x08" + bytes(8)) is None  # no frame header
+    assert codestream_size(b"\xff\xd8\xff\xc0\x00") is None  # cut short
+    assert codestream_size(b"not a codestream") is None

@@ -72,6 +72,48 @@ def png_with_text_bomb() -> bytes:
     return encode(RADIOGRAPH, pnginfo=info)
 
 
+def dicom_deflate_bomb() -> bytes:
+    """The DICOM fixture's file meta saying Deflated Explicit VR Little Endian, then ~200 KB
+    of deflate data that inflates to 200 MB of zeros (pydicom inflates it whole)."""
+    from app.dicom import file_meta_end_and_syntax
+
+    deflated = dicom_with_syntax("1.2.840.10008.1.2.1.99")
+    start, _ = file_meta_end_and_syntax(deflated)
+    squeezer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(1 << 24)
+    return (
+        deflated[:start]
+        + b"".join(squeezer.compress(zeros) for _ in range(12))
+        + (squeezer.flush())
+    )
+
+
+def dicom_with_syntax(syntax: str) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(DICOM))
+    ds.file_meta.TransferSyntaxUID = syntax
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def dicom_with_a_larger_frame() -> bytes:
+    """A 224 x 224 data set whose JPEG-LS frame declares 9000 x 9000 pixels (a few KB)."""
+    import jpeg_ls
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    frame = bytes(jpeg_ls.encode(np.zeros((9000, 9000), np.uint8)))
+    ds = pydicom.dcmread(io.BytesIO(DICOM))
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 SIXTEEN_BIT = Image.fromarray(np.asarray(RADIOGRAPH).astype(np.uint16) * 257)
 GREY = Image.new("L", (300, 300), 128)
 
@@ -109,6 +151,14 @@ CASES: dict[str, tuple[str, bytes, int, str | None]] = {
     ),
     "text": ("multipart", b"hello world", 415, "unsupported_media_type"),
     "pdf": ("multipart", b"%PDF-1.4\n" + b"0" * 1000, 415, "unsupported_media_type"),
+    "dicom deflated": ("multipart", dicom_with_syntax("1.2.840.10008.1.2.1.99"), 200, None),
+    "dicom deflate bomb": ("multipart", dicom_deflate_bomb(), 422, "image_too_large"),
+    "dicom frame larger than its rows": (
+        "multipart",
+        dicom_with_a_larger_frame(),
+        422,
+        "undecodable_image",
+    ),
     "dicom lateral view": ("multipart", dicom_with(ViewPosition="LL"), 422, "unsupported_dicom"),
     "dicom of a hand": ("multipart", dicom_with(BodyPartExamined="HAND"), 422, "unsupported_dicom"),
     "jpeg gzip-encoded": (
