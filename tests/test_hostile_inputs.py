@@ -88,6 +88,18 @@ def dicom_deflate_bomb() -> bytes:
     )
 
 
+def dicom_with_nested_sequences(depth: int = 50_000) -> bytes:
+    """The DICOM fixture with `depth` sequences of undefined length nested in one another
+    (1 MB), before its other elements: the parser's recursion must end in a refusal."""
+    from app.dicom import file_meta_end_and_syntax
+
+    start, _ = file_meta_end_and_syntax(DICOM)
+    sequence = struct.pack("<HH2sHI", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    ends = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return DICOM[:start] + (sequence + item) * depth + ends * depth + DICOM[start:]
+
+
 def dicom_with_syntax(syntax: str) -> bytes:
     import pydicom
 
@@ -156,6 +168,12 @@ CASES: dict[str, tuple[str, bytes, int, str | None]] = {
     "dicom frame larger than its rows": (
         "multipart",
         dicom_with_a_larger_frame(),
+        422,
+        "undecodable_image",
+    ),
+    "dicom nested 50,000 deep": (
+        "multipart",
+        dicom_with_nested_sequences(),
         422,
         "undecodable_image",
     ),
