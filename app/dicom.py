@@ -17,6 +17,7 @@ import io
 import re
 import struct
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -300,10 +301,20 @@ J2K_SOC_SIZ = b"\xff\x4f\xff\x51"  # JPEG 2000 Start Of Codestream, then its SIZ
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 
 
-def codestream_size(frame: bytes) -> tuple[int, int] | None:
-    """(columns, rows) as a compressed frame's own header declares them: the JPEG or JPEG-LS
-    Start Of Frame segment, or the JPEG 2000 SIZ segment (in a bare codestream or a JP2 file);
-    None where there is none before the image data."""
+@dataclass(frozen=True)
+class FrameHeader:
+    """What a compressed frame's own header declares, which is what its decoder allocates."""
+
+    columns: int
+    rows: int
+    components: int
+    tiles: int = 1  # JPEG 2000 only
+
+
+def frame_header(frame: bytes) -> FrameHeader | None:
+    """The JPEG or JPEG-LS Start Of Frame segment, or the JPEG 2000 SIZ segment (in a bare
+    codestream or a JP2 file), of a compressed frame; None where there is none before the
+    image data."""
     if frame[:2] == b"\xff\xd8":
         offset = 2
         while offset + 4 <= len(frame):
@@ -317,29 +328,41 @@ def codestream_size(frame: bytes) -> tuple[int, int] | None:
                 offset += 2
                 continue
             if marker in JPEG_SOF_MARKERS:
-                if offset + 9 > len(frame):
+                if offset + 10 > len(frame):
                     return None
-                rows, columns = struct.unpack_from(">HH", frame, offset + 5)
-                return columns, rows
+                rows, columns, components = struct.unpack_from(">HHB", frame, offset + 5)
+                return FrameHeader(columns, rows, components)
             if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header
                 return None
             (length,) = struct.unpack_from(">H", frame, offset + 2)
             offset += 2 + length
         return None
     start = frame.find(J2K_SOC_SIZ, 0, 4096)
-    if start == -1 or start + 24 > len(frame):
+    if start == -1 or start + 42 > len(frame):
         return None
-    x_size, y_size, x_origin, y_origin = struct.unpack_from(">IIII", frame, start + 8)
-    return x_size - x_origin, y_size - y_origin
+    x_size, y_size, x_origin, y_origin, x_tile, y_tile, x_tile_origin, y_tile_origin, count = (
+        struct.unpack_from(">IIIIIIIIH", frame, start + 8)
+    )
+    if x_tile == 0 or y_tile == 0 or x_tile_origin > x_size or y_tile_origin > y_size:
+        return None
+    tiles = -(-(x_size - x_tile_origin) // x_tile) * -(-(y_size - y_tile_origin) // y_tile)
+    return FrameHeader(x_size - x_origin, y_size - y_origin, count, tiles)
 
 
-def check_frame_size(ds, rows: int, columns: int) -> None:
-    """A compressed frame decodes to the size its own header declares, whatever Rows and
-    Columns say: a 224 x 224 data set could carry a 60,000 x 60,000 JPEG-LS or JPEG 2000
-    frame of a few kilobytes and have the decoder allocate gigabytes (measured: a 12,000 px
-    JPEG-LS frame was decoded whole before the mismatch was found). The frame's header is read
-    first and must agree with the data set's (checked against the pixel limit already). RLE
-    decodes into the size the data set gives, so it needs no check."""
+# OpenJPEG allocates some 10 KB per JPEG 2000 tile before decoding any (measured: 48,000 tiles
+# of a 7000 x 7000 frame took 530 MB; it refuses more than 65,535). Radiographs are coded as
+# one tile or a few hundred; beyond this many, the frame is refused.
+MAX_J2K_TILES = 4096
+
+
+def check_frame_header(ds, rows: int, columns: int) -> None:
+    """A compressed frame decodes to what its own header declares, whatever the data set says:
+    a 224 x 224 data set could carry a 60,000 x 60,000 JPEG-LS or JPEG 2000 frame of a few
+    kilobytes, or one with 255 components, and have the decoder allocate gigabytes (measured:
+    a 12,000 px JPEG-LS frame was decoded whole before the mismatch was found). The frame's
+    header is read first and must agree with the data set's Rows, Columns and Samples per
+    Pixel (checked against the pixel limit already). RLE decodes into what the data set
+    gives, so it needs no check."""
     from pydicom.encaps import generate_frames
 
     syntax = ds.file_meta.get("TransferSyntaxUID")
@@ -351,16 +374,28 @@ def check_frame_size(ds, rows: int, columns: int) -> None:
         raise UndecodableImageError(
             "The DICOM's encapsulated pixel data holds no readable frame (truncated or corrupt)."
         ) from exc
-    size = codestream_size(frame)
-    if size is None:
+    header = frame_header(frame)
+    if header is None:
         raise UndecodableImageError(
             f"The compressed frame (transfer syntax {syntax}) has no JPEG or JPEG 2000 frame "
             "header before its image data (truncated or corrupt)."
         )
-    if size != (columns, rows):
+    if (header.columns, header.rows) != (columns, rows):
         raise UndecodableImageError(
-            f"The compressed frame is {size[0]} x {size[1]} pixels by its own header, but the "
-            f"data set's Columns and Rows say {columns} x {rows}: the object is inconsistent."
+            f"The compressed frame is {header.columns} x {header.rows} pixels by its own "
+            f"header, but the data set's Columns and Rows say {columns} x {rows}: the object "
+            "is inconsistent."
+        )
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if header.components != samples:
+        raise UndecodableImageError(
+            f"The compressed frame has {header.components} components by its own header, but "
+            f"the data set's Samples per Pixel says {samples}: the object is inconsistent."
+        )
+    if header.tiles > MAX_J2K_TILES:
+        raise UnsupportedDicomError(
+            f"The JPEG 2000 frame is cut into {header.tiles} tiles (at most {MAX_J2K_TILES} "
+            "are decoded): re-encode it with larger tiles, or send it uncompressed."
         )
 
 
@@ -456,7 +491,7 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
         check_dimensions(columns, rows, max_pixels, min_side)
     except ImageTooLargeError:
         raise
-    check_frame_size(ds, rows, columns)
+    check_frame_header(ds, rows, columns)
     try:
         stored = ds.pixel_array
     except NotImplementedError as exc:

@@ -436,27 +436,73 @@ def test_a_compressed_frame_larger_than_the_data_set_says_is_refused_undecoded(
     import pydicom
     from pydicom.encaps import generate_frames
 
-    from app.dicom import codestream_size
+    from app.dicom import FrameHeader, frame_header
 
     large = np.zeros((1200, 1000), np.uint8)
     large[::7, ::5] = 200
     ds = pydicom.dcmread(io.BytesIO(make_dicom(large, bits=8, syntax=syntax)))
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-    assert codestream_size(frame) == (1000, 1200)
+    assert frame_header(frame) == FrameHeader(1000, 1200, 1)
     ds.Rows, ds.Columns = 256, 256
     with pytest.raises(UndecodableImageError, match="1000 x 1200 pixels by its own header"):
         decode_image(_save(ds))
 
 
 def test_frame_headers_are_found_past_other_segments() -> None:
-    from app.dicom import codestream_size
+    from app.dicom import FrameHeader, frame_header
 
     image = Image.new("L", (300, 200), 90)
     exif = Image.Exif()
     exif[0x010E] = "x" * 5000  # a long APP1 segment before the frame header
     out = io.BytesIO()
     image.save(out, "JPEG", exif=exif.tobytes(), progressive=True)
-    assert codestream_size(out.getvalue()) == (300, 200)
-    assert codestream_size(b"\xff\xd8\xff\xff\xda\x00\x08" + bytes(8)) is None  # no frame header
-    assert codestream_size(b"\xff\xd8\xff\xc0\x00") is None  # cut short
-    assert codestream_size(b"not a codestream") is None
+    assert frame_header(out.getvalue()) == FrameHeader(300, 200, 1)
+    assert frame_header(b"\xff\xd8\xff\xff\xda\x00\x08" + bytes(8)) is None  # no frame header
+    assert frame_header(b"\xff\xd8\xff\xc0\x00") is None  # cut short
+    assert frame_header(b"not a codestream") is None
+
+
+def _encapsulated(frame: bytes, syntax: str, rows: int, columns: int, samples: int = 1) -> bytes:
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(np.full((64, 64), 100, np.uint8), bits=8)))
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, columns, samples
+    return _save(ds)
+
+
+def test_a_compressed_frame_with_more_components_than_samples_is_refused() -> None:
+    rgb = io.BytesIO()
+    Image.new("RGB", (300, 200), (90, 20, 200)).save(rgb, "JPEG")
+    data = _encapsulated(rgb.getvalue(), "1.2.840.10008.1.2.4.50", rows=200, columns=300)
+    with pytest.raises(UndecodableImageError, match="3 components by its own header"):
+        decode_image(data)
+
+
+def j2k_codestream(side: int, tile: int) -> bytes:
+    """A JPEG 2000 codestream header (SOC, SIZ, COD, QCD) of one 8-bit component in
+    `tile` x `tile` tiles, and one empty tile-part."""
+    import struct
+
+    siz = struct.pack(">HHIIIIIIIIH3B", 41, 0, side, side, 0, 0, tile, tile, 0, 0, 1, 7, 1, 1)
+    cod = struct.pack(">HBBHBBBBBB", 12, 0, 0, 1, 0, 0, 4, 4, 0, 1)
+    qcd = struct.pack(">HBB", 4, 0x40, 0x08)
+    sot = b"\xff\x90" + struct.pack(">HHIBB", 10, 0, 14, 0, 1) + b"\xff\x93"
+    return b"\xff\x4f\xff\x51" + siz + b"\xff\x52" + cod + b"\xff\x5c" + qcd + sot + b"\xff\xd9"
+
+
+def test_a_jpeg_2000_frame_cut_into_thousands_of_tiles_is_refused_undecoded() -> None:
+    """OpenJPEG allocates per tile before decoding: 48,000 tiles of a 7000 x 7000 frame in a
+    200-byte codestream took 530 MB."""
+    from app.dicom import MAX_J2K_TILES, FrameHeader, frame_header
+
+    many = j2k_codestream(7000, 64)
+    assert frame_header(many) == FrameHeader(7000, 7000, 1, 110 * 110)
+    assert 110 * 110 > MAX_J2K_TILES
+    with pytest.raises(UnsupportedDicomError, match="12100 tiles"):
+        decode_image(_encapsulated(many, JPEG2000Lossless, rows=7000, columns=7000))
+    assert frame_header(j2k_codestream(7000, 7000)).tiles == 1
+    assert frame_header(j2k_codestream(4000, 512)).tiles == 64
