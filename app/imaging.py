@@ -45,7 +45,7 @@ MIN_CONTENT_STD = 4.0
 CONTENT_STRIDE = 4
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-# How Pillow's ValueError for a PNG text chunk that decompresses beyond
+# How Pillow's ValueError for a PNG text or ICC profile chunk that decompresses beyond
 # PngImagePlugin.MAX_TEXT_CHUNK begins (its wording has changed between releases).
 PNG_TEXT_BOMB = "decompressed data too large"
 
@@ -240,9 +240,9 @@ def _decode_raster(
                 f"The {fmt} file could not be decoded (truncated or corrupt): ValueError."
             ) from exc
         raise ImageTooLargeError(
-            "Image refused as a decompression bomb: a compressed text chunk (zTXt or iTXt) "
-            f"expands beyond {PngImagePlugin.MAX_TEXT_CHUNK // 1024 // 1024} MB. Send the "
-            "radiograph without it."
+            "Image refused as a decompression bomb: a compressed metadata chunk (zTXt, iTXt "
+            f"or iCCP) expands beyond {PngImagePlugin.MAX_TEXT_CHUNK // 1024 // 1024} MB. "
+            "Send the radiograph without it."
         ) from exc
     except (OSError, SyntaxError, EOFError, IndexError, TypeError, KeyError) as exc:
         raise UndecodableImageError(

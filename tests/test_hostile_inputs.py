@@ -146,6 +146,12 @@ CASES: dict[str, tuple[str, bytes, int, str | None]] = {
         None,
     ),
     "png zTXt bomb": ("multipart", png_with_text_bomb(), 422, "image_too_large"),
+    "png iCCP bomb": (
+        "multipart",
+        encode(RADIOGRAPH, icc_profile=bytes(50_000_000)),
+        422,
+        "image_too_large",
+    ),
     "jpeg CMYK": ("multipart", encode(RADIOGRAPH.convert("CMYK"), "JPEG"), 200, None),
     "dicom": ("multipart", DICOM, 200, None),
     "dicom as the body": ("body:application/dicom", DICOM, 200, None),
