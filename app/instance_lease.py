@@ -34,9 +34,20 @@ class InstanceLease:
         # Locked under a temporary name, then renamed into place: another instance's sweep
         # never sees the file unlocked, so never takes it for a dead instance's and deletes it.
         pending = self.folder / f".{self.id}.pending"
-        self._file: BinaryIO | None = open(pending, "wb")  # held while this instance runs
-        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.path = self.folder / f"{self.id}.lock"
+        self._file: BinaryIO | None = open(pending, "wb")  # held while this instance runs
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:  # a file system without flock (some network shares)
+            self._file.close()
+            self._file = None
+            pending.unlink(missing_ok=True)
+            log.warning(
+                "no file locks in the data dir (%s): an Idempotency-Key claimed by an instance "
+                "that is killed stays claimed until the claim lapses",
+                type(exc).__name__,
+            )
+            return
         os.replace(pending, self.path)
         self._sweep()
 
@@ -44,7 +55,7 @@ class InstanceLease:
         """Whether the instance that wrote this id still runs (this one does). An id that is
         not one, or a lock file that is gone, is an instance that is not running; a lock
         file that cannot be opened counts as running (its claims then lapse by time)."""
-        if instance_id == self.id:
+        if instance_id == self.id or self._file is None:  # without locks, no instance can tell
             return True
         if not INSTANCE_ID.fullmatch(instance_id):
             return False

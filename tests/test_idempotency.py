@@ -428,3 +428,25 @@ def test_an_instance_lease_is_held_while_its_process_runs(tmp_path: Path) -> Non
     assert (tmp_path / "instances" / f"{one.id}.lock").exists()  # a running one is kept
     one.close()
     three.close()
+
+
+def test_without_file_locks_a_claim_only_lapses(tmp_path: Path, monkeypatch, caplog) -> None:
+    """On a file system without flock (some network shares) the service still starts; an
+    instance's liveness cannot be told, so another's claims are honoured until they lapse."""
+    import fcntl
+
+    from app.instance_lease import InstanceLease
+
+    running = InstanceLease(tmp_path)
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING):
+        lockless = InstanceLease(tmp_path)
+    assert "no file locks" in caplog.text
+    assert lockless.is_running("0123456789abcdef")  # cannot tell: taken as running
+    assert not list((tmp_path / "instances").glob(".*.pending"))
+    lockless.close()
+    running.close()
