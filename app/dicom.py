@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from app.errors import ImageTooLargeError, UndecodableImageError, UnsupportedDicomError
-from app.imaging import DecodedImage, check_dimensions, resize_to_model
+from app.imaging import DecodedImage, check_dimensions, jpeg_frame, resize_to_model
 from app.population import patient_age
 
 ACCEPTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"}
@@ -293,10 +293,6 @@ def check_deflated_size(data: bytes, max_pixels: int) -> None:
         ) from exc
 
 
-# JPEG Start Of Frame markers (ITU T.81 B.1.1.3: all but DHT C4, JPG C8 and DAC CC) and
-# JPEG-LS's SOF55 (ITU T.87): each is followed by length, precision, height, width.
-JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
-JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
 J2K_SOC_SIZ = b"\xff\x4f\xff\x51"  # JPEG 2000 Start Of Codestream, then its SIZ segment
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 
@@ -316,27 +312,8 @@ def frame_header(frame: bytes) -> FrameHeader | None:
     codestream or a JP2 file), of a compressed frame; None where there is none before the
     image data."""
     if frame[:2] == b"\xff\xd8":
-        offset = 2
-        while offset + 4 <= len(frame):
-            if frame[offset] != 0xFF:
-                return None
-            marker = frame[offset + 1]
-            if marker == 0xFF:  # a fill byte before the marker
-                offset += 1
-                continue
-            if marker in JPEG_STANDALONE_MARKERS:
-                offset += 2
-                continue
-            if marker in JPEG_SOF_MARKERS:
-                if offset + 10 > len(frame):
-                    return None
-                rows, columns, components = struct.unpack_from(">HHB", frame, offset + 5)
-                return FrameHeader(columns, rows, components)
-            if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header
-                return None
-            (length,) = struct.unpack_from(">H", frame, offset + 2)
-            offset += 2 + length
-        return None
+        found = jpeg_frame(frame)
+        return None if found is None else FrameHeader(*found)
     start = frame.find(J2K_SOC_SIZ, 0, 4096)
     if start == -1 or start + 42 > len(frame):
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -78,6 +79,71 @@ def sniff_format(data: bytes) -> str:
         "Unsupported file type: send a JPEG, a PNG or a DICOM Part 10 file "
         "(with the 128-byte preamble and 'DICM' prefix)."
     )
+
+
+# A JPEG's header segments and a PNG's chunks are walked one by one in Python, by Pillow as
+# by `jpeg_frame`: a 4 MB JPEG of a million empty APP5 segments kept Pillow busy for 1.5 s, so
+# the 64 MB an upload may be would hold a decode thread for ~24 s (a PNG of empty chunks: ~10 s).
+# Real files have a few dozen segments before the image data (an ICC profile split over 64 KB
+# APP2 segments: a few hundred) and PNG encoders write IDAT chunks of 8 KB or more, so beyond
+# these counts the file is refused before Pillow parses it.
+MAX_JPEG_HEADER_SEGMENTS = 1000
+PNG_CHUNKS_FREE = 1000
+PNG_BYTES_PER_CHUNK = 1024  # one more chunk allowed per this many bytes of file
+JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # + JPEG-LS
+JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(columns, rows, components) from a JPEG's (or JPEG-LS's) Start Of Frame segment, walking
+    the segments up to the first scan; None without one. UndecodableImageError beyond
+    MAX_JPEG_HEADER_SEGMENTS segments."""
+    offset, segments, frame = 2, 0, None
+    while offset + 4 <= len(data):
+        if data[offset] != 0xFF:
+            return None
+        marker = data[offset + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            offset += 1
+            continue
+        segments += 1
+        if segments > MAX_JPEG_HEADER_SEGMENTS:
+            raise UndecodableImageError(
+                f"The JPEG has more than {MAX_JPEG_HEADER_SEGMENTS} header segments before its "
+                "image data (real files have a few dozen): it is refused unparsed."
+            )
+        if marker in JPEG_STANDALONE_MARKERS:
+            offset += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan
+            return frame
+        if marker in JPEG_SOF_MARKERS and frame is None:
+            if offset + 10 > len(data):
+                return None
+            rows, columns, components = struct.unpack_from(">HHB", data, offset + 5)
+            frame = columns, rows, components
+        (length,) = struct.unpack_from(">H", data, offset + 2)
+        offset += 2 + length
+    return frame
+
+
+def check_png_chunks(data: bytes) -> None:
+    """UndecodableImageError for a PNG of more chunks than PNG_CHUNKS_FREE plus one per
+    PNG_BYTES_PER_CHUNK bytes (walked by their length fields, to IEND)."""
+    budget = PNG_CHUNKS_FREE + len(data) // PNG_BYTES_PER_CHUNK
+    offset, chunks = 8, 0
+    while offset + 8 <= len(data):
+        chunks += 1
+        if chunks > budget:
+            raise UndecodableImageError(
+                f"The PNG has more than {budget} chunks for its {len(data)} bytes (encoders "
+                "write a few dozen, or one per 8 KB or more of image data; IDAT chunks of 1 KB pass): it is refused "
+                "unparsed."
+            )
+        if data[offset + 4 : offset + 8] == b"IEND":
+            return
+        (length,) = struct.unpack_from(">I", data, offset)
+        offset += 12 + length
 
 
 def check_dimensions(width: int, height: int, max_pixels: int, min_side: int) -> None:
@@ -193,6 +259,10 @@ def _decode_raster(
     data: bytes, fmt: str, max_pixels: int, min_side: int, *, only_if_small: bool
 ) -> DecodedImage | None:
     """Open the header once; with `only_if_small`, stop (None) unless the decode is small."""
+    if fmt == "JPEG":
+        jpeg_frame(data)
+    else:
+        check_png_chunks(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

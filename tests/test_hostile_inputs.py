@@ -146,6 +146,12 @@ CASES: dict[str, tuple[str, bytes, int, str | None]] = {
         None,
     ),
     "png zTXt bomb": ("multipart", png_with_text_bomb(), 422, "image_too_large"),
+    "jpeg of a million empty segments": (
+        "multipart",
+        JPEG[:2] + b"\xff\xe5\x00\x02" * 1_000_000 + JPEG[2:],
+        422,
+        "undecodable_image",
+    ),
     "png iCCP bomb": (
         "multipart",
         encode(RADIOGRAPH, icc_profile=bytes(50_000_000)),

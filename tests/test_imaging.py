@@ -253,3 +253,54 @@ def test_corrupt_exif_is_read_as_absent_without_warnings(gray: Image.Image) -> N
         decoded = decode_image(bytes(data))
     assert caught == []
     assert decoded.pixels.shape == (224, 224)
+
+
+def _radiograph_jpeg_and_png() -> tuple[bytes, bytes]:
+    image = Image.open(io.BytesIO(fixture_bytes("originals/person495_bacteria_2094.jpeg")))
+    gray = image.convert("L")
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    gray.save(jpeg, "JPEG")
+    gray.save(png, "PNG")
+    return jpeg.getvalue(), png.getvalue()
+
+
+def test_a_jpeg_of_endless_header_segments_is_refused_before_pillow_walks_them() -> None:
+    """Pillow walks a JPEG's header segments in Python: a million empty ones (4 MB) took it
+    1.5 s, so a 64 MB upload would hold a decode thread for ~24 s."""
+    import time
+
+    from app.imaging import MAX_JPEG_HEADER_SEGMENTS
+
+    jpeg, _ = _radiograph_jpeg_and_png()
+    empty = b"\xff\xe5\x00\x02"  # an APP5 segment with no payload
+    many = MAX_JPEG_HEADER_SEGMENTS - 10  # the file's own few segments count too
+    assert decode_image(jpeg[:2] + empty * many + jpeg[2:]).format == "JPEG"
+    began = time.perf_counter()
+    with pytest.raises(UndecodableImageError, match="header segments"):
+        decode_image(jpeg[:2] + empty * 1_000_000 + jpeg[2:])
+    assert time.perf_counter() - began < 0.5
+
+
+def test_a_png_of_endless_chunks_is_refused_but_fine_grained_image_data_is_not() -> None:
+    import struct
+    import time
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    _, png = _radiograph_jpeg_and_png()
+    head = 8 + 25  # signature and IHDR
+    began = time.perf_counter()
+    with pytest.raises(UndecodableImageError, match="chunks"):
+        decode_image(png[:head] + chunk(b"abCd", b"") * 1_000_000 + png[head:])
+    assert time.perf_counter() - began < 0.5
+    # the same pixels in IDAT chunks of 8 KB (libpng's default), as many as a large file has
+    image = Image.open(io.BytesIO(png))
+    rows = np.asarray(image).astype(np.uint8)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    packed = zlib.compress(raw)
+    idats = b"".join(chunk(b"IDAT", packed[i : i + 8192]) for i in range(0, len(packed), 8192))
+    split = png[:head] + idats + chunk(b"IEND", b"")
+    assert np.array_equal(decode_image(split).pixels, decode_image(png).pixels)
