@@ -137,7 +137,7 @@ def check_png_chunks(data: bytes) -> None:
         if chunks > budget:
             raise UndecodableImageError(
                 f"The PNG has more than {budget} chunks for its {len(data)} bytes (encoders "
-                "write a few dozen, or one per 8 KB or more of image data; IDAT chunks of 1 KB pass): it is refused "
+                "write a few dozen, or one per 8 KB or more of image data): it is refused "
                 "unparsed."
             )
         if data[offset + 4 : offset + 8] == b"IEND":

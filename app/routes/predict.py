@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -444,9 +445,10 @@ async def score_once(
             return await score(request, services, key_id, started, upload, key_hash)
         except BaseException:
             # Not awaited: a cancelled request must not wait; the claim lapses if this fails.
-            asyncio.get_running_loop().run_in_executor(
-                None, release_claim, records, key_id, key_hash
-            )
+            with contextlib.suppress(RuntimeError):  # the executor is shutting down
+                asyncio.get_running_loop().run_in_executor(
+                    None, release_claim, records, key_id, key_hash
+                )
             raise
     if used.image_sha256 != sha256:
         raise IdempotencyKeyReusedError(
