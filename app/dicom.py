@@ -314,7 +314,9 @@ def frame_header(frame: bytes) -> FrameHeader | None:
     if frame[:2] == b"\xff\xd8":
         found = jpeg_frame(frame)
         return None if found is None else FrameHeader(*found)
-    start = frame.find(J2K_SOC_SIZ, 0, 4096)
+    # At 0 in a bare codestream, as PS3.5 8.2.4 asks; after the boxes of a JP2 file (which
+    # some encoders write anyway, an ICC profile among them) within the first megabyte.
+    start = frame.find(J2K_SOC_SIZ, 0, 1 << 20)
     if start == -1 or start + 42 > len(frame):
         return None
     x_size, y_size, x_origin, y_origin, x_tile, y_tile, x_tile_origin, y_tile_origin, count = (

@@ -506,3 +506,7 @@ def test_a_jpeg_2000_frame_cut_into_thousands_of_tiles_is_refused_undecoded() ->
         decode_image(_encapsulated(many, JPEG2000Lossless, rows=7000, columns=7000))
     assert frame_header(j2k_codestream(7000, 7000)).tiles == 1
     assert frame_header(j2k_codestream(4000, 512)).tiles == 64
+    # a JP2 file (its boxes, here a 20 KB one, then the codestream), as some encoders write
+    jp2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + (20_008).to_bytes(4, "big") + b"free" + bytes(20_000)
+    wrapped = jp2 + b"\x00\x00\x00\x00jp2c" + j2k_codestream(3000, 3000)
+    assert frame_header(wrapped) == FrameHeader(3000, 3000, 1, 1)
