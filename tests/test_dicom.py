@@ -510,3 +510,113 @@ def test_a_jpeg_2000_frame_cut_into_thousands_of_tiles_is_refused_undecoded() ->
     jp2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + (20_008).to_bytes(4, "big") + b"free" + bytes(20_000)
     wrapped = jp2 + b"\x00\x00\x00\x00jp2c" + j2k_codestream(3000, 3000)
     assert frame_header(wrapped) == FrameHeader(3000, 3000, 1, 1)
+
+
+def _with_private_elements(ds, count: int, group: int = 0x0009) -> None:
+    for index in range(count):
+        ds.add_new(((group + 2 * (index // 0xF000)) << 16) | (0x1000 + index % 0xF000), "LO", "")
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined length", "delimited"])
+@pytest.mark.parametrize("encoding", ["explicit little", "implicit little", "deflated"])
+def test_a_data_set_of_endless_elements_is_refused_before_pydicom_parses_it(
+    reference: np.ndarray, encoding: str, undefined: bool
+) -> None:
+    """pydicom parses element by element in Python: a 64 MB upload of 7.9 million empty elements
+    took it 15 s and 1.1 GB (and a deflated one could hold more). The elements are counted
+    first, nested ones included, and beyond 50,000 the file is refused in ~50 ms."""
+    import time
+
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    from app.dicom import MAX_DICOM_ELEMENTS
+
+    syntax = {
+        "explicit little": None,
+        "implicit little": ImplicitVRLittleEndian,
+        "deflated": DeflatedExplicitVRLittleEndian,
+    }[encoding]
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(reference)))
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+    # hidden one level down, in an item of a sequence the decoder never reads
+    item = Dataset()
+    _with_private_elements(item, MAX_DICOM_ELEMENTS + 100)
+    ds.ReferencedImageSequence = Sequence([item])
+    ds["ReferencedImageSequence"].is_undefined_length = undefined
+    bomb = _save(ds)
+    began = time.perf_counter()
+    with pytest.raises(UnsupportedDicomError, match="more than 50000 elements"):
+        decode_image(bomb)
+    assert time.perf_counter() - began < 2
+    # the same data set with a radiograph's share of extra elements is scored
+    del ds.ReferencedImageSequence
+    _with_private_elements(ds, 3000)
+    assert decode_image(_save(ds)).format == "DICOM"
+
+
+def test_an_element_bomb_inside_an_undefined_length_un_is_counted(reference: np.ndarray) -> None:
+    """An undefined-length UN element holds implicit VR items whatever the file's encoding
+    (PS3.5 6.2.2), which pydicom parses as a sequence: the walk follows it there."""
+    import struct
+
+    from app.dicom import file_meta_end_and_syntax
+
+    data = make_dicom(reference)
+    start, _ = file_meta_end_and_syntax(data)
+    # after the file's group 0008 elements, before the rest (tags ascend)
+    offset = start
+    while struct.unpack_from("<H", data, offset)[0] <= 0x0008:
+        vr = data[offset + 4 : offset + 6]
+        if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OF", b"OD", b"OL", b"OV"):
+            offset += 12 + struct.unpack_from("<I", data, offset + 8)[0]
+        else:
+            offset += 8 + struct.unpack_from("<H", data, offset + 6)[0]
+    un = struct.pack("<HH2sHI", 0x0009, 0x1001, b"UN", 0, 0xFFFFFFFF)
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    inner = b"".join(struct.pack("<HHI", 0x0011, 0x1000 + i % 0xF000, 0) for i in range(60_000))
+    ends = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    with pytest.raises(UnsupportedDicomError, match="elements"):
+        decode_image(data[:offset] + un + item + inner + ends + data[offset:])
+
+
+def test_the_element_walk_reaches_the_pixel_data_of_real_files() -> None:
+    """Sequences of defined and undefined length, an icon image with Pixel Data of its own,
+    and every DICOM fixture: the walk ends at the top-level Pixel Data, counting about what
+    pydicom parses."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import UID, ImplicitVRLittleEndian
+
+    from app.dicom import count_elements, file_meta_end_and_syntax
+
+    def walked(data: bytes) -> int:
+        start, syntax = file_meta_end_and_syntax(data)
+        uid = UID(syntax)
+        return count_elements(data, start, not uid.is_implicit_VR, uid.is_little_endian, 10**6)
+
+    for path in sorted((FIXTURES / "dicom").glob("*.dcm")):
+        data = path.read_bytes()
+        parsed = sum(1 for _ in pydicom.dcmread(io.BytesIO(data)).iterall())
+        assert parsed <= walked(data) <= 2 * parsed + 10, path.name
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(np.full((64, 64), 90, np.uint8))))
+    icon = Dataset()
+    icon.Rows, icon.Columns, icon.BitsAllocated, icon.SamplesPerPixel = 8, 8, 8, 1
+    icon.PixelData = bytes(64)
+    code = Dataset()
+    code.CodeValue, code.CodeMeaning = "123", "x"
+    ds.IconImageSequence = Sequence([icon])
+    ds.AnatomicRegionSequence = Sequence([code, code])
+    for syntax in (None, ImplicitVRLittleEndian):
+        if syntax is not None:
+            ds.file_meta.TransferSyntaxUID = syntax
+        for undefined in (False, True):
+            ds["IconImageSequence"].is_undefined_length = undefined
+            ds["AnatomicRegionSequence"].is_undefined_length = undefined
+            data = _save(ds)
+            parsed = sum(1 for _ in pydicom.dcmread(io.BytesIO(data)).iterall())
+            assert parsed <= walked(data) <= 2 * parsed + 10, (syntax, undefined)
