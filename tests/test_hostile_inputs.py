@@ -22,6 +22,7 @@ from PIL import Image
 
 from benchmarks.common import BENCH_KEY, running_server
 from tests.conftest import fixture_bytes
+from tests.utils.jpeg_scans import progressive_with_repeated_scan
 
 JPEG = fixture_bytes("originals/person495_bacteria_2094.jpeg")
 DICOM = fixture_bytes("dicom/person1946_bacteria_4874.dcm")
@@ -159,6 +160,12 @@ CASES: dict[str, tuple[str, bytes, int, str | None]] = {
         None,
     ),
     "png zTXt bomb": ("multipart", png_with_text_bomb(), 422, "image_too_large"),
+    "progressive jpeg of 5,000 scans": (
+        "multipart",
+        progressive_with_repeated_scan(4000, 5000),
+        422,
+        "undecodable_image",
+    ),
     "jpeg of a million empty segments": (
         "multipart",
         JPEG[:2] + b"\xff\xe5\x00\x02" * 1_000_000 + JPEG[2:],

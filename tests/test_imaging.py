@@ -26,6 +26,7 @@ from app.imaging import (
     to_grayscale_u8,
 )
 from tests.conftest import FIXTURES, fixture_bytes
+from tests.utils.jpeg_scans import progressive_with_repeated_scan
 from tests.utils.mutation import assert_decodes_or_refuses, mutate
 
 PAIRS = [
@@ -304,3 +305,19 @@ def test_a_png_of_endless_chunks_is_refused_but_fine_grained_image_data_is_not()
     idats = b"".join(chunk(b"IDAT", packed[i : i + 8192]) for i in range(0, len(packed), 8192))
     split = png[:head] + idats + chunk(b"IEND", b"")
     assert np.array_equal(decode_image(split).pixels, decode_image(png).pixels)
+
+
+def test_a_progressive_jpeg_of_endless_scans_is_refused_before_it_is_decoded() -> None:
+    """218 KB, 4000 x 4000 px, one 31-byte scan repeated 5,000 times: 33 s to decode before."""
+    import time
+
+    from app.imaging import MAX_JPEG_SCANS
+
+    bomb = progressive_with_repeated_scan(4000, 5000)
+    assert len(bomb) < 256 * 1024
+    began = time.perf_counter()
+    with pytest.raises(UndecodableImageError, match="5006 scans"):
+        decode_image(bomb)
+    assert time.perf_counter() - began < 0.5
+    within = progressive_with_repeated_scan(400, MAX_JPEG_SCANS - 6)
+    assert decode_image(within).format == "JPEG"
