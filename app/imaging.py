@@ -266,7 +266,8 @@ def decode_small_raster(
     """The model input for a baseline JPEG or a PNG whose header promises a small decode (the
     caller may run it on the event loop); None for anything else, which then goes through
     `decode_image` on the decode pool, where every problem is named. Progressive JPEGs return
-    None: a crafted one with thousands of scans can take seconds to decode at any size."""
+    None: each scan passes over the whole image, so even within MAX_JPEG_SCANS one can take
+    tens of milliseconds at this size."""
     try:
         fmt = sniff_format(data)
     except UnsupportedMediaError:
