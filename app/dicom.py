@@ -396,6 +396,73 @@ class FrameHeader:
     rows: int
     components: int
     tiles: int = 1  # JPEG 2000 only
+    code_blocks: int = 0  # JPEG 2000 only: precincts and code-blocks, at most (j2k_code_blocks)
+
+
+J2K_SOT, J2K_SOD, J2K_COD, J2K_COC = 0xFF90, 0xFF93, 0xFF52, 0xFF53
+
+
+def j2k_coding(frame: bytes, start: int, components: int) -> tuple[int, int, int, int, int]:
+    """The smallest code-block and precinct exponents and the most decomposition levels that
+    any COD or COC segment of a JPEG 2000 codestream sets, in its main header or a tile-part
+    header: (levels, xcb, ycb, ppx, ppy), code-block sides 2^(xcb + 2) and precinct sides
+    2^pp (15, the largest, where none are set). Segments that do not fit end the walk."""
+    levels, xcb, ycb, ppx, ppy = 0, 8, 8, 15, 15
+    offset, tile_parts = start + 2, 0
+    while offset + 4 <= len(frame):
+        marker, length = struct.unpack_from(">HH", frame, offset)
+        if marker == J2K_SOT:
+            tile_parts += 1
+            if tile_parts > 4 * MAX_J2K_TILES:  # not walked: taken as the costliest coding
+                return 32, 0, 0, 0, 0
+            if offset + 12 > len(frame):
+                break
+            (tile_part,) = struct.unpack_from(">I", frame, offset + 6)
+            header_end = frame.find(b"\xff\x93", offset)
+            if header_end == -1:
+                break
+            # this tile-part's header, then the next tile-part (Psot 0: the last, to the end)
+            found = j2k_coding(frame[offset + 10 : header_end], 0, components)
+            levels, xcb, ycb = max(levels, found[0]), min(xcb, found[1]), min(ycb, found[2])
+            ppx, ppy = min(ppx, found[3]), min(ppy, found[4])
+            if tile_part == 0:
+                break
+            offset += tile_part
+            continue
+        if marker in (J2K_COD, J2K_COC) and offset + 2 + length <= len(frame):
+            body = offset + 4 + (1 if marker == J2K_COD else (1 if components < 257 else 2))
+            style = frame[offset + 4] if marker == J2K_COD else frame[body]
+            coding = body + (4 if marker == J2K_COD else 1)  # past SGcod / Scoc
+            levels = max(levels, frame[coding])
+            xcb, ycb = min(xcb, frame[coding + 1] & 0x0F), min(ycb, frame[coding + 2] & 0x0F)
+            if style & 0x01:  # precinct sizes given, one byte per resolution level
+                for value in frame[coding + 5 : offset + 2 + length]:
+                    ppx, ppy = min(ppx, value & 0x0F), min(ppy, value >> 4)
+        if marker == J2K_SOD or length < 2:
+            break
+        offset += 2 + length
+    return levels, xcb, ycb, ppx, ppy
+
+
+def j2k_code_blocks(columns: int, rows: int, components: int, coding: tuple) -> int:
+    """How many precincts and code-blocks OpenJPEG sets up for a frame coded so, at most: it
+    allocates them for the whole image before decoding any (a 96-byte codestream of a 7000 x
+    7000 frame in 4 x 4 code-blocks took 1.2 GB). A code-block never spans more than its
+    precinct (half of it in a resolution's detail bands)."""
+    levels, xcb, ycb, ppx, ppy = coding
+    total = 0
+    for resolution in range(min(levels, 32) + 1):
+        scale = 1 << (min(levels, 32) - resolution)
+        width, height = -(-columns // scale), -(-rows // scale)
+        total += -(-width // (1 << ppx)) * -(-height // (1 << ppy))
+        if resolution == 0:
+            bands, band_w, band_h, limit_x, limit_y = 1, width, height, ppx, ppy
+        else:
+            bands, band_w, band_h = 3, -(-width // 2), -(-height // 2)
+            limit_x, limit_y = max(ppx - 1, 0), max(ppy - 1, 0)
+        block_w, block_h = 1 << min(xcb + 2, limit_x), 1 << min(ycb + 2, limit_y)
+        total += bands * -(-band_w // block_w) * -(-band_h // block_h)
+    return total * components
 
 
 def frame_header(frame: bytes) -> FrameHeader | None:
@@ -416,13 +483,17 @@ def frame_header(frame: bytes) -> FrameHeader | None:
     if x_tile == 0 or y_tile == 0 or x_tile_origin > x_size or y_tile_origin > y_size:
         return None
     tiles = -(-(x_size - x_tile_origin) // x_tile) * -(-(y_size - y_tile_origin) // y_tile)
-    return FrameHeader(x_size - x_origin, y_size - y_origin, count, tiles)
+    columns, rows = x_size - x_origin, y_size - y_origin
+    blocks = j2k_code_blocks(columns, rows, count, j2k_coding(frame, start, count))
+    return FrameHeader(columns, rows, count, tiles, blocks)
 
 
 # OpenJPEG allocates some 10 KB per JPEG 2000 tile before decoding any (measured: 48,000 tiles
 # of a 7000 x 7000 frame took 530 MB; it refuses more than 65,535). Radiographs are coded as
 # one tile or a few hundred; beyond this many, the frame is refused.
 MAX_J2K_TILES = 4096
+# ~400 bytes each in OpenJPEG (1.2 GB for 3 million): at most ~200 MB.
+MAX_J2K_CODE_BLOCKS = 500_000
 
 
 def check_frame_header(ds, rows: int, columns: int) -> None:
@@ -461,6 +532,13 @@ def check_frame_header(ds, rows: int, columns: int) -> None:
         raise UndecodableImageError(
             f"The compressed frame has {header.components} components by its own header, but "
             f"the data set's Samples per Pixel says {samples}: the object is inconsistent."
+        )
+    if header.code_blocks > MAX_J2K_CODE_BLOCKS:
+        raise UnsupportedDicomError(
+            f"The JPEG 2000 frame is coded in about {header.code_blocks} code-blocks and "
+            f"precincts (at most {MAX_J2K_CODE_BLOCKS} are decoded; 64 x 64 code-blocks, the "
+            "usual size, make 12,000 for 50 megapixels): re-encode it with larger code-blocks "
+            "or precincts, or send it uncompressed."
         )
     if header.tiles > MAX_J2K_TILES:
         raise UnsupportedDicomError(

@@ -436,13 +436,14 @@ def test_a_compressed_frame_larger_than_the_data_set_says_is_refused_undecoded(
     import pydicom
     from pydicom.encaps import generate_frames
 
-    from app.dicom import FrameHeader, frame_header
+    from app.dicom import frame_header
 
     large = np.zeros((1200, 1000), np.uint8)
     large[::7, ::5] = 200
     ds = pydicom.dcmread(io.BytesIO(make_dicom(large, bits=8, syntax=syntax)))
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-    assert frame_header(frame) == FrameHeader(1000, 1200, 1)
+    header = frame_header(frame)
+    assert (header.columns, header.rows, header.components) == (1000, 1200, 1)
     ds.Rows, ds.Columns = 256, 256
     with pytest.raises(UndecodableImageError, match="1000 x 1200 pixels by its own header"):
         decode_image(_save(ds))
@@ -482,25 +483,45 @@ def test_a_compressed_frame_with_more_components_than_samples_is_refused() -> No
         decode_image(data)
 
 
-def j2k_codestream(side: int, tile: int) -> bytes:
+def j2k_codestream(
+    side: int,
+    tile: int,
+    levels: int = 0,
+    block: int = 4,
+    precinct: int | None = None,
+    in_tile_header: bool = False,
+) -> bytes:
     """A JPEG 2000 codestream header (SOC, SIZ, COD, QCD) of one 8-bit component in
-    `tile` x `tile` tiles, and one empty tile-part."""
+    `tile` x `tile` tiles, `levels` decomposition levels, code-blocks of 2^(block + 2) and
+    (when given) precincts of 2^precinct, and one empty tile-part; `in_tile_header` moves the
+    code-block size into a COD of the tile-part's header (a main COD keeps 64 x 64)."""
     import struct
 
+    def cod(block_exponent: int) -> bytes:
+        sizes = b"" if precinct is None else bytes([precinct * 0x11] * (levels + 1))
+        body = struct.pack(
+            ">BBHBBBBBB", precinct is not None, 0, 1, 0, levels, block_exponent,
+            block_exponent, 0, 1,
+        ) + sizes  # fmt: skip
+        return b"\xff\x52" + struct.pack(">H", 2 + len(body)) + body
+
     siz = struct.pack(">HHIIIIIIIIH3B", 41, 0, side, side, 0, 0, tile, tile, 0, 0, 1, 7, 1, 1)
-    cod = struct.pack(">HBBHBBBBBB", 12, 0, 0, 1, 0, 0, 4, 4, 0, 1)
-    qcd = struct.pack(">HBB", 4, 0x40, 0x08)
-    sot = b"\xff\x90" + struct.pack(">HHIBB", 10, 0, 14, 0, 1) + b"\xff\x93"
-    return b"\xff\x4f\xff\x51" + siz + b"\xff\x52" + cod + b"\xff\x5c" + qcd + sot + b"\xff\xd9"
+    bands = 1 + 3 * levels
+    qcd = b"\xff\x5c" + struct.pack(">HB", 3 + bands, 0x40) + bytes([0x08] * bands)
+    tile_header = cod(block) if in_tile_header else b""
+    sot = b"\xff\x90" + struct.pack(">HHIBB", 10, 0, 0, 0, 1) + tile_header + b"\xff\x93"
+    main = cod(4 if in_tile_header else block)
+    return b"\xff\x4f\xff\x51" + siz + main + qcd + sot + b"\xff\xd9"
 
 
 def test_a_jpeg_2000_frame_cut_into_thousands_of_tiles_is_refused_undecoded() -> None:
     """OpenJPEG allocates per tile before decoding: 48,000 tiles of a 7000 x 7000 frame in a
     200-byte codestream took 530 MB."""
-    from app.dicom import MAX_J2K_TILES, FrameHeader, frame_header
+    from app.dicom import MAX_J2K_TILES, frame_header
 
     many = j2k_codestream(7000, 64)
-    assert frame_header(many) == FrameHeader(7000, 7000, 1, 110 * 110)
+    header = frame_header(many)
+    assert (header.columns, header.rows, header.tiles) == (7000, 7000, 110 * 110)
     assert 110 * 110 > MAX_J2K_TILES
     with pytest.raises(UnsupportedDicomError, match="12100 tiles"):
         decode_image(_encapsulated(many, JPEG2000Lossless, rows=7000, columns=7000))
@@ -509,7 +530,8 @@ def test_a_jpeg_2000_frame_cut_into_thousands_of_tiles_is_refused_undecoded() ->
     # a JP2 file (its boxes, here a 20 KB one, then the codestream), as some encoders write
     jp2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + (20_008).to_bytes(4, "big") + b"free" + bytes(20_000)
     wrapped = jp2 + b"\x00\x00\x00\x00jp2c" + j2k_codestream(3000, 3000)
-    assert frame_header(wrapped) == FrameHeader(3000, 3000, 1, 1)
+    header = frame_header(wrapped)
+    assert (header.columns, header.rows, header.components, header.tiles) == (3000, 3000, 1, 1)
 
 
 def _with_private_elements(ds, count: int, group: int = 0x0009) -> None:
@@ -620,3 +642,40 @@ def test_the_element_walk_reaches_the_pixel_data_of_real_files() -> None:
             data = _save(ds)
             parsed = sum(1 for _ in pydicom.dcmread(io.BytesIO(data)).iterall())
             assert parsed <= walked(data) <= 2 * parsed + 10, (syntax, undefined)
+
+
+@pytest.mark.parametrize(
+    ("coding", "blocks"),
+    [
+        ({"block": 0}, 3_064_696),  # 4 x 4 code-blocks: 1.2 GB in OpenJPEG
+        ({"block": 4, "precinct": 1}, 65_295_920),  # 2 x 2 precincts clip the code-blocks
+        ({"block": 0, "in_tile_header": True}, 3_064_696),  # set in a tile-part's header
+    ],
+    ids=["tiny code-blocks", "tiny precincts", "in a tile-part header"],
+)
+def test_a_jpeg_2000_frame_of_millions_of_code_blocks_is_refused_undecoded(
+    coding: dict, blocks: int
+) -> None:
+    """OpenJPEG sets up every code-block and precinct of a tile before decoding any: a
+    96-byte codestream of a 7000 x 7000 frame in 4 x 4 code-blocks took 1.2 GB."""
+    from app.dicom import MAX_J2K_CODE_BLOCKS, frame_header
+
+    data = j2k_codestream(7000, 7000, levels=5, **coding)
+    assert frame_header(data).code_blocks == blocks > MAX_J2K_CODE_BLOCKS
+    with pytest.raises(UnsupportedDicomError, match="code-blocks"):
+        decode_image(_encapsulated(data, JPEG2000Lossless, rows=7000, columns=7000))
+    # the usual coding, 64 x 64 code-blocks and no precincts, of the same frame
+    assert frame_header(j2k_codestream(7000, 7000, levels=5)).code_blocks == 12_232
+
+
+def test_the_code_blocks_of_real_jpeg_2000_frames_are_few() -> None:
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    from app.dicom import frame_header
+
+    noise = np.random.default_rng(0).integers(0, 255, (3000, 2500)).astype(np.uint8)
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(noise, bits=8, syntax=JPEG2000Lossless)))
+    header = frame_header(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    assert (header.columns, header.rows, header.tiles) == (2500, 3000, 1)
+    assert 1000 < header.code_blocks < 3000  # 64 x 64 blocks over 5 levels: ~1,900
