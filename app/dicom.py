@@ -7,6 +7,12 @@ Photometric Interpretation alone decides the polarity: Presentation LUT Shape is
 (some CR/DX objects carry a wrong INVERSE or IDENTITY, which archives such as dcm4chee let sites
 ignore for the same reason); an image that still arrives inverted tends to be flagged out of
 distribution.
+Before pydicom or a pixel decoder sees a file, what would make them spend far more than its
+size is refused from the bytes (`check_data_set`, `check_frame_header`): a deflated data set
+past a bound, more than MAX_DICOM_ELEMENTS elements, a compressed frame whose own header
+disagrees with Rows, Columns and Samples per Pixel, and JPEG 2000 or progressive JPEG coding
+that would set up millions of code-blocks, thousands of tiles or scans. Each was measured at
+gigabytes or tens of seconds from a small upload.
 Only UIDs leave this module; patient tags are never read into logs or responses (the patient's
 age is read for `app.population`, which passes on only whether it is within the trained ages).
 """
