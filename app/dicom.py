@@ -391,7 +391,18 @@ def check_data_set(data: bytes, max_pixels: int) -> None:
 
 
 J2K_SOC_SIZ = b"\xff\x4f\xff\x51"  # JPEG 2000 Start Of Codestream, then its SIZ segment
-RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+# The JPEG (ITU T.81, including the retired processes), JPEG-LS and JPEG 2000 / HTJ2K syntaxes,
+# whose frames carry a header this module reads. RLE decodes into what the data set gives;
+# video and private syntaxes have no decoder here (pydicom names them).
+FRAME_HEADER_SYNTAXES = frozenset(
+    {
+        *(f"1.2.840.10008.1.2.4.{process}" for process in range(50, 67)),
+        "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92",
+        "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -513,7 +524,7 @@ def check_frame_header(ds, rows: int, columns: int) -> None:
     from pydicom.encaps import generate_frames
 
     syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is None or not syntax.is_encapsulated or syntax == RLE_LOSSLESS:
+    if syntax not in FRAME_HEADER_SYNTAXES:  # RLE, video, private: nothing read here
         return
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))

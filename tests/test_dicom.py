@@ -679,3 +679,13 @@ def test_the_code_blocks_of_real_jpeg_2000_frames_are_few() -> None:
     header = frame_header(next(generate_frames(ds.PixelData, number_of_frames=1)))
     assert (header.columns, header.rows, header.tiles) == (2500, 3000, 1)
     assert 1000 < header.code_blocks < 3000  # 64 x 64 blocks over 5 levels: ~1,900
+
+
+def test_a_video_syntax_is_named_not_called_corrupt() -> None:
+    """Frame headers are read only for the JPEG, JPEG-LS and JPEG 2000 syntaxes: an MPEG-2
+    object is told it has no decoder here, as before the frame checks."""
+    data = _encapsulated(
+        b"\x00\x00\x01\xb3" + bytes(60), "1.2.840.10008.1.2.4.100", rows=480, columns=640
+    )
+    with pytest.raises(UnsupportedDicomError, match="No decoder for transfer syntax"):
+        decode_image(data)
