@@ -4,6 +4,7 @@ representation, instead of a second prediction of the same image (app/idempotenc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import logging
@@ -11,6 +12,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -135,12 +137,12 @@ def test_a_dicom_retry_gets_the_same_sr_and_the_same_fhir_report(client) -> None
     assert predictions_in(client) == 1
 
 
-def test_a_retry_while_the_first_is_scored_waits_for_it(client, normal_jpeg) -> None:
-    """The second request with the key, arriving before the first is recorded, gets 409 with
-    Retry-After; after the first's answer, the retry gets that prediction."""
+@contextlib.contextmanager
+def first_request_held(client: TestClient, image: bytes, key: str) -> Iterator[dict]:
+    """POST `image` with `key` from a thread and hold it in `client`'s model queue until the
+    block ends; the yielded dict then holds its response as 'first'."""
     services = client.app.state.services
-    release = threading.Event()
-    entered = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     predict = services.batcher.predict
 
     async def slow_predict(pixels):
@@ -149,20 +151,30 @@ def test_a_retry_while_the_first_is_scored_waits_for_it(client, normal_jpeg) -> 
         return await predict(pixels)
 
     services.batcher.predict = slow_predict
-    key = str(uuid.uuid4())
     results: dict[str, object] = {}
-    first = threading.Thread(target=lambda: results.update(first=post(client, normal_jpeg, key)))
+    first = threading.Thread(target=lambda: results.update(first=post(client, image, key)))
     first.start()
     try:
         assert entered.wait(10)
-        racing = post(client, normal_jpeg, key)
-        assert racing.status_code == 409, racing.text
-        assert racing.json()["error"]["code"] == "idempotency_key_in_use"
-        assert racing.headers["retry-after"] == "1"
+        yield results
     finally:
         release.set()
         first.join(10)
         services.batcher.predict = predict
+
+
+def assert_in_use(response) -> None:
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["code"] == "idempotency_key_in_use"
+    assert response.headers["retry-after"] == "1"
+
+
+def test_a_retry_while_the_first_is_scored_waits_for_it(client, normal_jpeg) -> None:
+    """The second request with the key, arriving before the first is recorded, gets 409 with
+    Retry-After; after the first's answer, the retry gets that prediction."""
+    key = str(uuid.uuid4())
+    with first_request_held(client, normal_jpeg, key) as results:
+        assert_in_use(post(client, normal_jpeg, key))
     original = results["first"].json()["prediction_id"]
     retried = post(client, normal_jpeg, key)
     assert retried.headers["idempotent-replayed"] == "true"
@@ -278,32 +290,11 @@ def test_two_instances_on_one_data_dir_score_a_key_once(
     with TestClient(create_app(settings)) as one, TestClient(create_app(settings)) as two:
         for client in (one, two):
             client.headers["X-API-Key"] = API_KEY
-        services = one.app.state.services
-        release, entered = threading.Event(), threading.Event()
-        predict = services.batcher.predict
-
-        async def slow_predict(pixels):
-            entered.set()
-            await asyncio.to_thread(release.wait, 10)
-            return await predict(pixels)
-
-        services.batcher.predict = slow_predict
         key = str(uuid.uuid4())
-        results: dict[str, object] = {}
-        first = threading.Thread(target=lambda: results.update(first=post(one, normal_jpeg, key)))
-        first.start()
-        try:
-            assert entered.wait(10)
-            racing = post(two, normal_jpeg, key)
-            assert racing.status_code == 409, racing.text
-            assert racing.json()["error"]["code"] == "idempotency_key_in_use"
-            assert racing.headers["retry-after"] == "1"
+        with first_request_held(one, normal_jpeg, key) as results:
+            assert_in_use(post(two, normal_jpeg, key))
             other_image = post(two, pneumonia_jpeg, key)  # a client bug, even meanwhile
             assert other_image.json()["error"]["code"] == "idempotency_key_reused"
-        finally:
-            release.set()
-            first.join(10)
-            services.batcher.predict = predict
         original = results["first"]
         assert original.status_code == 200, original.text
         retried = post(two, normal_jpeg, key)
