@@ -341,6 +341,8 @@ def count_elements(data: bytes, start: int, explicit: bool, little: bool, limit:
             if not (vr.isalpha() and vr.isupper()):
                 return count
             if vr in LONG_LENGTH_VRS:
+                if offset + 12 > len(data):
+                    return count
                 (length,) = struct.unpack_from(order + "I", data, offset + 8)
                 offset += 12
             else:
@@ -380,7 +382,7 @@ def check_data_set(data: bytes, max_pixels: int) -> None:
     explicit, little = True, True
     if syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         data, start = inflated_data_set(data, start, max_pixels), 0
-    elif syntax is not None and UID(syntax).is_transfer_syntax:
+    elif syntax and re.fullmatch(r"[0-9.]{1,64}", syntax) and UID(syntax).is_transfer_syntax:
         explicit, little = not UID(syntax).is_implicit_VR, UID(syntax).is_little_endian
     if count_elements(data, start, explicit, little, MAX_DICOM_ELEMENTS) > MAX_DICOM_ELEMENTS:
         raise UnsupportedDicomError(
@@ -446,7 +448,7 @@ def j2k_coding(frame: bytes, start: int, components: int) -> tuple[int, int, int
                 break
             offset += tile_part
             continue
-        if marker in (J2K_COD, J2K_COC) and offset + 2 + length <= len(frame):
+        if marker in (J2K_COD, J2K_COC) and 12 <= length and offset + 2 + length <= len(frame):
             body = offset + 4 + (1 if marker == J2K_COD else (1 if components < 257 else 2))
             style = frame[offset + 4] if marker == J2K_COD else frame[body]
             coding = body + (4 if marker == J2K_COD else 1)  # past SGcod / Scoc
