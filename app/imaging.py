@@ -180,23 +180,46 @@ def check_dimensions(width: int, height: int, max_pixels: int, min_side: int) ->
         )
 
 
+# Conversions run in strips of this many rows: a whole-image one of a 7000 x 7000 PNG made
+# float64 or RGBA copies of all of it, 1.2 GB for a 112 KB 16-bit file and 750 MB for an RGBA
+# one. Every step is per pixel, so strips give the same bytes (tested).
+STRIP_ROWS = 256
+
+
 def to_grayscale_u8(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to one 8-bit channel ('L')."""
     mode = image.mode
     if mode == "L":
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        # 16-bit PNGs use the full 0..65535 range: scale linearly to 0..255.
-        scaled = np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8)
+        array = np.asarray(image)
+        scaled = np.empty(array.shape, np.uint8)
+        for top in range(0, array.shape[0], STRIP_ROWS):
+            strip = array[top : top + STRIP_ROWS].astype(np.float64)
+            # 16-bit PNGs use the full 0..65535 range: scale linearly to 0..255.
+            scaled[top : top + STRIP_ROWS] = np.clip(np.rint(strip / 257.0), 0, 255)
         return Image.fromarray(scaled, mode="L")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, image)
+        return in_strips(image, flatten_alpha)
     if mode == "CMYK":
-        image = image.convert("RGB")
+        return in_strips(image, lambda strip: strip.convert("RGB").convert("L"))
     return image.convert("L")
+
+
+def flatten_alpha(image: Image.Image) -> Image.Image:
+    """Composite onto black, as a viewer with a black background shows it, then grey."""
+    image = image.convert("RGBA")
+    background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+    return Image.alpha_composite(background, image).convert("L")
+
+
+def in_strips(image: Image.Image, convert) -> Image.Image:
+    """`convert` (a per-pixel conversion to 'L') applied to STRIP_ROWS rows at a time."""
+    width, height = image.size
+    out = Image.new("L", image.size)
+    for top in range(0, height, STRIP_ROWS):
+        out.paste(convert(image.crop((0, top, width, min(height, top + STRIP_ROWS)))), (0, top))
+    return out
 
 
 # EXIF Orientation -> the transposition that shows the image as every viewer displays it
