@@ -656,7 +656,8 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, columns = int(ds.Rows), int(ds.Columns)
         photometric = str(ds.PhotometricInterpretation)
-        one_bit = 1 in (int(ds.get("BitsStored", 8) or 8), int(ds.get("BitsAllocated", 8) or 8))
+        bits_allocated = int(ds.get("BitsAllocated", 8) or 8)
+        one_bit = 1 in (int(ds.get("BitsStored", 8) or 8), bits_allocated)
     except (AttributeError, ValueError, TypeError, KeyError) as exc:
         raise UndecodableImageError(
             "The DICOM image lacks Rows, Columns, bit depth or PhotometricInterpretation, or "
@@ -671,6 +672,14 @@ def decode_dicom(data: bytes, *, max_pixels: int, min_side: int) -> DecodedImage
         raise UnsupportedDicomError(
             "The pixel data is 1-bit (a bitmap, such as a scanned form or an overlay), not a "
             "radiograph: send the CR/DX image."
+        )
+    if bits_allocated > 16:
+        # Radiographs are 8 to 16 bits (the DX and CR image modules); wider samples took the
+        # grey-level path 12 times the upload in memory (735 MB for 61 MB of 32-bit pixels),
+        # which a compressed frame of a few KB could declare too.
+        raise UnsupportedDicomError(
+            f"The pixel data has {bits_allocated} bits per sample: pneumoscan scores "
+            "radiographs of 8 to 16 bits, as CR and DX modalities store them."
         )
     if photometric not in ACCEPTED_PHOTOMETRIC:
         raise UnsupportedDicomError(

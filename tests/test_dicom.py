@@ -712,3 +712,13 @@ def test_a_frame_in_endless_fragments_is_refused_before_pydicom_gathers_them() -
     assert decode_image(fragmented([jpeg[:1000], jpeg[1000:]])).format == "DICOM"
     with pytest.raises(UnsupportedDicomError, match="fragments"):
         decode_image(fragmented([jpeg] + [b""] * 60_000))
+
+
+def test_samples_wider_than_16_bits_are_refused_by_name() -> None:
+    """Radiographs are 8 to 16 bits; 61 MB of 32-bit pixels took the grey-level path 735 MB."""
+    ds = base_dataset(64, 64)
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 32, 32, 31, 0
+    ds.PixelData = np.arange(64 * 64, dtype=np.uint32).tobytes()
+    with pytest.raises(UnsupportedDicomError, match="32 bits per sample"):
+        decode_image(_save(ds))
