@@ -409,7 +409,7 @@ def test_a_deflate_bomb_is_refused_before_pydicom_inflates_it(reference: np.ndar
 
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from app.dicom import file_meta_end_and_syntax
+    from app.dicom_bounds import file_meta_end_and_syntax
 
     deflated = _with_syntax(make_dicom(reference), DeflatedExplicitVRLittleEndian)
     start, syntax = file_meta_end_and_syntax(deflated)
@@ -436,7 +436,7 @@ def test_a_compressed_frame_larger_than_the_data_set_says_is_refused_undecoded(
     import pydicom
     from pydicom.encaps import generate_frames
 
-    from app.dicom import frame_header
+    from app.dicom_bounds import frame_header
 
     large = np.zeros((1200, 1000), np.uint8)
     large[::7, ::5] = 200
@@ -450,7 +450,7 @@ def test_a_compressed_frame_larger_than_the_data_set_says_is_refused_undecoded(
 
 
 def test_frame_headers_are_found_past_other_segments() -> None:
-    from app.dicom import FrameHeader, frame_header
+    from app.dicom_bounds import FrameHeader, frame_header
 
     image = Image.new("L", (300, 200), 90)
     exif = Image.Exif()
@@ -517,7 +517,7 @@ def j2k_codestream(
 def test_a_jpeg_2000_frame_cut_into_thousands_of_tiles_is_refused_undecoded() -> None:
     """OpenJPEG allocates per tile before decoding: 48,000 tiles of a 7000 x 7000 frame in a
     200-byte codestream took 530 MB."""
-    from app.dicom import MAX_J2K_TILES, frame_header
+    from app.dicom_bounds import MAX_J2K_TILES, frame_header
 
     many = j2k_codestream(7000, 64)
     header = frame_header(many)
@@ -554,7 +554,7 @@ def test_a_data_set_of_endless_elements_is_refused_before_pydicom_parses_it(
     from pydicom.sequence import Sequence
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    from app.dicom import MAX_DICOM_ELEMENTS
+    from app.dicom_bounds import MAX_DICOM_ELEMENTS
 
     syntax = {
         "explicit little": None,
@@ -585,7 +585,7 @@ def test_an_element_bomb_inside_an_undefined_length_un_is_counted(reference: np.
     (PS3.5 6.2.2), which pydicom parses as a sequence: the walk follows it there."""
     import struct
 
-    from app.dicom import file_meta_end_and_syntax
+    from app.dicom_bounds import file_meta_end_and_syntax
 
     data = make_dicom(reference)
     start, _ = file_meta_end_and_syntax(data)
@@ -614,7 +614,7 @@ def test_the_element_walk_reaches_the_pixel_data_of_real_files() -> None:
     from pydicom.sequence import Sequence
     from pydicom.uid import UID, ImplicitVRLittleEndian
 
-    from app.dicom import count_elements, file_meta_end_and_syntax
+    from app.dicom_bounds import count_elements, file_meta_end_and_syntax
 
     def walked(data: bytes) -> int:
         start, syntax = file_meta_end_and_syntax(data)
@@ -658,7 +658,7 @@ def test_a_jpeg_2000_frame_of_millions_of_code_blocks_is_refused_undecoded(
 ) -> None:
     """OpenJPEG sets up every code-block and precinct of a tile before decoding any: a
     96-byte codestream of a 7000 x 7000 frame in 4 x 4 code-blocks took 1.2 GB."""
-    from app.dicom import MAX_J2K_CODE_BLOCKS, frame_header
+    from app.dicom_bounds import MAX_J2K_CODE_BLOCKS, frame_header
 
     data = j2k_codestream(7000, 7000, levels=5, **coding)
     assert frame_header(data).code_blocks == blocks > MAX_J2K_CODE_BLOCKS
@@ -672,7 +672,7 @@ def test_the_code_blocks_of_real_jpeg_2000_frames_are_few() -> None:
     import pydicom
     from pydicom.encaps import generate_frames
 
-    from app.dicom import frame_header
+    from app.dicom_bounds import frame_header
 
     noise = np.random.default_rng(0).integers(0, 255, (3000, 2500)).astype(np.uint8)
     ds = pydicom.dcmread(io.BytesIO(make_dicom(noise, bits=8, syntax=JPEG2000Lossless)))

@@ -76,7 +76,7 @@ def png_with_text_bomb() -> bytes:
 def dicom_deflate_bomb() -> bytes:
     """The DICOM fixture's file meta saying Deflated Explicit VR Little Endian, then ~200 KB
     of deflate data that inflates to 200 MB of zeros (pydicom inflates it whole)."""
-    from app.dicom import file_meta_end_and_syntax
+    from app.dicom_bounds import file_meta_end_and_syntax
 
     deflated = dicom_with_syntax("1.2.840.10008.1.2.1.99")
     start, _ = file_meta_end_and_syntax(deflated)
@@ -92,7 +92,7 @@ def dicom_deflate_bomb() -> bytes:
 def dicom_with_nested_sequences(depth: int) -> bytes:
     """The DICOM fixture with `depth` sequences of undefined length nested in one another
     (20 bytes each), before its other elements."""
-    from app.dicom import file_meta_end_and_syntax
+    from app.dicom_bounds import file_meta_end_and_syntax
 
     start, _ = file_meta_end_and_syntax(DICOM)
     sequence = struct.pack("<HH2sHI", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
