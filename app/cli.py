@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     # uses the cores inside it.
     logging.captureWarnings(True)  # a library's warnings become JSON records, not bare text
     settings = Settings()
+    BoundedHeadHttpToolsProtocol.head_timeout_s = settings.head_timeout_s
     config = uvicorn.Config(
         "app.main:create_app",
         factory=True,

@@ -80,6 +80,13 @@ class Settings(BaseSettings):
         "would pass it gets 503 overloaded with Retry-After. At least max_upload_bytes + 64 KiB.",
     )
     upload_timeout_s: float = Field(60.0, gt=0, description="Whole-upload deadline (408).")
+    head_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="How long a connection may take to send a request's line and headers: "
+        "from its start, or from the first byte of its next request (408, then closed).",
+    )
     max_pixels: int = Field(50_000_000, gt=0, description="Largest width x height decoded (422).")
     min_side: int = Field(64, ge=1, description="Smallest accepted width or height (422).")
     # 16, not 32: with two model instances, 32 clients then form about three batches in flight

@@ -116,3 +116,54 @@ def test_a_key_at_its_in_flight_limit_gets_429_and_other_keys_are_still_served(
             sock.close()
         metrics = httpx.get(f"{url}/metrics").text
         assert 'pneumoscan_rejected_total{reason="key_inflight_limit"} 1.0' in metrics
+
+
+def test_a_request_head_must_arrive_in_time(tiny_store: Path, tmp_path: Path) -> None:
+    """uvicorn never timed out a connection that had not sent a whole request head: a silent
+    one and one trickling its headers were both still open after 90 s, each holding a file
+    descriptor for good. With PNEUMOSCAN_HEAD_TIMEOUT_S the silent one is closed and the
+    trickling one gets 408; a slow but complete head, and a kept-alive connection idle for
+    longer than the head timeout between two requests, are served."""
+    import http.client
+    import json
+
+    env = {"PNEUMOSCAN_HEAD_TIMEOUT_S": "1"}
+    with running_server(tiny_store, tmp_path / "data", extra_env=env) as server:
+        parsed = urlparse(server["url"])
+        address = (parsed.hostname, parsed.port)
+        silent = socket.create_connection(address, timeout=10)
+        trickling = socket.create_connection(address, timeout=10)
+        began = time.perf_counter()
+        trickling.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nX-API-Key: ")
+        assert silent.recv(100) == b""  # closed, unanswered
+        answer = trickling.recv(4096)
+        assert time.perf_counter() - began < 5
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"connection: close" in answer.lower()
+        error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "request_head_timeout"
+        assert trickling.recv(100) == b""
+        for sock in (silent, trickling):
+            sock.close()
+        # a head sent in pieces within the time, then the same connection idle past it
+        slow = socket.create_connection(address, timeout=10)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.4)
+        slow.sendall(b"Host: x\r\n\r\n")
+        assert slow.recv(4096).startswith(b"HTTP/1.1 200")
+        slow.close()
+        connection = http.client.HTTPConnection(*address, timeout=10)
+        try:
+            sockets = []
+            for _ in range(2):
+                connection.request("GET", "/healthz")
+                response = connection.getresponse()
+                response.read()
+                assert response.status == 200
+                sockets.append(connection.sock)
+                time.sleep(1.5)  # idle longer than the head timeout: uvicorn's keep-alive rules
+            assert sockets[0] is sockets[1]  # the same TCP connection, not a reconnect
+        finally:
+            connection.close()
+        log = server["log"].read_text()
+    assert "Traceback" not in log, log[-2000:]
