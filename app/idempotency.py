@@ -42,10 +42,18 @@ class IdempotencyKeyReusedError(PneumoscanError):
 
 
 class IdempotencyKeyInUseError(OverloadedError):
-    """The first request with this key is still being scored (409 with Retry-After)."""
+    """The first request with this key is still being scored, in this instance or another one
+    sharing the database (409 with Retry-After)."""
 
     status_code = 409
     code = "idempotency_key_in_use"
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"A request with this {IDEMPOTENCY_HEADER} is still being scored; retry shortly "
+            "for its answer.",
+            1,
+        )
 
 
 def idempotency_key(values: list[str]) -> str | None:
@@ -120,11 +128,7 @@ class KeysInFlight:
 
     def claim(self, key_id: str, key_hash: str) -> None:
         if (key_id, key_hash) in self._held:
-            raise IdempotencyKeyInUseError(
-                f"A request with this {IDEMPOTENCY_HEADER} is still being scored; retry "
-                "shortly for its answer.",
-                1,
-            )
+            raise IdempotencyKeyInUseError()
         self._held.add((key_id, key_hash))
 
     def release(self, key_id: str, key_hash: str) -> None:

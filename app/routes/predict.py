@@ -457,11 +457,7 @@ async def score_once(
             "same key only to retry the same request)."
         )
     if isinstance(used, ClaimedElsewhere):
-        raise IdempotencyKeyInUseError(
-            f"A request with this {IDEMPOTENCY_HEADER} is still being scored; retry shortly "
-            "for its answer.",
-            1,
-        )
+        raise IdempotencyKeyInUseError()
     record = await asyncio.to_thread(services.records.get, used.prediction_id)
     if record is None:  # the row outlived its prediction: cannot happen, but never a 500
         return await score(request, services, key_id, started, upload, key_hash)
